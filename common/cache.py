@@ -1,0 +1,203 @@
+"""Decode once: every usable image resized into one memory-mapped array, plus an index.
+
+Layout of a cache folder::
+
+    cache.json        settings (size, dtype, preprocessing key) and counts
+    images.u8|u16     N x size x size, row i is index row i
+    index.csv         canonical rows of the usable images + fingerprint
+    rejected.csv      rows that could not be used, with code and reason
+
+A fingerprint of (path, file size, mtime, preprocessing settings) lets a re-run copy unchanged
+images from the old array instead of decoding them again. Files are written under temporary
+names and renamed, so a crash never leaves a half-written cache that looks valid. Reopening
+is a memmap plus a small CSV read: milliseconds, which the per-message ClientApp relies on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from common.errors import FedcxrError
+from common.imaging import ImageRejected, ImagingOptions, load
+from common.labels import LABELS
+from common.parallel import parallel_map
+from common.problems import Problem
+
+CACHE_VERSION = 1
+DTYPES = {"uint8": (np.uint8, 255, "images.u8"), "uint16": (np.uint16, 65535, "images.u16")}
+
+
+def fingerprint(path: str, options: ImagingOptions) -> str:
+    """Changes when the file or the preprocessing changes (a missing file has none)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return ""
+    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{options.key()}"
+    return hashlib.sha1(key.encode()).hexdigest()
+
+
+def _decode_one(args: tuple[str, ImagingOptions, int]) -> np.ndarray | tuple[str, str]:
+    path, options, scale = args
+    try:
+        img = load(Path(path), options)
+    except ImageRejected as exc:
+        return exc.code, exc.reason
+    return np.rint(img * scale)
+
+
+@dataclass
+class PrepareStats:
+    decoded: int = 0
+    reused: int = 0
+    rejected: list[Problem] = field(default_factory=list)
+
+
+@dataclass
+class SiteCache:
+    """An opened cache: ``images[i]`` is the image of ``index.iloc[i]``."""
+
+    root: Path
+    images: np.ndarray
+    index: pd.DataFrame
+    meta: dict
+
+    @property
+    def size(self) -> int:
+        return int(self.meta["size"])
+
+    @property
+    def scale(self) -> int:
+        return int(DTYPES[self.meta["dtype"]][1])
+
+    def labels(self) -> np.ndarray:
+        """N x 14 float32 with NaN for unknown."""
+        return self.index[list(LABELS)].to_numpy(dtype=np.float32)
+
+    @property
+    def fingerprint(self) -> str:
+        """One hash of every cached image's fingerprint: identifies the data a model saw."""
+        return hashlib.sha1("".join(self.index["fingerprint"]).encode()).hexdigest()[:16]
+
+
+def open_cache(root: Path) -> SiteCache:
+    root = Path(root)
+    meta_path = root / "cache.json"
+    if not meta_path.is_file():
+        raise FedcxrError(f"{root}: no prepared cache here; run `fedcxr site prepare` first")
+    meta = json.loads(meta_path.read_text())
+    dtype, _scale, name = DTYPES[meta["dtype"]]
+    n, size = int(meta["count"]), int(meta["size"])
+    index = pd.read_csv(root / "index.csv", dtype={"patient_id": str, "study_id": str},
+                        keep_default_na=False, na_values={c: [""] for c in LABELS})
+    for col in ("sex", "view", "manufacturer", "split", "site"):
+        index[col] = index[col].astype(str).replace("nan", "")
+    expected = n * size * size * np.dtype(dtype).itemsize
+    if len(index) != n or (n and (root / name).stat().st_size != expected):
+        raise FedcxrError(f"{root}: cache is incomplete; run `fedcxr site prepare` again")
+    if n == 0:
+        images = np.zeros((0, size, size), dtype=dtype)
+    else:
+        images = np.memmap(root / name, dtype=dtype, mode="r", shape=(n, size, size))
+    return SiteCache(root=root, images=images, index=index, meta=meta)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def prepare(
+    rows: pd.DataFrame,
+    cache_dir: Path,
+    options: ImagingOptions,
+    *,
+    dtype: str = "uint8",
+    workers: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[SiteCache, PrepareStats]:
+    """Build or refresh the cache for ``rows`` (canonical rows). Returns it opened."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np_dtype, scale, name = DTYPES[dtype]
+    stats = PrepareStats()
+
+    old: SiteCache | None = None
+    try:
+        old = open_cache(cache_dir)
+        if old.meta.get("dtype") != dtype or old.size != options.size:
+            old = None
+    except (FedcxrError, OSError, ValueError, KeyError):
+        old = None
+    old_slots = {fp: i for i, fp in enumerate(old.index["fingerprint"])} if old else {}
+
+    rows = rows.reset_index(drop=True).copy()
+    rows["fingerprint"] = [fingerprint(p, options) for p in rows["path"]]
+    todo: list[int] = []
+    kept: list[int] = []
+    for i, (path, view, fp) in enumerate(zip(rows["path"], rows["view"], rows["fingerprint"],
+                                               strict=True)):
+        if not fp:
+            stats.rejected.append(Problem("missing_file", "file not found", path))
+        elif view == "LATERAL" and not options.include_laterals:
+            stats.rejected.append(Problem("lateral", "lateral view (manifest)", path))
+        else:
+            kept.append(i)
+            if fp not in old_slots:
+                todo.append(i)
+
+    decoded: dict[int, np.ndarray] = {}
+    jobs = [(rows.at[i, "path"], options, scale) for i in todo]
+    results = parallel_map(_decode_one, jobs, workers=workers, progress=progress)
+    for i, result in zip(todo, results, strict=True):
+        if isinstance(result, tuple):
+            stats.rejected.append(Problem(result[0], result[1], rows.at[i, "path"]))
+        else:
+            decoded[i] = result
+
+    usable = [i for i in kept if i in decoded or rows.at[i, "fingerprint"] in old_slots]
+    # From here on the folder is inconsistent until cache.json is rewritten last: remove it
+    # first so a crash leaves "no cache" (rebuilt next time), never a wrong one.
+    (cache_dir / "cache.json").unlink(missing_ok=True)
+    tmp_images = cache_dir / (name + ".tmp")
+    if usable:
+        out = np.memmap(tmp_images, dtype=np_dtype, mode="w+",
+                        shape=(len(usable), options.size, options.size))
+        for slot, i in enumerate(usable):
+            if i in decoded:
+                out[slot] = decoded[i]
+                stats.decoded += 1
+            else:
+                out[slot] = old.images[old_slots[rows.at[i, "fingerprint"]]]
+                stats.reused += 1
+        out.flush()
+        del out
+        os.replace(tmp_images, cache_dir / name)
+    index = rows.iloc[usable].reset_index(drop=True)
+    index_tmp = cache_dir / "index.csv.tmp"
+    index.to_csv(index_tmp, index=False)
+    os.replace(index_tmp, cache_dir / "index.csv")
+    rejected = pd.DataFrame(
+        [{"path": p.where, "code": p.code, "reason": p.message} for p in stats.rejected],
+        columns=["path", "code", "reason"],
+    )
+    rejected.to_csv(cache_dir / "rejected.csv", index=False)
+    meta = {
+        "version": CACHE_VERSION,
+        "size": options.size,
+        "dtype": dtype,
+        "options": options.key(),
+        "count": len(usable),
+        "rejected": len(stats.rejected),
+    }
+    _atomic_write_text(cache_dir / "cache.json", json.dumps(meta, indent=2))
+    return open_cache(cache_dir), stats

@@ -1,0 +1,58 @@
+"""Problems found in a site's data: one stable code, one line of text, where it happened.
+
+Bad rows and bad files never stop a run; they become Problems that the site tool groups by
+code, and the good rows carry on. The codes are stable so hospital IT can grep for them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+# code -> what hospital IT should do about it
+PROBLEM_ADVICE: dict[str, str] = {
+    "missing_file": "the manifest names a file that is not on disk; fix the path or remove the row",
+    "unreadable": "the file is truncated or not an image; re-export it",
+    "no_pixel_data": "the DICOM has no PixelData element; re-export it with pixels",
+    "not_cr_dx": "modality is not CR/DX (a CT, MR, ...); it does not belong in a CXR cohort",
+    "not_chest": "BodyPartExamined is not CHEST; check the export filter",
+    "multi_frame": "multi-frame DICOM; export single radiographs",
+    "colour": "colour image; radiographs must be greyscale",
+    "too_small": "image is smaller than the minimum side; export the full-resolution image",
+    "lateral": "lateral view, excluded by default (use --include-laterals to keep)",
+    "unsupported_format": "neither DICOM, PNG nor JPEG; convert it",
+    "unknown_label_value": "a label cell holds a value the format does not define; it became unknown",
+    "duplicate_row": "the same image is listed twice; the first row is kept",
+    "patient_in_two_splits": "a patient appears in two given splits; all their rows use the first",
+    "non_utf8_manifest": "the manifest is not UTF-8 and was read as Latin-1; save it as UTF-8",
+    "bad_split": "the split column holds something other than train/val/test; split by patient",
+    "bad_age": "age could not be read; it is left unknown",
+    "phi_in_header": "DICOM headers still carry identifying values; de-identify before sharing",
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with one row or file. ``where`` is a path or ``file:line``."""
+
+    code: str
+    message: str
+    where: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.message}" if self.where else self.message
+
+
+def group_problems(problems: Iterable[Problem], examples: int = 3) -> dict[str, dict]:
+    """Group problems by code as ``{code: {count, examples, advice}}`` (the check.json shape)."""
+    grouped: dict[str, dict] = defaultdict(lambda: {"count": 0, "examples": []})
+    for p in problems:
+        entry = grouped[p.code]
+        entry["count"] += 1
+        if len(entry["examples"]) < examples:
+            entry["examples"].append(str(p))
+    return {
+        code: {**entry, "advice": PROBLEM_ADVICE.get(code, "")}
+        for code, entry in sorted(grouped.items())
+    }
