@@ -21,8 +21,14 @@ from rich.table import Table
 
 from common.cache import SiteCache, open_cache, prepare
 from common.data import assign_splits
-from common.imaging import ImageRejected, ImagingOptions, decode, is_dicom, phi_fields
-from common.imaging import read_dicom_header
+from common.imaging import (
+    ImageRejected,
+    ImagingOptions,
+    decode,
+    is_dicom,
+    phi_fields,
+    read_dicom_header,
+)
 from common.labels import LABELS
 from common.manifest import ManifestResult, find_manifest, read_manifest
 from common.parallel import parallel_map

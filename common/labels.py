@@ -8,7 +8,7 @@ so "not annotated" is never confused with "absent".
 from __future__ import annotations
 
 import math
-from enum import Enum
+from enum import StrEnum
 
 LABELS: tuple[str, ...] = (
     "Atelectasis",
@@ -100,7 +100,7 @@ PADCHEST_SYNONYMS: dict[str, str] = {
 PADCHEST_NORMAL = {"normal"}
 
 
-class UncertainPolicy(str, Enum):
+class UncertainPolicy(StrEnum):
     """What an uncertain (-1) CheXpert-labeller value becomes (Irvin et al. 2019, U-Ignore etc.)."""
 
     IGNORE = "ignore"
@@ -118,7 +118,8 @@ def parse_uncertain_policy(spec: str | None) -> dict[str, UncertainPolicy]:
             label, value = (s.strip() for s in part.split("=", 1))
             if label not in LABEL_INDEX:
                 raise ValueError(
-                    f"uncertain policy names unknown label {label!r}; use one of {', '.join(LABELS)}"
+                    f"uncertain policy names unknown label {label!r}; "
+                    f"use one of {', '.join(LABELS)}"
                 )
             policy[label] = UncertainPolicy(value)
         else:

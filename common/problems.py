@@ -22,7 +22,7 @@ PROBLEM_ADVICE: dict[str, str] = {
     "too_small": "image is smaller than the minimum side; export the full-resolution image",
     "lateral": "lateral view, excluded by default (use --include-laterals to keep)",
     "unsupported_format": "neither DICOM, PNG nor JPEG; convert it",
-    "unknown_label_value": "a label cell holds a value the format does not define; it became unknown",
+    "unknown_label_value": "a label cell holds a value the format does not define; it is unknown",
     "duplicate_row": "the same image is listed twice; the first row is kept",
     "patient_in_two_splits": "a patient appears in two given splits; all their rows use the first",
     "non_utf8_manifest": "the manifest is not UTF-8 and was read as Latin-1; save it as UTF-8",

@@ -311,7 +311,7 @@ def write_cohort_toml(out: Path, opts: SynthOptions, profiles: list[SiteProfile]
                   f"label-noise = {_toml_value(opts.label_noise.get(p.name, 0.0))}",
                   f"images = {counts[p.name]['images']}",
                   f"patients = {counts[p.name]['patients']}"]
-        lines.append(f"[site.acquisition]")
+        lines.append("[site.acquisition]")
         for k, v in p.acquisition.as_dict().items():
             lines.append(f"{k.replace('_', '-')} = {_toml_value(v)}")
     path = out / "cohort.toml"

@@ -1,0 +1,42 @@
+"""Shared fixtures: a small synthetic cohort made once per session, and DICOM builders."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from common.synth import SynthOptions, generate
+from common.synth.profiles import HELD_OUT_ACQUISITIONS, TRAIN_ACQUISITIONS
+from common.synth.writers import DicomFacts, write_dicom
+
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def cohort(tmp_path_factory) -> Path:
+    """3 training + 2 held-out sites, 40 images each at 64 px, 2 readers, a shortcut."""
+    out = tmp_path_factory.mktemp("cohort")
+    generate(out, SynthOptions(images_per_site=40, size=64, seed=7, readers=2,
+                               shortcut="site1"))
+    return out
+
+
+def dicom_facts(i: int = 0, **kw) -> DicomFacts:
+    base = dict(patient_id=f"P{i:04d}", study_uid=f"1.2.3.{i}.1", series_uid=f"1.2.3.{i}.2",
+                sop_uid=f"1.2.3.{i}.3", sex="F", age_years=45, view="PA",
+                study_date="20240101", accession=f"A{i}")
+    base.update(kw)
+    return DicomFacts(**base)
+
+
+def write_test_dicom(path: Path, img: np.ndarray | None = None, *, held_out: bool = False,
+                     i: int = 0, **kw) -> Path:
+    """A real DICOM written by the project's synth writer (MONOCHROME1 when held_out)."""
+    if img is None:
+        rng = np.random.default_rng(i)
+        img = rng.uniform(0.2, 0.8, (96, 96)).astype(np.float32)
+    acq = HELD_OUT_ACQUISITIONS[0] if held_out else TRAIN_ACQUISITIONS[2]
+    write_dicom(path, img, dicom_facts(i, **kw), acq)
+    return path
