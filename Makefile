@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean chromium
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,20 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedcxr demo
 
-test: $(STAMP)
+# The report test renders report.html in Debian's headless Chromium.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+
+test: $(STAMP) chromium
 	$(PY) -m pytest -q -p no:cacheprovider
+
+chromium:
+	@if [ -z "$(CHROMIUM)" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && \
+	    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	  else echo "chromium missing and no root: the report rendering test will be skipped"; fi; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check common server client tests benchmarks

@@ -98,7 +98,7 @@ def _registrars():
     """Subcommands defined next to their implementations."""
     from importlib import import_module
 
-    for module in ("common.synth.cli", "common.demo"):
+    for module in ("common.synth.cli", "common.demo", "common.evaluation.cli"):
         try:
             yield import_module(module).register
         except ModuleNotFoundError as exc:

@@ -1,0 +1,1 @@
+"""The shared external-validation evaluator (pure library code, no Flower)."""

@@ -1,0 +1,207 @@
+"""External validation at one site: every model it is sent, at the thresholds it is sent.
+
+``evaluate_scores`` is pure statistics on (labels, scores); ``evaluate_site`` scores the
+models on the site's cache first, and adds device shift and Grad-CAM overlays (written
+locally). What they return is aggregate only: AUCs, CIs, tests, rates, bins, curve points
+on a fixed threshold grid. No per-image score, label, id or image is in it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+from common.cache import SiteCache
+from common.data import CachedImages, make_loader
+from common.evaluation import readers as reader_mod
+from common.evaluation.delong import NotEstimable, delong_components
+from common.evaluation.gradcam import write_overlays
+from common.evaluation.metrics import (
+    GRID,
+    ThresholdsRequired,
+    at_threshold,
+    brier,
+    ece,
+    reliability,
+    roc_counts,
+)
+from common.evaluation.shift import SHIFTS, apply_shift
+from common.evaluation.subgroups import subgroup_table
+from common.labels import LABELS
+
+ROC_POINTS = 101
+
+
+@dataclass
+class EvaluationOptions:
+    batch_size: int = 64
+    comparisons: list[tuple[str, str]] | None = None  # default: first model vs each other
+    shift: bool = True
+    shift_models: list[str] | None = None  # default: all
+    gradcam_dir: Path | None = None
+    gradcam_images: int = 4
+    min_subgroup: int = 30
+    level: float = 0.95
+
+
+def _check_thresholds(names: list[str], thresholds: dict[str, dict[str, float]]) -> None:
+    missing = [n for n in names if n not in thresholds]
+    if missing:
+        raise ThresholdsRequired(
+            f"no thresholds sent for model(s) {', '.join(missing)}: the external evaluator never "
+            "chooses an operating point on the data it validates; choose them on training-site "
+            "validation data and pass them in"
+        )
+
+
+def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
+                    thresholds: dict[str, dict[str, float]], *, site: str,
+                    meta=None, options: EvaluationOptions | None = None) -> dict:
+    """All statistics for one site from labels (N, L) and each model's scores (N, L)."""
+    options = options or EvaluationOptions()
+    names = list(scores)
+    _check_thresholds(names, thresholds)
+    pairs = options.comparisons or [(names[0], b) for b in names[1:]]
+    zcrit = norm.ppf(0.5 + options.level / 2)
+    out = {"site": site, "n_images": int(len(labels)), "external": [], "comparisons": [],
+           "operating_points": [], "calibration": [], "roc": [], "subgroups": [],
+           "readers": []}
+    for k, label in enumerate(LABELS):
+        y = labels[:, k]
+        n_pos = int(np.nansum(y == 1))
+        n_neg = int(np.nansum(y == 0))
+        stacked = np.stack([scores[n][:, k] for n in names])
+        try:
+            aucs, cov, _, _ = delong_components(y, stacked)
+        except NotEstimable:
+            for name in names:
+                out["external"].append({"site": site, "model": name, "label": label,
+                                        "auc": None, "ci_low": None, "ci_high": None,
+                                        "n_pos": n_pos, "n_neg": n_neg,
+                                        "status": "not estimable"})
+            continue
+        index = {n: i for i, n in enumerate(names)}
+        variance_ok = n_pos >= 2 and n_neg >= 2  # DeLong needs two of each class
+        for name, i in index.items():
+            sd = float(np.sqrt(max(cov[i, i], 0))) if variance_ok else float("nan")
+            out["external"].append({
+                "site": site, "model": name, "label": label, "auc": float(aucs[i]),
+                "ci_low": float(max(0.0, aucs[i] - zcrit * sd)) if variance_ok else None,
+                "ci_high": float(min(1.0, aucs[i] + zcrit * sd)) if variance_ok else None,
+                "variance": float(cov[i, i]) if variance_ok else None, "n_pos": n_pos,
+                "n_neg": n_neg, "status": "ok" if variance_ok else "no CI (fewer than 2 "
+                "positives or negatives)"})
+            score = stacked[i]
+            if label in thresholds[name]:
+                op = at_threshold(y, score, thresholds[name][label], options.level)
+                out["operating_points"].append({"site": site, "model": name, "label": label,
+                                                **op.as_dict()})
+            out["calibration"].append({"site": site, "model": name, "label": label,
+                                       "ece": ece(y, score), "brier": brier(y, score),
+                                       "reliability": reliability(y, score)})
+            pos_ge, neg_ge = roc_counts(y, score)
+            pick = np.linspace(0, len(GRID) - 1, ROC_POINTS).astype(int)
+            out["roc"].append({"site": site, "model": name, "label": label,
+                               "threshold": GRID[pick].tolist(),
+                               "tpr": (pos_ge[pick] / max(n_pos, 1)).tolist(),
+                               "fpr": (neg_ge[pick] / max(n_neg, 1)).tolist()})
+            if meta is not None:
+                for row in subgroup_table(meta, y, score, thresholds[name].get(label, 0.5),
+                                          min_size=options.min_subgroup):
+                    out["subgroups"].append({"site": site, "model": name, "label": label,
+                                             **row})
+        for a, b in pairs:
+            ia, ib = index[a], index[b]
+            if not variance_ok:
+                continue  # no test without a variance; the AUCs are still reported above
+            diff = aucs[ia] - aucs[ib]
+            sd = float(np.sqrt(max(cov[ia, ia] + cov[ib, ib] - 2 * cov[ia, ib], 0)))
+            z = float(diff / sd) if sd > 0 else 0.0
+            p = float(2 * norm.sf(abs(z))) if sd > 0 else 1.0
+            out["comparisons"].append({
+                "site": site, "label": label, "model_a": a, "model_b": b,
+                "auc_a": float(aucs[ia]), "auc_b": float(aucs[ib]), "diff": float(diff),
+                "diff_low": float(diff - zcrit * sd), "diff_high": float(diff + zcrit * sd),
+                "z": z, "p": p})
+        if meta is not None:
+            study = reader_mod.reader_study(meta, label, {n: scores[n][:, k] for n in names})
+            if study:
+                out["readers"].append({"site": site, **study})
+    return out
+
+
+def score_models(cache: SiteCache, models: dict[str, torch.nn.Module], batch_size: int = 64,
+                 transform=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labels (N, L) and each model's sigmoid scores (N, L) over the whole site."""
+    ds = CachedImages(cache)
+    loader = make_loader(ds, batch_size, shuffle=False)
+    scores: dict[str, list[np.ndarray]] = {n: [] for n in models}
+    for m in models.values():
+        m.eval()
+    with torch.no_grad():
+        for b, (x, _y) in enumerate(loader):
+            if transform is not None:
+                x = transform(x, b)
+            for name, m in models.items():
+                scores[name].append(torch.sigmoid(m(x)).numpy())
+    return ds.labels(), {n: np.concatenate(v) if v else np.zeros((0, len(LABELS)))
+                         for n, v in scores.items()}
+
+
+def device_shift(cache: SiteCache, models: dict[str, torch.nn.Module], labels: np.ndarray,
+                 batch_size: int, site: str) -> list[dict]:
+    """AUC per model x label under each simulated shift (macro mean reported too)."""
+    rows = []
+    for kind, strengths in SHIFTS.items():
+        for strength in strengths:
+            _, scores = score_models(
+                cache, models, batch_size,
+                transform=lambda x, b, k=kind, s=strength: apply_shift(x, k, s, seed=b))
+            for name, s in scores.items():
+                aucs = []
+                for k in range(len(LABELS)):
+                    try:
+                        a, _, _, _ = delong_components(labels[:, k], s[:, k])
+                        aucs.append(float(a[0]))
+                    except NotEstimable:
+                        continue
+                rows.append({"site": site, "model": name, "shift": kind, "strength": strength,
+                             "mean_auc": float(np.mean(aucs)) if aucs else None})
+    return rows
+
+
+def evaluate_site(cache: SiteCache, models: dict[str, torch.nn.Module],
+                  thresholds: dict[str, dict[str, float]], *, site: str,
+                  options: EvaluationOptions | None = None) -> dict:
+    """Score every model on the whole site and return aggregate statistics only."""
+    options = options or EvaluationOptions()
+    _check_thresholds(list(models), thresholds)  # before any work
+    labels, scores = score_models(cache, models, options.batch_size)
+    result = evaluate_scores(labels, scores, thresholds, site=site, meta=cache.index,
+                             options=options)
+    result["shift"] = []
+    if options.shift:
+        chosen = {n: m for n, m in models.items()
+                  if options.shift_models is None or n in options.shift_models}
+        result["shift"] = device_shift(cache, chosen, labels, options.batch_size, site)
+    if options.gradcam_dir is not None and len(labels):
+        name = next(iter(models))
+        n = min(options.gradcam_images, len(labels))
+        ds = CachedImages(cache, np.arange(n))
+        images = torch.stack([ds[i][0] for i in range(n)])
+        ids = [f"img{i:04d}" for i in range(n)]  # local file names only; never sent
+        result["gradcam_written"] = write_overlays(models[name], images, scores[name][:n],
+                                                   thresholds[name], options.gradcam_dir, ids)
+    return result
+
+
+def combine_sites(results: list[dict]) -> dict:
+    """Concatenate per-site results (each already aggregate) into one set of tables."""
+    keys = ("external", "comparisons", "operating_points", "calibration", "roc", "subgroups",
+            "readers", "shift")
+    return {k: list(itertools.chain.from_iterable(r.get(k, []) for r in results)) for k in keys}

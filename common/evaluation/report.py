@@ -1,0 +1,410 @@
+"""results.json -> the H1 verdict and a self-contained report.html.
+
+``results.json`` schema (version 1), top-level keys:
+
+- ``schema_version``: "1".
+- ``cohort``: rows of site, role, n_images, format, prevalence {label: fraction}.
+- ``arms``: rows of name, kind (federated | single-site | given), site, status
+  (complete | incomplete), reason, history (rows of round, val_auc, loss, epsilon).
+- ``external``: rows of site, model, label, auc, ci_low, ci_high, n_pos, n_neg, status.
+- ``comparisons``: rows of site, label, model_a, model_b, auc_a, auc_b, diff, diff_low,
+  diff_high, z, p, p_adjusted (``correction`` names the method, across labels x comparisons).
+- ``operating_points``, ``calibration``, ``roc``, ``subgroups``, ``readers``, ``shift``:
+  the evaluator's tables (common.evaluation.external), all aggregate.
+- ``verdict``: ``overall`` (one sentence), ``status``, ``labels`` (label, status, sentence).
+- ``privacy``: rows of site, epsilon, delta, max_epsilon, accountant.
+- ``screening``: update-screening counts and rejections (federation runs).
+- ``provenance``: code version, config, seeds, data fingerprints, created.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common.evaluation.metrics import adjust
+from common.labels import LABELS
+
+SCHEMA_VERSION = "1"
+ALPHA = 0.05
+
+
+def code_version() -> str:
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, cwd=Path(__file__).parent, timeout=5)
+        if out.returncode == 0:
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from importlib.metadata import version
+
+    return version("fedcxr")
+
+
+def adjust_comparisons(comparisons: list[dict], method: str = "holm") -> list[dict]:
+    """Add p_adjusted across all labels x comparisons x sites."""
+    adjusted = adjust([c["p"] for c in comparisons], method) if comparisons else []
+    return [{**c, "p_adjusted": float(p), "correction": method}
+            for c, p in zip(comparisons, adjusted, strict=True)]
+
+
+def verdict(comparisons: list[dict], federated: str, alpha: float = ALPHA) -> dict:
+    """H1 per label: supported when the federated model beats every single-site model at every
+    held-out site with adjusted p < alpha; contradicted when any single-site model is
+    significantly better; otherwise inconclusive. Overall: supported when at least half of the
+    testable labels are supported and none is contradicted."""
+    labels = []
+    for label in LABELS:
+        rows = [c for c in comparisons if c["label"] == label and c["model_a"] == federated]
+        if not rows:
+            continue
+        wins = [c for c in rows if c["diff"] > 0 and c["p_adjusted"] < alpha]
+        losses = [c for c in rows if c["diff"] < 0 and c["p_adjusted"] < alpha]
+        worst = min(rows, key=lambda c: c["diff"])
+        if losses:
+            status = "contradicted"
+        elif len(wins) == len(rows):
+            status = "supported"
+        else:
+            status = "inconclusive"
+        sentence = (
+            f"{label}: H1 {status}. Federated AUC {worst['auc_a']:.3f} vs {worst['model_b']} "
+            f"{worst['auc_b']:.3f} at {worst['site']} (closest comparison, difference "
+            f"{worst['diff']:+.3f}, 95% CI {worst['diff_low']:+.3f} to {worst['diff_high']:+.3f},"
+            f" adjusted p = {worst['p_adjusted']:.3g}); {len(wins)} of {len(rows)} comparisons "
+            "significantly favour the federated model."
+        )
+        labels.append({"label": label, "status": status, "sentence": sentence,
+                       "wins": len(wins), "losses": len(losses), "comparisons": len(rows)})
+    supported = sum(v["status"] == "supported" for v in labels)
+    contradicted = sum(v["status"] == "contradicted" for v in labels)
+    if not labels:
+        status, overall = "not testable", "H1 not testable: no estimable comparison."
+    else:
+        if supported * 2 >= len(labels) and not contradicted:
+            status = "supported"
+        elif contradicted * 2 >= len(labels):
+            status = "contradicted"
+        else:
+            status = "inconclusive"
+        overall = (f"H1 {status} overall: the federated model was significantly better than "
+                   f"every single-site model at every held-out site for {supported} of "
+                   f"{len(labels)} testable labels, and significantly worse for {contradicted}.")
+    return {"status": status, "overall": overall, "labels": labels, "alpha": alpha,
+            "federated": federated}
+
+
+def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, federated: str,
+                  privacy: list[dict] | None = None, screening: dict | None = None,
+                  config: dict | None = None, fingerprints: dict | None = None,
+                  correction: str = "holm") -> dict:
+    comparisons = adjust_comparisons(evaluation.get("comparisons", []), correction)
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "cohort": cohort,
+        "arms": arms,
+        "external": evaluation.get("external", []),
+        "comparisons": comparisons,
+        "operating_points": evaluation.get("operating_points", []),
+        "calibration": evaluation.get("calibration", []),
+        "roc": evaluation.get("roc", []),
+        "subgroups": evaluation.get("subgroups", []),
+        "readers": evaluation.get("readers", []),
+        "shift": evaluation.get("shift", []),
+        "verdict": verdict(comparisons, federated),
+        "privacy": privacy or [],
+        "screening": screening or {},
+        "provenance": {"code_version": code_version(), "config": config or {},
+                       "data_fingerprints": fingerprints or {},
+                       "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
+    }
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, tuple):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(obj):
+    """NaN/inf -> None so the file is strict JSON."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def write_results(results: dict, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(_clean(results), indent=1, default=_json_default,
+                              allow_nan=False))
+    tmp.replace(path)
+    return path
+
+
+# ---------------------------------------------------------------- HTML rendering
+
+
+def _figure_tag(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    data = base64.b64encode(buf.getvalue()).decode()
+    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return html.escape(str(v))
+
+
+def _table(headers: list[str], rows: list[list], row_class=None) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
+    body = []
+    for i, r in enumerate(rows):
+        cls = f' class="{row_class(i)}"' if row_class and row_class(i) else ""
+        body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _labels_with_results(results: dict) -> list[str]:
+    seen = {r["label"] for r in results["external"] if r.get("auc") is not None}
+    return [label for label in LABELS if label in seen]
+
+
+def _training_curves(results: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    arms = [a for a in results["arms"] if a.get("history")]
+    if not arms:
+        return "<p>No training history (models were given, not trained in this run).</p>"
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for arm in arms:
+        hist = [h for h in arm["history"] if h.get("val_auc") is not None]
+        ax.plot([h["round"] for h in hist], [h["val_auc"] for h in hist], marker="o",
+                label=arm["name"], lw=2.5 if arm.get("kind") == "federated" else 1.2)
+    ax.set_xlabel("round")
+    ax.set_ylabel("mean validation AUC")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return _figure_tag(fig)
+
+
+def _roc_figure(results: dict, site: str, labels: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    labels = labels[:6]
+    if not labels:
+        return ""
+    fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels), 2.8), squeeze=False)
+    for ax, label in zip(axes[0], labels, strict=True):
+        for r in results["roc"]:
+            if r["site"] == site and r["label"] == label:
+                ax.plot(r["fpr"], r["tpr"], label=r["model"], lw=1.2)
+        for study in results["readers"]:
+            if study["site"] == site and study["label"] == label:
+                for p in study["reader_points"]:
+                    ax.plot(1 - p["specificity"], p["sensitivity"], "k^", ms=5)
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_title(label, fontsize=8)
+        ax.set_xlabel("1 - specificity", fontsize=7)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("sensitivity", fontsize=7)
+    axes[0][-1].legend(fontsize=5, loc="lower right")
+    return _figure_tag(fig)
+
+
+def _calibration_figure(results: dict, site: str, model: str, labels: list[str]) -> str:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["calibration"] if r["site"] == site and r["model"] == model
+            and r["label"] in labels[:6]]
+    if not rows:
+        return ""
+    fig, axes = plt.subplots(1, len(rows), figsize=(2.4 * len(rows), 2.6), squeeze=False)
+    for ax, r in zip(axes[0], rows, strict=True):
+        rel = r["reliability"]
+        pairs = [(p, o) for p, o, c in zip(rel["mean_predicted"], rel["observed"], rel["count"],
+                                           strict=True) if c and p is not None]
+        if pairs:
+            ax.plot(*zip(*pairs, strict=True), "o-", ms=3)
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.set_title(f"{r['label']} ECE {r['ece']:.3f}", fontsize=7)
+        ax.tick_params(labelsize=6)
+    return _figure_tag(fig)
+
+
+def _shift_figure(results: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results.get("shift", []) if r.get("mean_auc") is not None]
+    if not rows:
+        return "<p>Device-shift analysis was not run.</p>"
+    kinds = sorted({r["shift"] for r in rows})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(2.6 * len(kinds), 2.6), squeeze=False)
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        for model in sorted({r["model"] for r in rows}):
+            pts = sorted((r["strength"], r["mean_auc"]) for r in rows
+                         if r["shift"] == kind and r["model"] == model)
+            ax.plot(*zip(*pts, strict=True), "o-", label=model, ms=3)
+        ax.set_title(kind, fontsize=8)
+        ax.tick_params(labelsize=6)
+    axes[0][0].set_ylabel("mean AUC", fontsize=7)
+    axes[0][-1].legend(fontsize=5)
+    return _figure_tag(fig)
+
+
+def _privacy_figure(results: dict) -> str:
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results.get("privacy", []) if r.get("epsilon") is not None]
+    if not rows:
+        return "<p>No differential privacy in this run (ε not applicable).</p>"
+    fig, ax = plt.subplots(figsize=(4, 2.4))
+    ax.bar([r["site"] for r in rows], [r["epsilon"] for r in rows])
+    for i, r in enumerate(rows):
+        if r.get("max_epsilon"):
+            ax.plot([i - 0.4, i + 0.4], [r["max_epsilon"]] * 2, "r--")
+    ax.set_ylabel("ε spent")
+    return _figure_tag(fig)
+
+
+CSS = """
+body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}
+td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f0f0f0} td:first-child,th:first-child{text-align:left}
+.verdict{font-size:1.1em;background:#f6f8ff;border-left:4px solid #36c;padding:.6em 1em}
+.supported{color:#16702e} .contradicted{color:#b00020} .inconclusive{color:#8a6d00}
+tr.gap td{background:#fde2e2} .sig{font-weight:bold}
+"""
+
+
+def render_html(results: dict) -> str:
+    v = results["verdict"]
+    labels = _labels_with_results(results)
+    sites = sorted({r["site"] for r in results["external"]})
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+             f"<title>fedcxr report</title><style>{CSS}</style></head><body>",
+             "<h1>fedcxr: external validation report</h1>",
+             f"<p class='verdict {v['status'].split()[0]}'>{html.escape(v['overall'])}</p>",
+             "<ul>" + "".join(f"<li class='{x['status']}'>{html.escape(x['sentence'])}</li>"
+                              for x in v["labels"]) + "</ul>"]
+    parts.append("<h2>Cohort</h2>")
+    parts.append(_table(["site", "role", "images", "format"] + [lb[:6] for lb in LABELS],
+                        [[_fmt(c["site"]), _fmt(c.get("role")), _fmt(c.get("n_images")),
+                          _fmt(c.get("format"))]
+                         + [_fmt((c.get("prevalence") or {}).get(lb), 2) for lb in LABELS]
+                         for c in results["cohort"]]))
+    parts += ["<h2>Training</h2>", _training_curves(results)]
+    arms = results["arms"]
+    if arms:
+        parts.append(_table(["arm", "kind", "site", "status", "reason"],
+                            [[_fmt(a["name"]), _fmt(a.get("kind")), _fmt(a.get("site")),
+                              _fmt(a.get("status")), _fmt(a.get("reason"))] for a in arms]))
+    parts.append("<h2>External AUC (95% DeLong CI)</h2><p>* adjusted p &lt; 0.05 against the "
+                 "first model; thresholds were fixed on training-site validation data.</p>")
+    sig = {(c["site"], c["label"], c["model_b"]): c for c in results["comparisons"]}
+    for site in sites:
+        models = list(dict.fromkeys(r["model"] for r in results["external"] if r["site"] == site))
+        rows = []
+        for label in labels:
+            row = [label]
+            for m in models:
+                r = next((e for e in results["external"] if e["site"] == site and
+                          e["label"] == label and e["model"] == m), None)
+                if r is None or r.get("auc") is None:
+                    row.append("not estimable")
+                    continue
+                if r.get("ci_low") is None:
+                    row.append(f"{r['auc']:.3f} (no CI)")
+                    continue
+                c = sig.get((site, label, m))
+                mark = "*" if c and c["p_adjusted"] < ALPHA else ""
+                row.append(f"<span class='{'sig' if mark else ''}'>{r['auc']:.3f}{mark}</span>"
+                           f" ({r['ci_low']:.2f}–{r['ci_high']:.2f})")
+            rows.append(row)
+        parts += [f"<h3>{html.escape(site)}</h3>", _table(["label"] + models, rows),
+                  _roc_figure(results, site, labels)]
+        if models:
+            parts.append(f"<h4>Calibration of {html.escape(models[0])}</h4>")
+            parts.append(_calibration_figure(results, site, models[0], labels))
+    parts.append("<h2>Paired DeLong tests</h2>")
+    parts.append(_table(
+        ["site", "label", "A", "B", "AUC A", "AUC B", "diff (95% CI)", "z", "p", "adjusted p"],
+        [[_fmt(c["site"]), _fmt(c["label"]), _fmt(c["model_a"]), _fmt(c["model_b"]),
+          _fmt(c["auc_a"]), _fmt(c["auc_b"]),
+          f"{c['diff']:+.3f} ({c['diff_low']:+.3f}, {c['diff_high']:+.3f})", _fmt(c["z"], 2),
+          _fmt(c["p"], 4), _fmt(c["p_adjusted"], 4)] for c in results["comparisons"]]))
+    parts.append("<h2>Subgroups</h2><p>Rows in red: AUC more than 0.05 below the best "
+                 "subgroup of the same attribute.</p>")
+    sub = [s for s in results["subgroups"] if s["model"] == (v.get("federated") or "")] or \
+        results["subgroups"]
+    sub = sub[:400]
+    parts.append(_table(
+        ["site", "model", "label", "attribute", "group", "n", "prevalence", "AUC", "sens",
+         "spec", "gap", "status"],
+        [[_fmt(s["site"]), _fmt(s["model"]), _fmt(s["label"]), _fmt(s["attribute"]),
+          _fmt(s["group"]), _fmt(s["n"]), _fmt(s.get("prevalence"), 2), _fmt(s.get("auc")),
+          _fmt(s.get("sensitivity"), 2), _fmt(s.get("specificity"), 2), _fmt(s.get("gap")),
+          _fmt(s["status"])] for s in sub],
+        row_class=lambda i: "gap" if (sub[i].get("gap") or 0) > 0.05 else ""))
+    if results["readers"]:
+        parts.append("<h2>Readers</h2>")
+        parts.append(_table(
+            ["site", "label", "reference", "readers", "Fleiss κ", "reader", "sens", "spec",
+             "model sensitivity at reader's specificity"],
+            [[_fmt(s["site"]), _fmt(s["label"]), _fmt(s["reference"]), _fmt(s["readers"]),
+              _fmt(s.get("fleiss_kappa")), _fmt(p["reader"]), _fmt(p["sensitivity"], 2),
+              _fmt(p["specificity"], 2),
+              ", ".join(f"{html.escape(m)} {_fmt(x['sensitivity'], 2)}"
+                        for m, x in p["models"].items())]
+             for s in results["readers"] for p in s["reader_points"]]))
+    parts += ["<h2>Simulated device shift</h2>", _shift_figure(results),
+              "<h2>Privacy</h2>", _privacy_figure(results)]
+    if results.get("privacy"):
+        parts.append(_table(["site", "ε", "δ", "max ε", "accountant"],
+                            [[_fmt(p["site"]), _fmt(p.get("epsilon"), 2), _fmt(p.get("delta"), 6),
+                              _fmt(p.get("max_epsilon"), 2), _fmt(p.get("accountant"))]
+                             for p in results["privacy"]]))
+    prov = results.get("provenance", {})
+    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=1)) + "</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    """Write results.json and report.html into ``out_dir``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out_dir = Path(out_dir)
+    rpath = write_results(results, out_dir / "results.json")
+    clean = json.loads(rpath.read_text())
+    hpath = out_dir / "report.html"
+    hpath.write_text(render_html(clean))
+    return rpath, hpath

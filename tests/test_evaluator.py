@@ -1,0 +1,176 @@
+"""The external evaluator: fixed thresholds only, aggregate output, verdict, report."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from common.cli import main
+from common.evaluation.external import EvaluationOptions, evaluate_scores, evaluate_site
+from common.evaluation.gradcam import gradcam
+from common.evaluation.metrics import ThresholdsRequired
+from common.evaluation.report import adjust_comparisons, verdict
+from common.evaluation.shift import SHIFTS, apply_shift
+from common.labels import LABELS
+from common.model import build_model, save_checkpoint
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+
+
+def toy(n: int = 137, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, len(LABELS))) < 0.3).astype(float)
+    y[:, -1] = 0  # Hernia: no positives
+    good = 1 / (1 + np.exp(-rng.normal(2 * y - 1, 1.0)))
+    weak = 1 / (1 + np.exp(-rng.normal(0.3 * y, 1.0)))
+    meta = pd.DataFrame({"sex": rng.choice(["M", "F"], n), "age": rng.uniform(20, 90, n),
+                         "view": rng.choice(["PA", "AP"], n), "manufacturer": "X"})
+    return y, {"fed": good, "single": weak}, meta
+
+
+def all_lists(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from all_lists(v)
+    elif isinstance(obj, list):
+        yield obj
+        for v in obj:
+            yield from all_lists(v)
+
+
+def test_evaluator_refuses_to_choose_thresholds():
+    y, scores, _ = toy()
+    with pytest.raises(ThresholdsRequired, match="never chooses an operating point"):
+        evaluate_scores(y, scores, {"fed": {}}, site="s")
+
+
+def test_result_is_aggregate_only_and_correct():
+    y, scores, meta = toy()
+    t = {m: {lb: 0.5 for lb in LABELS} for m in scores}
+    out = evaluate_scores(y, scores, t, site="s", meta=meta,
+                          options=EvaluationOptions(min_subgroup=40))
+    text = json.dumps(out, default=float)
+    for lst in all_lists(json.loads(text)):  # nothing the length of the image list
+        assert len(lst) != len(y)
+    ext = {(r["model"], r["label"]): r for r in out["external"]}
+    assert ext[("fed", "Hernia")]["status"] == "not estimable"
+    assert ext[("fed", "Effusion")]["auc"] > ext[("single", "Effusion")]["auc"]
+    comp = [c for c in out["comparisons"] if c["label"] == "Effusion"][0]
+    assert comp["model_a"] == "fed" and comp["p"] < 0.05
+    groups = {(s["attribute"], s["group"]): s for s in out["subgroups"]
+              if s["model"] == "fed" and s["label"] == "Effusion"}
+    assert groups[("manufacturer", "X")]["status"] == "ok"
+    assert ("age_band", "0-20") not in groups  # ages drawn from 20-90
+    assert all(s["status"] == "too small" for s in groups.values() if s["n"] < 40)
+
+
+def test_verdict_supported_contradicted_inconclusive():
+    def comp(label, diff, p):
+        return {"site": "s", "label": label, "model_a": "fed", "model_b": "b", "auc_a": 0.8,
+                "auc_b": 0.8 - diff, "diff": diff, "diff_low": diff - 0.1,
+                "diff_high": diff + 0.1, "z": 1.0, "p": p}
+
+    rows = adjust_comparisons([comp("Effusion", 0.1, 0.001), comp("Edema", 0.1, 0.002),
+                               comp("Mass", 0.02, 0.4)])
+    v = verdict(rows, "fed")
+    status = {x["label"]: x["status"] for x in v["labels"]}
+    assert status == {"Effusion": "supported", "Mass": "inconclusive", "Edema": "supported"}
+    assert v["status"] == "supported" and "2 of 3" in v["overall"]
+    v2 = verdict(adjust_comparisons([comp("Effusion", -0.2, 0.0001)]), "fed")
+    assert v2["status"] == "contradicted"
+
+
+def test_gradcam_runs_through_hooks_and_points_at_the_signal():
+    torch.manual_seed(0)
+    model = build_model()
+    x = torch.zeros(1, 1, 64, 64)
+    heat = gradcam(model, x, 2)
+    assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() <= 1
+
+
+def test_shifts_change_images_deterministically():
+    x = torch.rand(2, 1, 32, 32)
+    for kind, strengths in SHIFTS.items():
+        out = apply_shift(x, kind, strengths[-1], seed=3)
+        assert out.shape == x.shape and not torch.allclose(out, x)
+        assert torch.equal(out, apply_shift(x, kind, strengths[-1], seed=3))
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def render_in_chromium(html: Path, shot: Path) -> list[str]:
+    """Screenshot ``html``; return the JavaScript console messages Chromium logged."""
+    browser = _chromium()
+    if browser is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed; `make test` installs Debian's chromium")
+        pytest.skip("chromium not installed (make test installs it)")
+    shot.parent.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+         "--no-first-run", "--disable-background-networking", "--disable-component-update",
+         "--disable-sync", f"--user-data-dir={shot.parent / 'chromium-profile'}",
+         "--enable-logging=stderr", "--v=0", "--window-size=1200,3000",
+         f"--screenshot={shot}", html.as_uri()],
+        capture_output=True, text=True, timeout=120)
+    return [line for line in proc.stderr.splitlines() if "CONSOLE" in line]
+
+
+@pytest.fixture(scope="module")
+def evaluated(cohort, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    save_checkpoint(build_model(), tmp / "fed.pt", image_size=32)
+    save_checkpoint(build_model(norm="group"), tmp / "site1.pt", image_size=32)
+    (tmp / "t.json").write_text(json.dumps({lb: 0.5 for lb in LABELS}))
+    out = tmp / "run"
+    code = main(["evaluate", "--model", f"federated={tmp / 'fed.pt'}", "--model",
+                 f"single:site1={tmp / 'site1.pt'}", "--site", str(cohort / "site5"),
+                 "--thresholds", str(tmp / "t.json"), "--out", str(out), "--gradcam",
+                 "--cache", str(tmp / "cache")])
+    assert code == 0
+    return out
+
+
+def test_cli_evaluate_writes_schema_and_keeps_heatmaps_local(evaluated):
+    results = json.loads((evaluated / "results.json").read_text())
+    for key in ("schema_version", "cohort", "arms", "external", "comparisons", "verdict",
+                "privacy", "provenance"):
+        assert key in results
+    row = results["external"][0]
+    assert {"site", "model", "label", "auc", "ci_low", "ci_high", "n_pos", "n_neg"} <= set(row)
+    assert {"site", "label", "model_a", "model_b", "z", "p", "p_adjusted"} <= set(
+        results["comparisons"][0])
+    assert results["verdict"]["overall"].startswith("H1")
+    assert results["readers"] and results["readers"][0]["reference"] == "adjudicated"
+    assert {r["shift"] for r in results["shift"]} == set(SHIFTS)
+    assert list((evaluated / "gradcam").glob("*.png"))
+    assert "gradcam" not in json.dumps(results["external"])
+
+
+def test_report_renders_in_chromium_without_console_errors(evaluated):
+    assert main(["report", str(evaluated)]) == 0
+    html = (evaluated / "report.html").read_text()
+    assert "H1" in html and "data:image/png;base64" in html and "<script" not in html
+    shot = ARTIFACTS / "report.png"
+    console = render_in_chromium(evaluated / "report.html", shot)
+    assert console == []
+    assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_evaluate_rejects_bad_thresholds(cohort, tmp_path, capsys):
+    save_checkpoint(build_model(), tmp_path / "m.pt")
+    (tmp_path / "t.json").write_text('{"Effusion": 0.5, "Dragon": 0.1}')
+    code = main(["evaluate", "--model", str(tmp_path / "m.pt"), "--site", str(cohort / "site4"),
+                 "--thresholds", str(tmp_path / "t.json"), "--out", str(tmp_path / "o")])
+    assert code == 2 and "Dragon" in capsys.readouterr().err
