@@ -98,7 +98,8 @@ def _registrars():
     """Subcommands defined next to their implementations."""
     from importlib import import_module
 
-    for module in ("common.synth.cli", "common.demo", "common.evaluation.cli"):
+    for module in ("common.synth.cli", "common.demo", "common.evaluation.cli",
+                   "common.train_local"):
         try:
             yield import_module(module).register
         except ModuleNotFoundError as exc:

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "fedcxr-model/1"
 GROUPS = 32  # every DenseNet-121 norm layer has a multiple of 32 channels
 _LEGACY_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
 )
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from common.cli import main
-from common.evaluation.external import EvaluationOptions, evaluate_scores, evaluate_site
+from common.evaluation.external import EvaluationOptions, evaluate_scores
 from common.evaluation.gradcam import gradcam
 from common.evaluation.metrics import ThresholdsRequired
 from common.evaluation.report import adjust_comparisons, verdict

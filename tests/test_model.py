@@ -1,0 +1,90 @@
+"""DenseNet-121 factory: stem, GroupNorm, no in-place ops, loading weights files."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+from common.model import ModelLoadError, build_model, load_checkpoint, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tv_weights(tmp_path_factory):
+    torch.manual_seed(0)
+    tv = torchvision.models.densenet121(weights=None)
+    with torch.no_grad():  # non-trivial BatchNorm parameters, so loading is observable
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.running_mean.uniform_(-0.1, 0.1)
+    path = tmp_path_factory.mktemp("w") / "densenet121.pth"
+    torch.save(tv.state_dict(), path)
+    return tv, path
+
+
+def test_one_channel_stem_sums_imagenet_filters(tv_weights):
+    tv, path = tv_weights
+    model = build_model(init_weights=path)
+    assert model.features.conv0.weight.shape == (64, 1, 7, 7)
+    torch.testing.assert_close(model.features.conv0.weight,
+                               tv.features.conv0.weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(model.features.denseblock1.denselayer1.norm1.weight,
+                               tv.features.denseblock1.denselayer1.norm1.weight)
+    assert model.classifier.out_features == 14
+    # A grey image through our stem == through ImageNet's stem with the grey copied 3x.
+    x = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(model.features.conv0(x), tv.features.conv0(x.repeat(1, 3, 1, 1)))
+
+
+def test_legacy_norm_dot_one_keys_load(tv_weights, tmp_path):
+    tv, _ = tv_weights
+    pattern = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.")
+    legacy = {pattern.sub(r"\1.\2.", k): v for k, v in tv.state_dict().items()}
+    assert any(".norm.1." in k for k in legacy)
+    torch.save(legacy, tmp_path / "legacy.pth")
+    model = build_model(init_weights=tmp_path / "legacy.pth")
+    torch.testing.assert_close(model.features.denseblock2.denselayer3.conv2.weight,
+                               tv.features.denseblock2.denselayer3.conv2.weight)
+
+
+def test_mismatched_file_lists_keys(tmp_path):
+    torch.save({"features.conv0.weight": torch.zeros(64, 1, 7, 7), "foo.bar": torch.zeros(1)},
+               tmp_path / "bad.pth")
+    with pytest.raises(ModelLoadError) as info:
+        build_model(init_weights=tmp_path / "bad.pth")
+    msg = str(info.value)
+    assert "missing keys: features.norm0.weight" in msg and "unexpected keys: foo.bar" in msg
+    with pytest.raises(ModelLoadError, match="not found"):
+        build_model(init_weights=tmp_path / "nope.pth")
+
+
+def test_group_norm_replaces_every_batch_norm(tv_weights, caplog):
+    _, path = tv_weights
+    with caplog.at_level("INFO"):
+        model = build_model(norm="group", init_weights=path)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert sum(isinstance(m, nn.GroupNorm) for m in model.modules()) == 121
+    assert "do not carry over" in caplog.text
+
+
+def test_no_inplace_relu_and_opacus_accepts_group_norm_model():
+    from opacus.validators import ModuleValidator
+
+    model = build_model(norm="group")
+    assert not any(isinstance(m, nn.ReLU) and m.inplace for m in model.modules())
+    assert ModuleValidator.validate(model, strict=False) == []
+    assert ModuleValidator.validate(build_model(), strict=False)  # BatchNorm is flagged
+
+
+def test_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(1)
+    model = build_model(norm="group").eval()
+    save_checkpoint(model, tmp_path / "m.pt", image_size=32)
+    again = load_checkpoint(tmp_path / "m.pt").eval()
+    assert again.norm == "group"
+    x = torch.rand(2, 1, 32, 32)
+    torch.testing.assert_close(model(x), again(x))

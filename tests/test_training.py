@@ -1,0 +1,229 @@
+"""Local training and DP: masked loss, weights, learning, ledger, budget, accountant."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+
+from client.site import SiteSource, ensure_cache
+from common.data import split_datasets
+from common.model import build_model
+from common.privacy import (
+    BudgetExceeded,
+    DPConfig,
+    PrivacyLedger,
+    Spend,
+    compose_epsilon,
+)
+from common.training import (
+    DPPlan,
+    TrainConfig,
+    local_train,
+    masked_bce,
+    pos_weight_from,
+    validate,
+)
+
+
+@pytest.fixture(scope="module")
+def site(cohort):
+    cache = ensure_cache(SiteSource(cohort / "site3"), 32)
+    return split_datasets(cache, seed=0)
+
+
+def test_masked_loss_equals_hand_computation():
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.5, 0.0, -0.5]])
+    targets = torch.tensor([[1.0, math.nan, 0.0], [math.nan, math.nan, 1.0]])
+
+    def bce(z, y, w=1.0):
+        return -(w * y * math.log(1 / (1 + math.exp(-z))) + (1 - y) * math.log(
+            1 - 1 / (1 + math.exp(-z))))
+
+    row1 = (bce(0.5, 1) + bce(2.0, 0)) / 2
+    row2 = bce(-0.5, 1)
+    assert masked_bce(logits, targets).item() == pytest.approx((row1 + row2) / 2, rel=1e-6)
+    w = torch.tensor([3.0, 1.0, 2.0])
+    row1w = (bce(0.5, 1, 3.0) + bce(2.0, 0, 3.0 * 0 + 2.0)) / 2
+    row2w = bce(-0.5, 1, 2.0)
+    assert masked_bce(logits, targets, w).item() == pytest.approx((row1w + row2w) / 2, rel=1e-6)
+    # gradient never flows from a NaN target
+    z = logits.clone().requires_grad_(True)
+    masked_bce(z, targets).backward()
+    assert z.grad[0, 1] == 0 and z.grad[1, 0] == 0 and z.grad[1, 1] == 0
+
+
+def test_pos_weight_from_prevalence_is_capped():
+    y = np.array([[1, 0, np.nan], [0, 0, np.nan], [0, 0, 1], [0, 0, 0]] + [[0, 0, 0]] * 40,
+                 dtype=float)
+    w = pos_weight_from(y, cap=10.0)
+    assert w[0].item() == pytest.approx(10.0)  # 43 negatives / 1 positive, capped
+    assert w[1].item() == 1.0  # no positives
+    assert w[2].item() == pytest.approx(10.0)
+    y2 = np.array([[1], [0], [0], [0]], dtype=float)
+    assert pos_weight_from(y2).item() == pytest.approx(3.0)
+
+
+def test_loss_decreases_and_is_deterministic(site):
+    def run():
+        torch.manual_seed(0)
+        model = build_model()
+        r = local_train(model, site["train"], TrainConfig(epochs=4, batch_size=16, lr=2e-3,
+                                                          augment=False, seed=3))
+        return r, model
+
+    r1, m1 = run()
+    assert r1.epoch_losses[-1] < r1.epoch_losses[0] * 0.9
+    r2, m2 = run()
+    assert r1.epoch_losses == r2.epoch_losses
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    val = validate(m1, site["val"])
+    assert val.n == len(site["val"]) and set(val.auc) == set(val.roc_counts)
+
+
+def test_fedprox_pulls_towards_the_start(site):
+    def drift(mu):
+        torch.manual_seed(0)
+        model = build_model()
+        start = [p.detach().clone() for p in model.parameters()]
+        local_train(model, site["train"], TrainConfig(epochs=1, batch_size=16, lr=5e-3,
+                                                      proximal_mu=mu, augment=False))
+        return sum(float(((p - s) ** 2).sum()) for p, s in zip(model.parameters(), start,
+                                                               strict=True))
+
+    assert drift(10.0) < drift(0.0)
+
+
+def _dp(tmp_path, **kw):
+    cfg = DPConfig(**{"target_epsilon": 4.0, "max_epsilon": 20.0, **kw})
+    return DPPlan(cfg, PrivacyLedger(tmp_path / "ledger.jsonl", site="site3",
+                                     accountant=cfg.accountant))
+
+
+def test_dp_training_runs_and_writes_the_ledger(site, tmp_path):
+    torch.manual_seed(0)
+    model = build_model(norm="group")
+    before = [p.detach().clone() for p in model.parameters()]
+    plan = _dp(tmp_path)
+    r = local_train(model, site["train"], TrainConfig(epochs=1, batch_size=8), dp=plan)
+    assert r.epsilon == pytest.approx(4.0, rel=0.05) and r.noise_multiplier > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    entries = plan.ledger.entries()
+    assert [e["status"] for e in entries] == ["started", "completed"]
+    for key in ("steps", "sample_rate", "noise_multiplier", "accountant", "epsilon", "delta",
+                "run_id", "arm", "round"):
+        assert key in entries[-1]
+    assert plan.ledger.epsilon(r.delta) == pytest.approx(r.epsilon)
+    assert not hasattr(model, "_forward_counter")  # Opacus hooks removed from our model
+
+
+def test_two_arms_on_the_same_data_both_spend(site, tmp_path):
+    ledger = PrivacyLedger(tmp_path / "l.jsonl", site="s")
+    eps = []
+    for arm in ("federated", "single"):
+        plan = DPPlan(DPConfig(target_epsilon=3.0, max_epsilon=50.0), ledger, arm=arm,
+                      planned_units=2)
+        torch.manual_seed(0)
+        r = local_train(build_model(norm="group"), site["train"],
+                        TrainConfig(epochs=1, batch_size=8), dp=plan)
+        eps.append(r.epsilon)
+    assert eps[1] > eps[0] * 1.2
+    assert eps[1] == pytest.approx(3.0, rel=0.05)  # target spread over both arms
+    assert {e["arm"] for e in ledger.entries()} == {"federated", "single"}
+
+
+def test_over_budget_is_refused_before_training(site, tmp_path):
+    ledger = PrivacyLedger(tmp_path / "l.jsonl", site="s")
+    ledger._append({"unit": "old", "status": "completed", "steps": 200, "sample_rate": 0.2,
+                    "noise_multiplier": 0.8})
+    model = build_model(norm="group")
+    before = [p.detach().clone() for p in model.parameters()]
+    plan = DPPlan(DPConfig(target_epsilon=2.0, max_epsilon=3.0), ledger)
+    with pytest.raises(BudgetExceeded) as info:
+        local_train(model, site["train"], TrainConfig(epochs=1, batch_size=8), dp=plan)
+    msg = str(info.value)
+    assert "left" in msg and "above max-epsilon 3" in msg and str(ledger.path) in msg
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert len(ledger.entries()) == 1  # nothing recorded for refused work
+
+
+def test_ledger_epsilon_matches_dp_accounting_rdp():
+    from dp_accounting import dp_event, rdp
+
+    spends = [Spend(300, 0.02, 1.1), Spend(500, 0.01, 0.9), Spend(120, 0.05, 1.5)]
+    delta = 1e-5
+    ours = compose_epsilon(spends, delta, "rdp")
+    acc = rdp.RdpAccountant()
+    for s in spends:
+        acc.compose(dp_event.PoissonSampledDpEvent(
+            s.sample_rate, dp_event.GaussianDpEvent(s.noise_multiplier)), s.steps)
+    theirs = acc.get_epsilon(delta)
+    assert ours == pytest.approx(theirs, rel=0.01)
+    # PRV (the default) is tighter than RDP but in the same place
+    prv = compose_epsilon(spends, delta, "prv")
+    assert 0.5 * theirs < prv <= theirs * 1.01
+
+
+def test_ledger_survives_a_kill_mid_round_and_never_undercounts(cohort, tmp_path):
+    ledger_path = tmp_path / "ledger.jsonl"
+    script = textwrap.dedent(f"""
+        import os, signal, torch
+        from client.site import SiteSource, ensure_cache
+        from common.data import split_datasets
+        from common.model import build_model
+        from common.privacy import DPConfig, PrivacyLedger
+        from common.training import DPPlan, TrainConfig, local_train
+        from pathlib import Path
+        ds = split_datasets(ensure_cache(SiteSource(Path({str(cohort / 'site3')!r})), 32))
+        ledger = PrivacyLedger(Path({str(ledger_path)!r}), site="s")
+        cfg = TrainConfig(epochs=1, batch_size=4)
+        plan = DPPlan(DPConfig(target_epsilon=2.0, max_epsilon=50.0), ledger, arm="a", round=1)
+        local_train(build_model(norm="group"), ds["train"], cfg, dp=plan)   # round 1 completes
+        plan = DPPlan(DPConfig(target_epsilon=2.0, max_epsilon=50.0), ledger, arm="a", round=2)
+        def die(step, total):
+            if step == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        local_train(build_model(norm="group"), ds["train"], cfg, dp=plan, progress=die)
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ledger = PrivacyLedger(ledger_path, site="s")
+    entries = ledger.entries()
+    assert [(e["round"], e["status"]) for e in entries] == [(1, "started"), (1, "completed"),
+                                                            (2, "started")]
+    delta = entries[0]["delta"]
+    first = compose_epsilon([Spend(entries[1]["steps"], entries[1]["sample_rate"],
+                                   entries[1]["noise_multiplier"])], delta, "prv")
+    # The killed round counts in full (planned steps), so ε is at least two rounds' worth.
+    assert ledger.epsilon(delta) > first * 1.2
+    assert ledger.epsilon(delta) == pytest.approx(entries[2]["epsilon"], rel=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias", [(1, 1, 0, False), (3, 1, 1, False),
+                                                        (7, 2, 3, True), (3, 2, 0, True)])
+def test_fast_conv_grad_sampler_matches_opacus(kernel, stride, padding, bias):
+    from opacus.grad_sample.conv import compute_conv_grad_sample
+
+    from common.dp_grad_sample import conv2d_grad_sample
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(5, 7, kernel, stride=stride, padding=padding, bias=bias)
+    x = torch.randn(4, 5, 12, 12)
+    out = layer(x)
+    g = torch.randn_like(out)
+    ours = conv2d_grad_sample(layer, [x], g)
+    ref = compute_conv_grad_sample(layer, [x], g)
+    assert set(ours) == set(ref)
+    for p in ref:
+        torch.testing.assert_close(ours[p], ref[p], rtol=1e-4, atol=1e-5)
+    # and the per-sample gradients sum to the ordinary gradient
+    (out * g).sum().backward()
+    torch.testing.assert_close(ours[layer.weight].sum(0), layer.weight.grad, rtol=1e-4,
+                               atol=1e-4)
