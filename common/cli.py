@@ -99,7 +99,7 @@ def _registrars():
     from importlib import import_module
 
     for module in ("common.synth.cli", "common.demo", "common.evaluation.cli",
-                   "common.train_local"):
+                   "common.train_local", "common.simulate"):
         try:
             yield import_module(module).register
         except ModuleNotFoundError as exc:

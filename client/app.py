@@ -1,0 +1,142 @@
+"""Flower ClientApp: what a hospital's node does with each message.
+
+- ``query``: role (from the node's own config), site name, split sizes, label prevalence,
+  privacy budget spent and left.
+- ``train``: train the arm's weights on the local training split (DP + ledger when asked),
+  return weights and aggregate metrics. Refused by ``role_mod`` on held-out nodes.
+- ``evaluate``: ``purpose=validation`` on a training node returns per-label validation AUC
+  and ROC counts (for threshold choice) of each model sent; ``purpose=external`` on a
+  held-out node runs the shared external-validation evaluator at the thresholds sent and
+  returns its aggregate statistics as JSON.
+
+Replies carry model weights and aggregate numbers only; see ``tests/test_federation.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.mods import reply_audit_mod, role_mod
+from client.node import open_site, prevalence
+from common.config import RunConfig, parse
+from common.evaluation.external import EvaluationOptions, evaluate_site
+from common.labels import LABELS
+from common.model import build_model
+from common.privacy import DPConfig
+from common.records import from_record, to_record
+from common.training import DPPlan, TrainConfig, local_train, validate
+
+log = logging.getLogger("flwr")
+app = ClientApp(mods=[reply_audit_mod, role_mod])
+
+
+def _setup(context: Context):
+    run = parse(RunConfig, dict(context.run_config), what="run config")
+    site = open_site(context.node_config, run)
+    if site.config.partition_id >= 0:
+        torch.set_num_threads(1)  # one core per virtual node: 2 cores are not oversubscribed
+    return run, site
+
+
+def _model(record: ArrayRecord, norm: str):
+    model = build_model(norm=norm)
+    model.load_state_dict(from_record(record))
+    return model
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    run, site = _setup(context)
+    splits = site.splits(run)
+    labels = np.concatenate([ds.labels() for ds in splits.values()])
+    spent, left = -1.0, -1.0
+    if run.dp and site.role == "train":
+        ledger = site.ledger(run.accountant)
+        delta = DPConfig(accountant=run.accountant).delta_for(len(splits["train"]))
+        spent = ledger.epsilon(delta)
+        left = max(site.config.max_epsilon - spent, 0.0)
+    config = ConfigRecord({"role": site.role, "site": site.name,
+                           "format": site.source.format or ""})
+    metrics = MetricRecord({"n-train": len(splits["train"]), "n-val": len(splits["val"]),
+                            "n-test": len(splits["test"]), "n-images": len(labels),
+                            "prevalence": prevalence(labels), "epsilon-spent": spent,
+                            "epsilon-left": left, "max-epsilon": site.config.max_epsilon})
+    return Message(RecordDict({"site": config, "metrics": metrics}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    run, site = _setup(context)
+    cfg = msg.content["config"]
+    arm, rnd = str(cfg["arm"]), int(cfg["server-round"])
+    splits = site.splits(run)
+    model = _model(msg.content["arrays"], str(cfg["norm"]))
+    dp = None
+    if run.dp:
+        dp = DPPlan(DPConfig(target_epsilon=run.target_epsilon,
+                             max_epsilon=site.config.max_epsilon,
+                             max_grad_norm=run.max_grad_norm, accountant=run.accountant),
+                    site.ledger(run.accountant), run_id=str(cfg["run-name"]), arm=arm,
+                    round=rnd, planned_units=int(cfg["planned-units"]))
+    tc = TrainConfig(epochs=run.local_epochs, batch_size=run.batch_size, lr=run.lr,
+                     proximal_mu=float(cfg.get("proximal-mu", 0.0)), seed=int(cfg["seed"]))
+    result = local_train(model, splits["train"], tc, dp=dp)
+    val = validate(model, splits["val"])
+    log.info("site %s arm %s round %d: %d images, loss %.4f, val AUC %s%s", site.name, arm,
+             rnd, result.examples, result.loss,
+             f"{val.mean_auc:.3f}" if val.mean_auc is not None else "n/a",
+             f", ε {result.epsilon:.2f}" if result.epsilon is not None else "")
+    metrics = MetricRecord({
+        "num-examples": max(result.examples, 1), "loss": float(result.loss),
+        "epsilon": float(result.epsilon) if result.epsilon is not None else -1.0,
+        "val-auc-mean": float(val.mean_auc) if val.mean_auc is not None else -1.0,
+        "val-auc": [float(v) if v is not None else -1.0 for v in val.auc.values()],
+    })
+    reply = RecordDict({"arrays": to_record(model.state_dict(), run.transport_dtype),
+                        "metrics": metrics,
+                        "meta": ConfigRecord({"arm": arm, "site": site.name})})
+    return Message(reply, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    run, site = _setup(context)
+    cfg = msg.content["config"]
+    purpose = str(cfg["purpose"])
+    names = [k.removeprefix("model/") for k in msg.content if k.startswith("model/")]
+    norm = str(cfg["norm"])
+    if purpose == "validation":
+        if site.role != "train":
+            raise RuntimeError("validation is done on training sites' validation splits only")
+        val_ds = site.splits(run)["val"]
+        out = RecordDict({"meta": ConfigRecord({"site": site.name})})
+        for name in names:
+            v = validate(_model(msg.content[f"model/{name}"], norm), val_ds)
+            out[f"val/{name}"] = MetricRecord({
+                "num-examples": max(v.n, 1),
+                "val-auc-mean": float(v.mean_auc) if v.mean_auc is not None else -1.0,
+                "val-auc": [float(x) if x is not None else -1.0 for x in v.auc.values()],
+                **{f"pos-ge/{lb}": v.roc_counts[lb][0] for lb in LABELS},
+                **{f"neg-ge/{lb}": v.roc_counts[lb][1] for lb in LABELS},
+            })
+        return Message(out, reply_to=msg)
+    if purpose != "external":
+        raise RuntimeError(f"unknown evaluate purpose {purpose!r}")
+    if site.role != "evaluate":
+        raise RuntimeError("external validation runs only at held-out (evaluate) sites")
+    thresholds = json.loads(str(cfg["thresholds"]))
+    models = {n: _model(msg.content[f"model/{n}"], norm) for n in names}
+    cache = site.cache(run.image_size)
+    result = evaluate_site(cache, models, thresholds, site=site.name,
+                           options=EvaluationOptions(shift=run.shift))
+    result["fingerprint"] = cache.fingerprint
+    log.info("site %s: external validation of %d models on %d images", site.name,
+             len(models), result["n_images"])
+    return Message(RecordDict({"results": ConfigRecord({"json": json.dumps(result)})}),
+                   reply_to=msg)

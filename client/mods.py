@@ -1,0 +1,60 @@
+"""Client mods: behaviour that wraps every handler, in Flower's own composable shape.
+
+``role_mod`` enforces the node's role from its *own* config: a held-out (``evaluate``) node
+answers any train message with an error reply, whatever the server asks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
+from common.config import NodeConfig, RunConfig, parse
+
+
+class RoleRefused(RuntimeError):
+    pass
+
+
+def node_role(context: Context) -> str:
+    from client.node import open_site
+
+    run = parse(RunConfig, dict(context.run_config), what="run config")
+    return open_site(context.node_config, run).role
+
+
+def role_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    kind = message.metadata.message_type.split(".")[0]
+    if kind == "train" and node_role(context) != "train":
+        raise RoleRefused(
+            "this node's role is 'evaluate' (held-out site): it never trains on its data; "
+            "the train message was refused"
+        )
+    return call_next(message, context)
+
+
+def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """When FEDCXR_AUDIT_LOG is set, append a description of every reply leaving this node:
+    each record's type and keys, each array's shape, each metric and config value. Used by
+    the test that proves nothing per-image leaves a site."""
+    reply = call_next(message, context)
+    path = os.environ.get("FEDCXR_AUDIT_LOG")
+    if path and not reply.has_error():
+        entry = {"node": context.node_id, "type": message.metadata.message_type,
+                 "records": {}}
+        for key, record in reply.content.items():
+            kind = type(record).__name__
+            if kind == "ArrayRecord":
+                body = {k: list(v.shape) for k, v in record.items()}
+            else:
+                body = {k: v for k, v in record.items()}
+            entry["records"][key] = {"kind": kind, "body": body}
+        with open(path, "a") as fh:
+            fh.write(json.dumps(entry, default=str) + "\n")
+    return reply
+
+
+__all__ = ["NodeConfig", "RoleRefused", "reply_audit_mod", "role_mod"]

@@ -1,0 +1,89 @@
+"""Everything a node knows about its own site, rebuilt cheaply for every message.
+
+Site facts come from the node config (``role``, ``site-name``, ``data-path``, ...). In
+simulation Flower gives each virtual node a ``partition-id`` instead, which indexes the sites
+of the cohort file named in the run config. Opening a site is a memmap and a small CSV read.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from client.site import SiteSource, default_cache_dir, ensure_cache
+from common.cache import SiteCache
+from common.config import NodeConfig, RunConfig, parse
+from common.data import CachedImages, split_datasets
+from common.errors import ConfigError
+from common.privacy import PrivacyLedger
+
+
+@dataclass
+class Site:
+    config: NodeConfig
+    source: SiteSource
+
+    @property
+    def name(self) -> str:
+        return self.config.site_name
+
+    @property
+    def role(self) -> str:
+        return self.config.role
+
+    def cache(self, size: int) -> SiteCache:
+        path = Path(self.config.cache_path) / f"cache-{size}" if self.config.cache_path \
+            else default_cache_dir(self.source.data_dir, size)
+        return ensure_cache(self.source, size, path)
+
+    def splits(self, run: RunConfig) -> dict[str, CachedImages]:
+        cache = self.cache(run.image_size)
+        splits = split_datasets(cache, seed=run.seed)
+        if run.max_images_per_site:
+            cap = run.max_images_per_site
+            splits = {k: CachedImages(cache, v.rows[: max(cap * len(v) // max(len(cache.index),
+                                                                               1), 2)])
+                      for k, v in splits.items()}
+        return splits
+
+    def ledger(self, accountant: str) -> PrivacyLedger:
+        path = Path(self.config.ledger_path) if self.config.ledger_path else \
+            self.source.data_dir / ".fedcxr" / "ledger.jsonl"
+        return PrivacyLedger(path, site=self.name, accountant=accountant)
+
+
+def site_from_cohort(cohort_file: Path, partition_id: int) -> NodeConfig:
+    cohort = tomllib.loads(Path(cohort_file).read_text())
+    sites = cohort["site"]
+    if not 0 <= partition_id < len(sites):
+        raise ConfigError(f"{cohort_file}: partition {partition_id} but only {len(sites)} sites")
+    s = sites[partition_id]
+    base = Path(cohort_file).parent
+    return NodeConfig(role=s["role"], site_name=s["name"], data_path=str(base / s["path"]),
+                      manifest=str(base / s["path"] / s["manifest"]), format=s["format"],
+                      max_epsilon=float(s.get("max-epsilon", 10.0)), partition_id=partition_id,
+                      num_partitions=len(sites))
+
+
+def open_site(node_config: dict, run: RunConfig) -> Site:
+    config = parse(NodeConfig, dict(node_config), what="node config")
+    if config.partition_id >= 0 and not config.data_path:
+        if not run.cohort:
+            raise ConfigError("simulation needs run config key 'cohort' (path to cohort.toml)")
+        config = site_from_cohort(Path(run.cohort), config.partition_id)
+    if not config.data_path:
+        raise ConfigError("node config needs 'data-path' (the site's data folder)")
+    name = config.site_name or Path(config.data_path).name
+    config = NodeConfig(**{**config.__dict__, "site_name": name})
+    source = SiteSource(Path(config.data_path), Path(config.manifest) if config.manifest else None,
+                        config.format or None, site=name)
+    return Site(config, source)
+
+
+def prevalence(labels: np.ndarray) -> list[float]:
+    with np.errstate(invalid="ignore"):
+        p = np.nanmean(labels, axis=0) if len(labels) else np.full(labels.shape[1], np.nan)
+    return [float(x) if np.isfinite(x) else -1.0 for x in p]

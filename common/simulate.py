@@ -1,0 +1,183 @@
+"""``fedcxr simulate``: the same ServerApp and ClientApp on Flower's simulation engine.
+
+This drives Flower's own machinery: it starts a ``flower-superlink --simulation`` (Ray
+engine, one virtual SuperNode per site) on free loopback ports, with a private ``FLWR_HOME``
+whose connection points at it, then ``flwr run``s this project against it and streams the
+log. The SuperLink and everything it spawned run in their own process session, which is
+killed at the end, pass or fail, so no process or port outlives the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from common.errors import FedcxrError
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bin(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else name
+
+
+def _tail(log: Path, lines: int = 8) -> str:
+    try:
+        return " | ".join(log.read_text(errors="replace").strip().splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FedcxrError(f"flower-superlink exited with code {proc.returncode}: "
+                              f"{_tail(log)}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.3)
+    raise FedcxrError(f"flower-superlink did not open port {port} in {timeout:.0f} s: "
+                      f"{_tail(log)}")
+
+
+def _kill_session(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        pass
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything of the session still alive
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _sweep(home: Path) -> int:
+    """Kill any process still carrying this run's private FLWR_HOME (Ray workers, SuperExec
+    started in sessions of their own). Returns how many there were."""
+    marker = f"FLWR_HOME={home}".encode()
+    killed = 0
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "environ").read_bytes().split(b"\0") and int(proc.name) != \
+                    os.getpid():
+                os.kill(int(proc.name), signal.SIGKILL)
+                killed += 1
+        except (OSError, ValueError):
+            continue
+    return killed
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
+             timeout: float = 3600, extra_env: dict | None = None, quiet: bool = False,
+             after_start=None) -> int:
+    """Run the experiment in simulation; returns flwr run's exit status."""
+    cohort = Path(cohort).resolve()
+    if not cohort.is_file():
+        raise FedcxrError(f"{cohort}: cohort file not found; run `fedcxr synth` first")
+    sites = tomllib.loads(cohort.read_text()).get("site", [])
+    if not sites:
+        raise FedcxrError(f"{cohort}: lists no [[site]]")
+    home = Path(tempfile.mkdtemp(prefix="fedcxr-flwr-home-"))
+    ports = {k: free_port() for k in ("http", "fleet", "control", "health")}
+    total_cpus = max(os.cpu_count() or 1, 1)
+    (home / "config.toml").write_text("\n".join([
+        "[superlink]", 'default = "fedcxr"', "", "[superlink.fedcxr]",
+        f'address = "127.0.0.1:{ports["http"]}"', "insecure = true", ""]))
+    federation = (f"num-supernodes={len(sites)} client-resources-num-cpus={cpus_per_site} "
+                  f"client-resources-num-gpus=0.0 init-args-num-cpus={total_cpus} "
+                  "init-args-num-gpus=0")
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+    # SuperLink spawns flower-superexec by name: the venv's bin must be on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    log = home / "superlink.log"
+    superlink = subprocess.Popen(
+        [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--disable-runtime-dependency-installation",  # the app runs in this environment
+         "--host", "127.0.0.1", "--port", str(ports["http"]),
+         "--fleet-api-address", f"127.0.0.1:{ports['fleet']}",
+         "--control-api-address", f"127.0.0.1:{ports['control']}",
+         "--health-server-address", f"127.0.0.1:{ports['health']}"],
+        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=home)
+    try:
+        _wait_port(ports["http"], superlink, 60, log)
+        if after_start:
+            after_start(superlink)
+        config = {"cohort": str(cohort), **run_config}
+        config["out-dir"] = str(Path(config.get("out-dir", "runs")).resolve())
+        overrides = home / "run-config.toml"
+        overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+        cmd = [_bin("flwr"), "run", str(PROJECT), "fedcxr", "--run-config", str(overrides),
+               "--federation-config", federation, "--stream"]
+        proc = subprocess.run(cmd, env=env, timeout=timeout, cwd=PROJECT,
+                              stdout=subprocess.DEVNULL if quiet else None)
+        return proc.returncode
+    finally:
+        _kill_session(superlink)
+        time.sleep(0.5)
+        _sweep(home)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        for part in item.split():
+            key, sep, value = part.partition("=")
+            if not sep:
+                raise FedcxrError(f"--run-config {part!r}: use key=value")
+            try:
+                out[key] = tomllib.loads(f"v = {value}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key] = value
+    return out
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from common.config import RunConfig, parse
+
+    overrides = parse_overrides(args.run_config)
+    parse(RunConfig, overrides, what="--run-config")  # unknown keys fail here, not in Ray
+    code = simulate(Path(args.cohort), overrides, cpus_per_site=args.cpus_per_site)
+    if code != 0:
+        raise FedcxrError(f"flwr run exited with code {code}; see the log above")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("simulate", help="run the experiment on Flower's simulation engine")
+    p.add_argument("--cohort", required=True, help="cohort.toml written by `fedcxr synth`")
+    p.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE ...",
+                   help="run config overrides, e.g. 'num-rounds=3 image-size=64'")
+    p.add_argument("--cpus-per-site", type=int, default=1,
+                   help="CPU cores per virtual site (default 1: sites train in parallel)")
+    p.set_defaults(func=cmd_simulate)

@@ -1,0 +1,368 @@
+"""Flower ServerApp: the H1 experiment protocol, phase by phase.
+
+1. Discover: query every node for its role (from the node's own config), site, split sizes,
+   prevalence and privacy budget.
+2. Train, interleaved: each round every training site trains the global model (federated arm)
+   and its own single-site model (baseline arm), same epochs, same seeds. Federated updates
+   are screened, then aggregated by a Flower strategy. The new global model is validated at
+   every training site; the best one by mean validation AUC is kept. Checkpoint every round.
+3. Fix operating points on training-site validation data (ROC counts, never per-image scores).
+4. External validation: every held-out node receives every model and the thresholds and
+   returns aggregate statistics.
+5. Verdict (Holm-corrected) and report: runs/<run-name>/results.json, report.html.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from common.config import RunConfig, as_flower, parse
+from common.evaluation.external import combine_sites
+from common.evaluation.metrics import choose_threshold
+from common.evaluation.report import build_results, write_report
+from common.labels import LABELS
+from common.model import build_model
+from common.records import from_record, to_record
+from server import checkpoint
+from server.strategy import (
+    TrainNodesGrid,
+    make_strategy,
+    restore_strategy_state,
+    screen_updates,
+    strategy_state,
+)
+
+log = logging.getLogger("flwr")
+app = ServerApp()
+FEDERATED = "federated"
+
+
+def single(site: str) -> str:
+    return f"single:{site}"
+
+
+@dataclass
+class Node:
+    node_id: int
+    role: str
+    site: str
+    n_train: int
+    n_images: int
+    prevalence: list[float]
+    format: str
+    epsilon_left: float
+    max_epsilon: float
+
+
+@dataclass
+class RunState:
+    round: int = 0
+    arms: dict[str, dict] = field(default_factory=dict)  # name -> state dict (numpy)
+    best: dict = field(default_factory=dict)  # round, mean_val_auc, weights
+    strategy: dict = field(default_factory=dict)
+    history: list[dict] = field(default_factory=list)
+    rejections: list[dict] = field(default_factory=list)
+    failures: list[dict] = field(default_factory=list)
+    epsilon: dict[str, float] = field(default_factory=dict)
+
+
+def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    return list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
+
+
+def _msg(records: dict, node: int, kind: str, rnd: int) -> Message:
+    return Message(RecordDict(records), dst_node_id=node, message_type=kind, group_id=str(rnd))
+
+
+def discover(grid: Grid, run: RunConfig) -> dict[int, Node]:
+    ids = list(grid.get_node_ids())
+    replies = _send(grid, [_msg({"config": ConfigRecord({"purpose": "query"})}, n,
+                                MessageType.QUERY, 0) for n in ids], run.round_timeout)
+    nodes = {}
+    for r in replies:
+        if r.has_error():
+            log.warning("discover: node %d failed: %s", r.metadata.src_node_id, r.error.reason)
+            continue
+        s, m = r.content["site"], r.content["metrics"]
+        nodes[r.metadata.src_node_id] = Node(
+            r.metadata.src_node_id, str(s["role"]), str(s["site"]), int(m["n-train"]),
+            int(m["n-images"]), list(m["prevalence"]), str(s["format"]),
+            float(m["epsilon-left"]), float(m["max-epsilon"]))
+    for n in sorted(nodes.values(), key=lambda n: n.site):
+        log.info("discover: %s role=%s images=%d train=%d", n.site, n.role, n.n_images,
+                 n.n_train)
+    return nodes
+
+
+def _seed(run: RunConfig, rnd: int, arm: str) -> int:
+    return (run.seed * 1_000_003 + rnd * 1009 + sum(map(ord, arm))) % 2**31
+
+
+def _weights(state_dict) -> dict[str, np.ndarray]:
+    return {k: v.detach().cpu().numpy().copy() for k, v in state_dict.items()}
+
+
+def _record(weights: dict[str, np.ndarray], run: RunConfig) -> ArrayRecord:
+    return to_record({k: torch.from_numpy(v) for k, v in weights.items()}, run.transport_dtype)
+
+
+def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st: RunState,
+                strategy, run_name: str) -> None:
+    train_ids = sorted(n for n, node in nodes.items() if node.role == "train")
+    norm = "group" if run.dp else "batch"
+    planned = run.num_rounds * 2  # federated + single-site arm both spend each round
+    base = {"norm": norm, "run-name": run_name, "planned-units": planned}
+    # Federated arm: the strategy configures its messages (on training nodes only).
+    fed_msgs = list(strategy.configure_train(
+        rnd, _record(st.arms[FEDERATED], run),
+        ConfigRecord({**base, "arm": FEDERATED, "seed": _seed(run, rnd, FEDERATED)}),
+        TrainNodesGrid(grid, train_ids)))
+    for m in fed_msgs:
+        m.metadata.group_id = str(rnd)
+    single_msgs = [_msg({"arrays": _record(st.arms[single(nodes[n].site)], run),
+                         "config": ConfigRecord({**base, "arm": single(nodes[n].site),
+                                                 "server-round": rnd,
+                                                 "seed": _seed(run, rnd, "single")})},
+                        n, MessageType.TRAIN, rnd) for n in train_ids]
+    replies = _send(grid, fed_msgs + single_msgs, run.round_timeout)
+    by_arm: dict[str, list[Message]] = {FEDERATED: []}
+    answered: dict[str, set[int]] = {FEDERATED: set()}
+    for r in replies:
+        node = r.metadata.src_node_id
+        if r.has_error():
+            continue
+        arm = str(r.content["meta"]["arm"])
+        by_arm.setdefault(arm, []).append(r)
+        answered.setdefault(arm, set()).add(node)
+    # Failures: every (arm, node) that was asked and did not answer with a result.
+    for n in train_ids:
+        site = nodes[n].site
+        for arm in (FEDERATED, single(site)):
+            if n not in answered.get(arm, set()):
+                reason = next((r.error.reason for r in replies if r.has_error()
+                               and r.metadata.src_node_id == n), "no reply before timeout")
+                st.failures.append({"round": rnd, "arm": arm, "site": site, "node": n,
+                                    "reason": reason})
+                log.warning("round %d: %s at %s failed: %s", rnd, arm, site, reason)
+    # Single-site arms: each site's own model, never averaged.
+    for arm, rs in by_arm.items():
+        if arm == FEDERATED:
+            continue
+        r = rs[0]
+        st.arms[arm] = {k: v.astype(np.float32) if v.dtype == np.float16 else v
+                        for k, v in ((k, a.numpy()) for k, a in r.content["arrays"].items())}
+        m = r.content["metrics"]
+        _record_history(st, rnd, arm, [r], mean_val=float(m["val-auc-mean"]))
+    # Federated arm: screen, then aggregate with the Flower strategy.
+    sites = {n: nodes[n].site for n in train_ids}
+    kept, rejected = screen_updates(by_arm[FEDERATED], st.arms[FEDERATED],
+                                    factor=run.screen_norm_factor, round=rnd, sites=sites)
+    st.rejections += [r.__dict__ for r in rejected]
+    if len(kept) >= max(run.min_train_sites, 1):
+        arrays, _ = strategy.aggregate_train(rnd, kept)
+        if arrays is not None:
+            st.arms[FEDERATED] = {k: v.numpy() for k, v in arrays.items()}
+    else:
+        log.warning("round %d: only %d accepted federated updates (< min-train-sites %d); "
+                    "global model unchanged", rnd, len(kept), run.min_train_sites)
+    for _arm, rs in by_arm.items():
+        for r in rs:
+            eps = float(r.content["metrics"]["epsilon"])
+            if eps >= 0:
+                site = sites[r.metadata.src_node_id]
+                st.epsilon[site] = max(st.epsilon.get(site, 0.0), eps)
+    # Validate the new global model at every training site (best-global checkpointing).
+    val = validate_models(grid, run, rnd, {FEDERATED: st.arms[FEDERATED]},
+                          {FEDERATED: train_ids}, norm)
+    mean = val[FEDERATED]["mean"]
+    _record_history(st, rnd, FEDERATED, kept, mean_val=mean, answered=len(val[FEDERATED]
+                                                                              ["sites"]))
+    if mean is not None and (not st.best or mean > st.best["mean_val_auc"]):
+        st.best = {"round": rnd, "mean_val_auc": mean,
+                   "weights": {k: v.copy() for k, v in st.arms[FEDERATED].items()}}
+    log.info("round %d: federated %d/%d sites, mean val AUC %s, rejected %d; eps %s", rnd,
+             len(kept), len(train_ids), f"{mean:.3f}" if mean is not None else "n/a",
+             len(rejected), {k: round(v, 2) for k, v in st.epsilon.items()} or "n/a")
+
+
+def _record_history(st: RunState, rnd: int, arm: str, replies: list[Message], *,
+                    mean_val: float | None, answered: int | None = None) -> None:
+    losses = [float(r.content["metrics"]["loss"]) for r in replies]
+    eps = [float(r.content["metrics"]["epsilon"]) for r in replies
+           if float(r.content["metrics"]["epsilon"]) >= 0]
+    st.history.append({"round": rnd, "arm": arm,
+                       "sites_answered": answered if answered is not None else len(replies),
+                       "loss": float(np.mean(losses)) if losses else None,
+                       "val_auc": mean_val if mean_val is not None and mean_val >= 0 else None,
+                       "epsilon": max(eps) if eps else None})
+
+
+def validate_models(grid: Grid, run: RunConfig, rnd: int, models: dict[str, dict],
+                    targets: dict[str, list[int]], norm: str) -> dict[str, dict]:
+    """Validation AUC and pooled ROC counts of each model over its target training nodes."""
+    per_node: dict[int, list[str]] = {}
+    for name, ids in targets.items():
+        for n in ids:
+            per_node.setdefault(n, []).append(name)
+    msgs = [_msg({**{f"model/{name}": _record(models[name], run) for name in names},
+                  "config": ConfigRecord({"purpose": "validation", "norm": norm})},
+                 n, MessageType.EVALUATE, rnd) for n, names in per_node.items()]
+    out = {name: {"sites": [], "aucs": [], "pos": None, "neg": None, "mean": None}
+           for name in models}
+    for r in _send(grid, msgs, run.round_timeout):
+        if r.has_error():
+            log.warning("validation at node %d failed: %s", r.metadata.src_node_id,
+                        r.error.reason)
+            continue
+        for key, rec in r.content.items():
+            if not key.startswith("val/"):
+                continue
+            o = out[key.removeprefix("val/")]
+            o["sites"].append(str(r.content["meta"]["site"]))
+            if float(rec["val-auc-mean"]) >= 0:
+                o["aucs"].append(float(rec["val-auc-mean"]))
+            pos = np.array([rec[f"pos-ge/{lb}"] for lb in LABELS], dtype=np.int64)
+            neg = np.array([rec[f"neg-ge/{lb}"] for lb in LABELS], dtype=np.int64)
+            o["pos"] = pos if o["pos"] is None else o["pos"] + pos
+            o["neg"] = neg if o["neg"] is None else o["neg"] + neg
+    for o in out.values():
+        o["mean"] = float(np.mean(o["aucs"])) if o["aucs"] else None
+    return out
+
+
+def fix_thresholds(run: RunConfig, val: dict[str, dict]) -> dict[str, dict[str, float]]:
+    out = {}
+    for name, o in val.items():
+        out[name] = {}
+        if o["pos"] is None:
+            continue
+        for k, lb in enumerate(LABELS):
+            if o["pos"][k][0] > 0 and o["neg"][k][0] > 0:
+                out[name][lb] = choose_threshold(o["pos"][k], o["neg"][k], run.threshold_method,
+                                                 run.threshold_target)
+    return out
+
+
+def _write_metrics_csv(run_dir: Path, st: RunState) -> None:
+    path = run_dir / "metrics.csv"
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=["round", "arm", "sites_answered", "loss", "val_auc",
+                                           "epsilon"])
+        w.writeheader()
+        w.writerows(st.history)
+    tmp.replace(path)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run = parse(RunConfig, dict(context.run_config), what="run config")
+    started = time.time()
+    st = RunState()
+    if run.resume_from:
+        saved = checkpoint.load(run.resume_from)
+        run_name = saved["run_name"]
+        st = RunState(**saved["state"])
+        log.info("resume: continuing %s after round %d (%s)", run_name, st.round, saved["path"])
+    else:
+        run_name = run.run_name or f"run-{context.run_id}"
+    run_dir = Path(run.out_dir) / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("fedcxr: run %s -> %s", run_name, run_dir.resolve())
+
+    # 1. Discover.
+    nodes = discover(grid, run)
+    train_nodes = {n: v for n, v in nodes.items() if v.role == "train"}
+    held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
+    if not train_nodes:
+        raise RuntimeError("no node has role=train; nothing to train")
+    norm = "group" if run.dp else "batch"
+    strategy = make_strategy(run, len(train_nodes))
+    if not run.resume_from:
+        torch.manual_seed(run.seed)
+        init = _weights(build_model(norm=norm).state_dict())
+        st.arms = {FEDERATED: init, **{single(v.site): {k: a.copy() for k, a in init.items()}
+                                        for v in train_nodes.values()}}
+    else:
+        restore_strategy_state(strategy, st.strategy)
+
+    # 2. Train, interleaved, checkpoint every round.
+    for rnd in range(st.round + 1, run.num_rounds + 1):
+        train_round(grid, run, rnd, nodes, st, strategy, run_name)
+        st.round = rnd
+        st.strategy = strategy_state(strategy)
+        checkpoint.save({"run_name": run_name, "config": as_flower(run), "state": st.__dict__},
+                        run_dir, rnd)
+        _write_metrics_csv(run_dir, st)
+
+    # 3. Operating points from training-site validation data only.
+    final = {FEDERATED: st.best.get("weights", st.arms[FEDERATED]),
+             **{single(v.site): st.arms[single(v.site)] for v in train_nodes.values()}}
+    targets = {FEDERATED: list(train_nodes),
+               **{single(v.site): [n] for n, v in train_nodes.items()}}
+    val = validate_models(grid, run, run.num_rounds + 1, final, targets, norm)
+    thresholds = fix_thresholds(run, val)
+    log.info("thresholds fixed on training-site validation data (%s, target %.2f)",
+             run.threshold_method, run.threshold_target)
+
+    # 4. External validation at every held-out node.
+    site_results = []
+    msgs = [_msg({**{f"model/{name}": _record(w, run) for name, w in final.items()},
+                  "config": ConfigRecord({"purpose": "external", "norm": norm,
+                                          "thresholds": json.dumps(thresholds)})},
+                 n, MessageType.EVALUATE, run.num_rounds + 2) for n in held_out]
+    for r in _send(grid, msgs, run.round_timeout):
+        if r.has_error():
+            log.warning("external validation at node %d failed: %s", r.metadata.src_node_id,
+                        r.error.reason)
+            continue
+        site_results.append(json.loads(str(r.content["results"]["json"])))
+    evaluation = combine_sites(site_results)
+
+    # 5. Verdict and report.
+    failed = {}
+    for f in st.failures:
+        failed.setdefault(f["arm"], f)
+    arms = []
+    for name in final:
+        kind = "federated" if name == FEDERATED else "single-site"
+        last_fail = failed.get(name)
+        arms.append({
+            "name": name, "kind": kind,
+            "site": None if name == FEDERATED else name.split(":", 1)[1],
+            "status": "incomplete" if last_fail and name != FEDERATED else "complete",
+            "reason": (f"site {last_fail['site']} failed in round {last_fail['round']}: "
+                       f"{last_fail['reason']}") if last_fail else None,
+            "best_round": st.best.get("round") if name == FEDERATED else run.num_rounds,
+            "history": [h for h in st.history if h["arm"] == name],
+        })
+    cohort = [{"site": v.site, "role": v.role, "n_images": v.n_images, "format": v.format,
+               "prevalence": {lb: (p if p >= 0 else None)
+                              for lb, p in zip(LABELS, v.prevalence, strict=True)}}
+              for v in sorted(nodes.values(), key=lambda v: v.site)]
+    privacy = [{"site": v.site, "epsilon": st.epsilon.get(v.site), "max_epsilon": v.max_epsilon,
+                "accountant": run.accountant if run.dp else None,
+                "delta": None} for v in train_nodes.values()] if run.dp else []
+    results = build_results(
+        cohort=cohort, arms=arms, evaluation=evaluation, federated=FEDERATED, privacy=privacy,
+        screening={"rejected": len(st.rejections), "rejections": st.rejections,
+                   "failures": st.failures},
+        config={**as_flower(run), "thresholds": thresholds,
+                "validation_mean_auc": {k: v["mean"] for k, v in val.items()}},
+        fingerprints={r["site"]: r.get("fingerprint") for r in site_results},
+        correction=run.correction)
+    results["provenance"]["seeds"] = {"seed": run.seed}
+    results["provenance"]["seconds"] = round(time.time() - started, 1)
+    rpath, hpath = write_report(results, run_dir)
+    log.info("%s", results["verdict"]["overall"])
+    log.info("results: %s ; report: %s", rpath.resolve(), hpath.resolve())

@@ -1,0 +1,64 @@
+"""Atomic save / resume of the whole server state after every round.
+
+A checkpoint holds the round just finished, every arm's weights, the best global model so far,
+the strategy's state (e.g. FedAdam moments), per-round history, rejections and failures, and
+the RNG states. It is written to a temporary file and renamed, so a crash leaves either the
+previous checkpoint or the new one, never half of one. Client-side training is seeded by
+(seed, round, arm), so resuming from round r reproduces an uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common.errors import FedcxrError
+
+FORMAT = "fedcxr-server-checkpoint/1"
+
+
+def save(state: dict, run_dir: Path, round: int) -> Path:
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"format": FORMAT, **state, "rng": {
+        "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+        "python": random.getstate()}}
+    path = ckpt_dir / f"round-{round:03d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    latest = ckpt_dir / "latest.pt.tmp"
+    torch.save(payload, latest)
+    os.replace(latest, ckpt_dir / "latest.pt")
+    return path
+
+
+def resolve(spec: str) -> Path:
+    path = Path(spec)
+    if path.is_dir():
+        for candidate in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
+            if candidate.is_file():
+                return candidate
+    if not path.is_file():
+        raise FedcxrError(f"resume-from={spec}: no checkpoint there; give a run folder or a "
+                          "checkpoints/round-NNN.pt file")
+    return path
+
+
+def load(spec: str) -> dict:
+    path = resolve(spec)
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("format") != FORMAT:
+        raise FedcxrError(f"{path}: not a fedcxr server checkpoint")
+    rng = state.pop("rng")
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    state["path"] = str(path)
+    return state
