@@ -22,7 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client.mods import reply_audit_mod, role_mod
+from client.mods import fault_mod, reply_audit_mod, role_mod
 from client.node import open_site, prevalence
 from common.config import RunConfig, parse
 from common.evaluation.external import EvaluationOptions, evaluate_site
@@ -33,7 +33,7 @@ from common.records import from_record, to_record
 from common.training import DPPlan, TrainConfig, local_train, validate
 
 log = logging.getLogger("flwr")
-app = ClientApp(mods=[reply_audit_mod, role_mod])
+app = ClientApp(mods=[reply_audit_mod, role_mod, fault_mod])
 
 
 def _setup(context: Context):

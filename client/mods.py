@@ -36,6 +36,21 @@ def role_mod(message: Message, context: Context, call_next: ClientAppCallable) -
     return call_next(message, context)
 
 
+def fault_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Chaos hook for tests and drills: FEDCXR_FAULT="SITE:ROUND" makes that site's node fail
+    every train message of that round, as a node that crashed mid-round would."""
+    spec = os.environ.get("FEDCXR_FAULT", "")
+    if spec and message.metadata.message_type.startswith("train"):
+        from client.node import open_site
+
+        site, _, rnd = spec.partition(":")
+        run = parse(RunConfig, dict(context.run_config), what="run config")
+        this_round = int(message.content["config"]["server-round"])
+        if open_site(context.node_config, run).name == site and str(this_round) == rnd:
+            raise RuntimeError(f"injected fault at {site} in round {rnd} (FEDCXR_FAULT)")
+    return call_next(message, context)
+
+
 def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """When FEDCXR_AUDIT_LOG is set, append a description of every reply leaving this node:
     each record's type and keys, each array's shape, each metric and config value. Used by
@@ -57,4 +72,4 @@ def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCall
     return reply
 
 
-__all__ = ["NodeConfig", "RoleRefused", "reply_audit_mod", "role_mod"]
+__all__ = ["NodeConfig", "RoleRefused", "fault_mod", "reply_audit_mod", "role_mod"]

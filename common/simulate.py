@@ -165,6 +165,10 @@ def parse_overrides(items: list[str]) -> dict:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from common.config import RunConfig, parse
 
+    def terminate(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")  # run the clean-up in simulate()
+
+    signal.signal(signal.SIGTERM, terminate)
     overrides = parse_overrides(args.run_config)
     parse(RunConfig, overrides, what="--run-config")  # unknown keys fail here, not in Ray
     code = simulate(Path(args.cohort), overrides, cpus_per_site=args.cpus_per_site)

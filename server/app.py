@@ -32,7 +32,7 @@ from common.evaluation.metrics import choose_threshold
 from common.evaluation.report import build_results, write_report
 from common.labels import LABELS
 from common.model import build_model
-from common.records import from_record, to_record
+from common.records import to_record
 from server import checkpoint
 from server.strategy import (
     TrainNodesGrid,

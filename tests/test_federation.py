@@ -1,0 +1,234 @@
+"""The federation on Flower's real simulation engine (SuperLink + Ray) and its parts."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian
+
+from common.config import RunConfig, as_flower
+from common.model import build_model
+from common.simulate import simulate
+from common.synth import SynthOptions, generate
+from server.strategy import screen_updates
+
+CONFIG = {"num-rounds": 2, "image-size": 32, "batch-size": 16}
+
+
+@pytest.fixture()
+def task_identity():
+    """Messages built outside a Flower runtime need a run and task id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory) -> Path:
+    """2 training sites + 1 held-out site, 40 images each."""
+    out = tmp_path_factory.mktemp("fedcohort")
+    generate(out, SynthOptions(sites=3, held_out=1, images_per_site=40, size=64, seed=5,
+                               readers=2))
+    return out / "cohort.toml"
+
+
+def flower_processes() -> list[str]:
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if "fedcxr-flwr-home" in cmd or "flower-superlink" in cmd or "flower-superexec" in cmd:
+            found.append(cmd[:120])
+    return found
+
+
+@pytest.fixture(scope="module")
+def run_a(small_cohort, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    audit = out / "audit.jsonl"
+    code = simulate(small_cohort, {**CONFIG, "out-dir": str(out), "run-name": "a"},
+                    extra_env={"FEDCXR_AUDIT_LOG": str(audit)})
+    assert code == 0
+    return out / "a", audit
+
+
+def test_results_have_both_arms_external_metrics_and_verdict(run_a):
+    run_dir, _ = run_a
+    results = json.loads((run_dir / "results.json").read_text())
+    arms = {a["name"]: a for a in results["arms"]}
+    assert set(arms) == {"federated", "single:site1", "single:site2"}
+    assert all(a["status"] == "complete" for a in arms.values())
+    assert [h["round"] for h in arms["federated"]["history"]] == [1, 2]
+    models = {r["model"] for r in results["external"] if r["site"] == "site3"}
+    assert models == set(arms)
+    assert any(r["auc"] is not None for r in results["external"])
+    assert results["comparisons"] and all("p_adjusted" in c for c in results["comparisons"])
+    assert {c["model_a"] for c in results["comparisons"]} == {"federated"}
+    assert results["verdict"]["overall"].startswith("H1 ")
+    assert results["screening"]["rejected"] == 0 and results["screening"]["failures"] == []
+    assert {c["site"]: c["role"] for c in results["cohort"]} == {
+        "site1": "train", "site2": "train", "site3": "evaluate"}
+    thresholds = results["provenance"]["config"]["thresholds"]
+    assert set(thresholds) == set(arms) and thresholds["federated"]
+    assert (run_dir / "report.html").is_file()
+    lines = (run_dir / "metrics.csv").read_text().strip().splitlines()
+    assert len(lines) == 1 + 2 * 3
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"round-001.pt",
+                                                                     "round-002.pt"}
+
+
+def test_no_processes_left_behind(run_a):
+    assert flower_processes() == []
+
+
+def _lists(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _lists(v)
+    elif isinstance(obj, list):
+        yield obj
+        for v in obj:
+            yield from _lists(v)
+
+
+def test_nothing_per_image_leaves_a_site(run_a):
+    _, audit = run_a
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    kinds = {e["type"] for e in entries}
+    assert kinds == {"query", "train", "evaluate"}
+    shapes = {k: list(v.shape) for k, v in build_model().state_dict().items()}
+    allowed_config = {"role", "site", "format", "arm", "json"}
+    site_sizes = {40}  # every site has 40 images; nothing may come back in a list that long
+    for e in entries:
+        for name, rec in e["records"].items():
+            if rec["kind"] == "ArrayRecord":
+                assert rec["body"] == {k: shapes[k] for k in rec["body"]}, name
+                assert set(rec["body"]) == set(shapes)
+            elif rec["kind"] == "MetricRecord":
+                for key, value in rec["body"].items():
+                    if isinstance(value, list):
+                        assert len(value) in (14, 1001), (name, key, len(value))
+            else:
+                assert rec["kind"] == "ConfigRecord"
+                assert set(rec["body"]) <= allowed_config, rec["body"].keys()
+                if "json" in rec["body"]:
+                    body = json.loads(rec["body"]["json"])
+                    for lst in _lists(body):
+                        assert len(lst) not in site_sizes
+                    text = rec["body"]["json"]
+                    assert "patient" not in text and ".dcm" not in text
+
+
+def _arms(path: Path) -> dict:
+    return torch.load(path, weights_only=False)["state"]["arms"]
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(run_a, small_cohort, tmp_path):
+    reference, _ = run_a
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "simulate", "--cohort", str(small_cohort),
+         "--run-config", " ".join(f"{k}={v}" for k, v in CONFIG.items()),
+         "--run-config", f"out-dir={out} run-name=k"],
+        start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "k" / "checkpoints" / "round-001.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    assert first.exists(), "no round-1 checkpoint appeared"
+    os.kill(proc.pid, signal.SIGTERM)  # kill the whole run: SuperLink, ServerApp, nodes
+    proc.wait(timeout=60)
+    assert not (out / "k" / "results.json").exists()
+    assert flower_processes() == []
+    code = simulate(small_cohort, {**CONFIG, "out-dir": str(tmp_path / "resumed"),
+                                   "resume-from": str(first)})
+    assert code == 0
+    resumed = _arms(tmp_path / "resumed" / "k" / "checkpoints" / "round-002.pt")
+    uninterrupted = _arms(reference / "checkpoints" / "round-002.pt")
+    for arm, weights in uninterrupted.items():
+        diff = max(float(np.abs(weights[k].astype(np.float64)
+                                - resumed[arm][k].astype(np.float64)).max()) for k in weights)
+        assert diff <= 1e-5, (arm, diff)
+
+
+def test_a_site_failing_mid_round_leaves_its_arm_incomplete(small_cohort, tmp_path):
+    code = simulate(small_cohort, {**CONFIG, "out-dir": str(tmp_path), "run-name": "drop"},
+                    extra_env={"FEDCXR_FAULT": "site2:2"})
+    assert code == 0
+    results = json.loads((tmp_path / "drop" / "results.json").read_text())
+    arms = {a["name"]: a for a in results["arms"]}
+    assert arms["single:site2"]["status"] == "incomplete"
+    assert "round 2" in arms["single:site2"]["reason"]
+    assert "injected fault" in arms["single:site2"]["reason"]
+    assert arms["federated"]["status"] == "complete"
+    assert arms["single:site1"]["status"] == "complete"
+    failures = results["screening"]["failures"]
+    assert {(f["arm"], f["round"]) for f in failures} == {("federated", 2),
+                                                          ("single:site2", 2)}
+    fed = [h for h in arms["federated"]["history"] if h["round"] == 2][0]
+    assert fed["sites_answered"] == 2  # validation still at both; training from site1 only
+
+
+def test_held_out_node_refuses_to_train(small_cohort, task_identity):
+    from client.app import app
+    from client.mods import RoleRefused
+
+    run_config = {**as_flower(RunConfig()), **CONFIG, "cohort": str(small_cohort)}
+    held_out = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3},
+                       state=RecordDict(), run_config=run_config)
+    msg = Message(RecordDict({"config": ConfigRecord({"arm": "federated",
+                                                      "server-round": 1})}),
+                  dst_node_id=7, message_type="train")
+    with pytest.raises(RoleRefused, match="never trains"):
+        app(msg, held_out)
+
+
+def _reply(node: int, arrays: dict[str, np.ndarray]) -> Message:
+    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                              "metrics": MetricRecord({"num-examples": 10})}),
+                  dst_node_id=0, message_type="train")
+    msg.metadata.__dict__["_src_node_id"] = node  # as if it came from that node
+    return msg
+
+
+def test_screening_rejects_nan_and_scaled_updates_and_median_stays_sane(task_identity):
+    rng = np.random.default_rng(0)
+    ref = {"w": np.zeros(50, np.float32), "count": np.array(3)}
+    honest = [{"w": rng.normal(0, 0.1, 50).astype(np.float32), "count": np.array(4)}
+              for _ in range(2)]
+    nan = {"w": honest[0]["w"].copy(), "count": np.array(4)}
+    nan["w"][3] = np.nan
+    scaled = {"w": honest[1]["w"] * 100, "count": np.array(4)}
+    replies = [_reply(1, honest[0]), _reply(2, honest[1]), _reply(3, nan), _reply(4, scaled)]
+    kept, rejected = screen_updates(replies, ref, factor=10.0, round=1,
+                                    sites={1: "a", 2: "b", 3: "c", 4: "d"})
+    assert [m.metadata.src_node_id for m in kept] == [1, 2]
+    reasons = {r.site: r.reason for r in rejected}
+    assert reasons["c"] == "non-finite values" and "over 10x" in reasons["d"]
+    # Two honest sites only: leave-one-out median still catches a scaled one
+    kept2, rej2 = screen_updates([_reply(1, honest[0]), _reply(4, scaled)], ref, factor=10.0,
+                                 round=1, sites={1: "a", 4: "d"})
+    assert [m.metadata.src_node_id for m in kept2] == [1] and rej2[0].site == "d"
+    # Without screening, FedMedian keeps the model sane where FedAvg does not.
+    third = {"w": rng.normal(0, 0.1, 50).astype(np.float32), "count": np.array(4)}
+    def unscreened():  # fresh messages per aggregator: aggregation consumes them
+        return [_reply(1, honest[0]), _reply(2, honest[1]), _reply(5, third),
+                _reply(4, scaled)]
+
+    median, _ = FedMedian(min_available_nodes=1).aggregate_train(1, unscreened())
+    mean, _ = FedAvg(min_available_nodes=1).aggregate_train(1, unscreened())
+    assert np.abs(median.to_numpy_ndarrays()[0]).max() < 0.5
+    assert np.abs(mean.to_numpy_ndarrays()[0]).max() > 2.0
