@@ -253,6 +253,19 @@ def fix_thresholds(run: RunConfig, val: dict[str, dict]) -> dict[str, dict[str, 
     return out
 
 
+def exclude_unlabelled(evaluation: dict, train_nodes: dict[int, Node]) -> dict:
+    """A single-site model says nothing about a label its site never annotated (its output
+    for that label was never trained): mark its rows and leave it out of the tests."""
+    unlabelled = {(single(v.site), lb) for v in train_nodes.values()
+                  for lb, p in zip(LABELS, v.prevalence, strict=True) if p < 0}
+    for row in evaluation["external"]:
+        if (row["model"], row["label"]) in unlabelled:
+            row["status"] = "not trained on this label (site does not annotate it)"
+    evaluation["comparisons"] = [c for c in evaluation["comparisons"]
+                                 if (c["model_b"], c["label"]) not in unlabelled]
+    return evaluation
+
+
 def _write_metrics_csv(run_dir: Path, st: RunState) -> None:
     path = run_dir / "metrics.csv"
     tmp = path.with_suffix(".csv.tmp")
@@ -327,7 +340,7 @@ def main(grid: Grid, context: Context) -> None:
                         r.error.reason)
             continue
         site_results.append(json.loads(str(r.content["results"]["json"])))
-    evaluation = combine_sites(site_results)
+    evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)
 
     # 5. Verdict and report.
     failed = {}

@@ -232,3 +232,19 @@ def test_screening_rejects_nan_and_scaled_updates_and_median_stays_sane(task_ide
     mean, _ = FedAvg(min_available_nodes=1).aggregate_train(1, unscreened())
     assert np.abs(median.to_numpy_ndarrays()[0]).max() < 0.5
     assert np.abs(mean.to_numpy_ndarrays()[0]).max() > 2.0
+
+
+def test_single_site_arm_is_not_tested_on_labels_its_site_never_annotated():
+    from server.app import Node, exclude_unlabelled
+
+    prevalence = [0.1] * 14
+    prevalence[10] = -1.0  # Emphysema unknown at site2 (CheXpert-style labeller)
+    nodes = {1: Node(1, "train", "site2", 10, 20, prevalence, "chexpert", -1, 10)}
+    ev = {"external": [{"model": "single:site2", "label": "Emphysema", "status": "ok"},
+                       {"model": "single:site2", "label": "Edema", "status": "ok"}],
+          "comparisons": [{"model_b": "single:site2", "label": "Emphysema"},
+                          {"model_b": "single:site2", "label": "Edema"}]}
+    out = exclude_unlabelled(ev, nodes)
+    assert [c["label"] for c in out["comparisons"]] == ["Edema"]
+    assert out["external"][0]["status"].startswith("not trained")
+    assert out["external"][1]["status"] == "ok"

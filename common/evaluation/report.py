@@ -340,6 +340,9 @@ def render_html(results: dict) -> str:
                 if r is None or r.get("auc") is None:
                     row.append("not estimable")
                     continue
+                if str(r.get("status", "")).startswith("not trained"):
+                    row.append("not trained on label")
+                    continue
                 if r.get("ci_low") is None:
                     row.append(f"{r['auc']:.3f} (no CI)")
                     continue
