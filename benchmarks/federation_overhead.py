@@ -40,7 +40,7 @@ def direct(cohort: Path, rounds: int, size: int) -> float:
     torch.set_num_threads(2)
     for rnd in range(1, rounds + 1):
         for split in data:
-            for arm in ("federated", "single"):
+            for _arm in ("federated", "single"):
                 m = build_model()
                 local_train(m, split["train"], TrainConfig(batch_size=16, seed=rnd))
                 validate(m, split["val"])

@@ -45,6 +45,7 @@ class RunConfig:
     shift: bool = False
     round_timeout: float = 900.0
     max_images_per_site: int = 0  # 0: all; a cap for smoke runs
+    init_weights: str = ""  # coordinator-local DenseNet-121 weights (torchvision format)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:

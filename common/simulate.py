@@ -98,7 +98,7 @@ def _toml_value(v) -> str:
 def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
              timeout: float = 3600, extra_env: dict | None = None, quiet: bool = False,
              after_start=None) -> int:
-    """Run the experiment in simulation; returns flwr run's exit status."""
+    """Run the experiment in simulation; 0 when the run finished as completed."""
     cohort = Path(cohort).resolve()
     if not cohort.is_file():
         raise FedcxrError(f"{cohort}: cohort file not found; run `fedcxr synth` first")
@@ -106,7 +106,7 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
     if not sites:
         raise FedcxrError(f"{cohort}: lists no [[site]]")
     home = Path(tempfile.mkdtemp(prefix="fedcxr-flwr-home-"))
-    ports = {k: free_port() for k in ("http", "fleet", "control", "health")}
+    ports = {k: free_port() for k in ("http", "health")}
     total_cpus = max(os.cpu_count() or 1, 1)
     (home / "config.toml").write_text("\n".join([
         "[superlink]", 'default = "fedcxr"', "", "[superlink.fedcxr]",
@@ -123,8 +123,6 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
         [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--disable-runtime-dependency-installation",  # the app runs in this environment
          "--host", "127.0.0.1", "--port", str(ports["http"]),
-         "--fleet-api-address", f"127.0.0.1:{ports['fleet']}",
-         "--control-api-address", f"127.0.0.1:{ports['control']}",
          "--health-server-address", f"127.0.0.1:{ports['health']}"],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
         cwd=home)
@@ -136,16 +134,63 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
         config["out-dir"] = str(Path(config.get("out-dir", "runs")).resolve())
         overrides = home / "run-config.toml"
         overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
-        cmd = [_bin("flwr"), "run", str(PROJECT), "fedcxr", "--run-config", str(overrides),
-               "--federation-config", federation, "--stream"]
-        proc = subprocess.run(cmd, env=env, timeout=timeout, cwd=PROJECT,
-                              stdout=subprocess.DEVNULL if quiet else None)
-        return proc.returncode
+        _, status = submit_and_wait(PROJECT, "fedcxr", overrides, env, timeout=timeout,
+                                    federation_config=federation, show_log=not quiet)
+        return 0 if status == "finished:completed" else 1
     finally:
         _kill_session(superlink)
         time.sleep(0.5)
         _sweep(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+def submit_and_wait(project: Path, connection: str, run_config_file: Path, env: dict, *,
+                    timeout: float, federation_config: str | None = None,
+                    show_log: bool = True) -> tuple[str, str]:
+    """``flwr run`` the app, follow its log, and wait until the SuperLink says it finished.
+
+    ``flwr run --stream`` can return while the run is still going (when its log stream
+    ends), so completion is read from ``flwr ls``. Returns (run id, final status such as
+    ``finished:completed``).
+    """
+    import json as _json
+    import re
+
+    cmd = [_bin("flwr"), "run", str(project), connection, "--run-config", str(run_config_file),
+           "--format", "json"]
+    if federation_config:
+        cmd += ["--federation-config", federation_config]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=project)
+    text = out.stdout
+    try:
+        payload = _json.loads(text[text.index("{"): text.rindex("}") + 1])
+        run_id = str(payload["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise FedcxrError(f"flwr run did not start a run: {(text + out.stderr).strip()[-500:]}"
+                          ) from None
+    follower = None
+    if show_log:
+        follower = subprocess.Popen([_bin("flwr"), "log", run_id, connection, "--stream"],
+                                    env=env, cwd=project, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    status = ""
+    try:
+        while time.monotonic() < deadline:
+            ls = subprocess.run([_bin("flwr"), "ls", "--run-id", run_id, connection, "--format",
+                                 "json"], env=env, capture_output=True, text=True, timeout=60,
+                                cwd=project)
+            found = re.search(r"finished:[a-z]+", ls.stdout)
+            if found:
+                status = found.group(0)
+                break
+            time.sleep(2)
+        else:
+            raise FedcxrError(f"run {run_id} did not finish within {timeout:.0f} s")
+    finally:
+        if follower is not None:
+            time.sleep(1)
+            _kill_session(follower)
+    return run_id, status
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -173,7 +218,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     parse(RunConfig, overrides, what="--run-config")  # unknown keys fail here, not in Ray
     code = simulate(Path(args.cohort), overrides, cpus_per_site=args.cpus_per_site)
     if code != 0:
-        raise FedcxrError(f"flwr run exited with code {code}; see the log above")
+        raise FedcxrError("the run did not complete; see the log above")
     return 0
 
 

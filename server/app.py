@@ -104,6 +104,23 @@ def discover(grid: Grid, run: RunConfig) -> dict[int, Node]:
     return nodes
 
 
+def probe_roles(grid: Grid, run: RunConfig, nodes: dict[int, Node]) -> list[dict]:
+    """Send every held-out node a train message with no model: it must refuse by its own
+    config. Proof in every run that held-out data cannot be trained on."""
+    held = [n for n, v in nodes.items() if v.role == "evaluate"]
+    msgs = [_msg({"config": ConfigRecord({"arm": "role-probe", "server-round": 0})}, n,
+                 MessageType.TRAIN, 0) for n in held]
+    out = []
+    for r in _send(grid, msgs, run.round_timeout):
+        node = nodes[r.metadata.src_node_id]
+        reason = r.error.reason if r.has_error() else "accepted a train message"
+        refused = r.has_error() and "never trains" in reason
+        out.append({"site": node.site, "refused": refused, "reason": reason[-300:]})
+        (log.info if refused else log.error)("role probe: held-out %s %s", node.site,
+                                            "refused to train" if refused else reason)
+    return out
+
+
 def _seed(run: RunConfig, rnd: int, arm: str) -> int:
     return (run.seed * 1_000_003 + rnd * 1009 + sum(map(ord, arm))) % 2**31
 
@@ -299,11 +316,13 @@ def main(grid: Grid, context: Context) -> None:
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
     if not train_nodes:
         raise RuntimeError("no node has role=train; nothing to train")
+    role_probe = probe_roles(grid, run, nodes)
     norm = "group" if run.dp else "batch"
     strategy = make_strategy(run, len(train_nodes))
     if not run.resume_from:
         torch.manual_seed(run.seed)
-        init = _weights(build_model(norm=norm).state_dict())
+        init = _weights(build_model(norm=norm, init_weights=run.init_weights or None)
+                        .state_dict())
         st.arms = {FEDERATED: init, **{single(v.site): {k: a.copy() for k, a in init.items()}
                                         for v in train_nodes.values()}}
     else:
@@ -369,7 +388,7 @@ def main(grid: Grid, context: Context) -> None:
     results = build_results(
         cohort=cohort, arms=arms, evaluation=evaluation, federated=FEDERATED, privacy=privacy,
         screening={"rejected": len(st.rejections), "rejections": st.rejections,
-                   "failures": st.failures},
+                   "failures": st.failures, "role_probe": role_probe},
         config={**as_flower(run), "thresholds": thresholds,
                 "validation_mean_auc": {k: v["mean"] for k, v in val.items()}},
         fingerprints={r["site"]: r.get("fingerprint") for r in site_results},

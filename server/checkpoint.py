@@ -34,7 +34,8 @@ def save(state: dict, run_dir: Path, round: int) -> Path:
         os.fsync(fh.fileno())
     os.replace(tmp, path)
     latest = ckpt_dir / "latest.pt.tmp"
-    torch.save(payload, latest)
+    latest.unlink(missing_ok=True)
+    os.link(path, latest)  # the same bytes, no second write
     os.replace(latest, ckpt_dir / "latest.pt")
     return path
 

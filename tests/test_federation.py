@@ -79,6 +79,8 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     assert {c["model_a"] for c in results["comparisons"]} == {"federated"}
     assert results["verdict"]["overall"].startswith("H1 ")
     assert results["screening"]["rejected"] == 0 and results["screening"]["failures"] == []
+    probe = results["screening"]["role_probe"]
+    assert [(p["site"], p["refused"]) for p in probe] == [("site3", True)], probe
     assert {c["site"]: c["role"] for c in results["cohort"]} == {
         "site1": "train", "site2": "train", "site3": "evaluate"}
     thresholds = results["provenance"]["config"]["thresholds"]
@@ -108,7 +110,7 @@ def test_nothing_per_image_leaves_a_site(run_a):
     _, audit = run_a
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
     kinds = {e["type"] for e in entries}
-    assert kinds == {"query", "train", "evaluate"}
+    assert kinds == {"query", "train", "evaluate"}  # (the refused role probe sends no reply)
     shapes = {k: list(v.shape) for k, v in build_model().state_dict().items()}
     allowed_config = {"role", "site", "format", "arm", "json"}
     site_sizes = {40}  # every site has 40 images; nothing may come back in a list that long
