@@ -9,7 +9,6 @@ Nothing here imports Flower: a hospital can run it before installing anything el
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from rich.table import Table
 
 from common.cache import SiteCache, open_cache, prepare
 from common.data import assign_splits
+from common.evaluation.subgroups import age_band
 from common.imaging import (
     ImageRejected,
     ImagingOptions,
@@ -34,8 +34,6 @@ from common.manifest import ManifestResult, find_manifest, read_manifest
 from common.parallel import parallel_map
 from common.problems import Problem, group_problems
 from common.progress import progress_bar
-
-AGE_BANDS = ((0, 20), (20, 40), (40, 60), (60, 80), (80, 200))
 
 
 @dataclass(frozen=True)
@@ -72,14 +70,6 @@ def ensure_cache(source: SiteSource, size: int, cache_dir: Path | None = None) -
         cache, _ = prepare(result.rows, cache_dir, ImagingOptions(size=size), progress=update)
     return cache
 
-
-def age_band(age: float) -> str:
-    if age is None or math.isnan(age):
-        return "unknown"
-    for lo, hi in AGE_BANDS:
-        if lo <= age < hi:
-            return f"{lo}-{hi}" if hi < 200 else f"{lo}+"
-    return "unknown"
 
 
 def _inspect(args: tuple[str, ImagingOptions]) -> tuple[str | None, str, list[str]]:

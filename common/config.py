@@ -106,6 +106,15 @@ def parse(cls: type[T], raw: dict[str, Any], *, what: str) -> T:
     return cls(**values)
 
 
+def toml_value(v: Any) -> str:
+    """One value as TOML (for the run-config and cohort files we write)."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def as_flower(obj) -> dict[str, Any]:
     """Back to kebab-case keys (for logs, checkpoints and results.json)."""
     return {k.replace("_", "-"): v for k, v in dataclasses.asdict(obj).items()}

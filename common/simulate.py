@@ -22,6 +22,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from common.config import toml_value
 from common.errors import FedcxrError
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -87,13 +88,6 @@ def _sweep(home: Path) -> int:
     return killed
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
 
 def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
              timeout: float = 3600, extra_env: dict | None = None, quiet: bool = False,
@@ -133,7 +127,7 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
         config = {"cohort": str(cohort), **run_config}
         config["out-dir"] = str(Path(config.get("out-dir", "runs")).resolve())
         overrides = home / "run-config.toml"
-        overrides.write_text("".join(f"{k} = {_toml_value(v)}\n" for k, v in config.items()))
+        overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in config.items()))
         _, status = submit_and_wait(PROJECT, "fedcxr", overrides, env, timeout=timeout,
                                     federation_config=federation, show_log=not quiet)
         return 0 if status == "finished:completed" else 1

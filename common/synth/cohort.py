@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from common.config import toml_value
 from common.labels import CHEXPERT_ALL_COLUMNS, CHEXPERT_COLUMNS, LABELS
 from common.parallel import parallel_map
 from common.synth.acquisition import acquire
@@ -283,13 +284,6 @@ def contact_sheet(site_dir: Path, plans: list[ImagePlan], n: int = 16, tile: int
     return path
 
 
-def _toml_value(v) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
 
 def write_cohort_toml(out: Path, opts: SynthOptions, profiles: list[SiteProfile],
                       counts: dict[str, dict]) -> Path:
@@ -298,22 +292,22 @@ def write_cohort_toml(out: Path, opts: SynthOptions, profiles: list[SiteProfile]
              "", "[generator]"]
     for key in ("sites", "held_out", "images_per_site", "size", "seed", "readers", "enrich",
                 "laterals"):
-        lines.append(f"{key.replace('_', '-')} = {_toml_value(getattr(opts, key))}")
-    lines.append(f"shortcut = {_toml_value(opts.shortcut or '')}")
+        lines.append(f"{key.replace('_', '-')} = {toml_value(getattr(opts, key))}")
+    lines.append(f"shortcut = {toml_value(opts.shortcut or '')}")
     for p in profiles:
         lines += ["", "[[site]]",
-                  f"name = {_toml_value(p.name)}",
-                  f"path = {_toml_value(p.name)}",
-                  f"manifest = {_toml_value(MANIFEST[p.style])}",
-                  f"format = {_toml_value(FORMAT[p.style])}",
-                  f"role = {_toml_value(p.role)}",
-                  f"prevalence-profile = {_toml_value(p.prevalence)}",
-                  f"label-noise = {_toml_value(opts.label_noise.get(p.name, 0.0))}",
+                  f"name = {toml_value(p.name)}",
+                  f"path = {toml_value(p.name)}",
+                  f"manifest = {toml_value(MANIFEST[p.style])}",
+                  f"format = {toml_value(FORMAT[p.style])}",
+                  f"role = {toml_value(p.role)}",
+                  f"prevalence-profile = {toml_value(p.prevalence)}",
+                  f"label-noise = {toml_value(opts.label_noise.get(p.name, 0.0))}",
                   f"images = {counts[p.name]['images']}",
                   f"patients = {counts[p.name]['patients']}"]
         lines.append("[site.acquisition]")
         for k, v in p.acquisition.as_dict().items():
-            lines.append(f"{k.replace('_', '-')} = {_toml_value(v)}")
+            lines.append(f"{k.replace('_', '-')} = {toml_value(v)}")
     path = out / "cohort.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
