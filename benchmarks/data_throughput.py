@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-import torchvision
+from train_throughput import plain_rate  # the same plain DenseNet-121 loop (benchmarks/)
 
 from client.site import SiteSource, run_prepare
 from common.data import CachedImages, augment_batch, make_loader
@@ -34,18 +34,6 @@ def loader_rate(cache, batch: int = 32) -> float:
     return n / (time.perf_counter() - start)
 
 
-def trainer_rate(size: int, batch: int = 16, steps: int = 3) -> float:
-    model = torchvision.models.densenet121(num_classes=14)
-    opt = torch.optim.Adam(model.parameters())
-    x, y = torch.rand(batch, 3, size, size), torch.rand(batch, 14).round()
-    loss = torch.nn.BCEWithLogitsLoss()
-    loss(model(x), y).backward()  # warm-up
-    start = time.perf_counter()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss(model(x), y).backward()
-        opt.step()
-    return steps * batch / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -63,7 +51,7 @@ def main() -> None:
             cache, summary = run_prepare(site, ImagingOptions(size=size), root / f"c{size}")
             decode = summary["decoded"] / (time.perf_counter() - start)
             load = loader_rate(cache)
-            train = trainer_rate(size)
+            train = plain_rate(size, batch=16, steps=3)
             print(f"{size:>5} {decode:>13.0f} {load:>13.0f} {train:>14.1f} {load / train:>14.0f}x")
 
 

@@ -65,9 +65,7 @@ def ensure_cache(source: SiteSource, size: int, cache_dir: Path | None = None) -
             return cache
     except Exception:  # noqa: BLE001 - any unusable cache is rebuilt
         pass
-    result = source.read()
-    with progress_bar(f"decoding {source.data_dir.name}") as update:
-        cache, _ = prepare(result.rows, cache_dir, ImagingOptions(size=size), progress=update)
+    cache, _ = run_prepare(source, ImagingOptions(size=size), cache_dir)
     return cache
 
 

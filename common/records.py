@@ -35,6 +35,3 @@ def from_record(record: ArrayRecord) -> OrderedDict[str, torch.Tensor]:
         out[key] = torch.from_numpy(np.ascontiguousarray(a))
     return out
 
-
-def record_nbytes(record: ArrayRecord) -> int:
-    return sum(int(np.asarray(a.numpy()).nbytes) for a in record.values())
