@@ -5,9 +5,11 @@
 - ``train``: train the arm's weights on the local training split (DP + ledger when asked),
   return weights and aggregate metrics. Refused by ``role_mod`` on held-out nodes.
 - ``evaluate``: ``purpose=validation`` on a training node returns per-label validation AUC
-  and ROC counts (for threshold choice) of each model sent; ``purpose=external`` on a
-  held-out node runs the shared external-validation evaluator at the thresholds sent and
-  returns its aggregate statistics as JSON.
+  and ROC counts (for threshold choice) of each model sent. On a held-out node,
+  ``purpose=external-score`` scores the one model sent and keeps the scores on the site's
+  own disk (``ScoreStore``); ``purpose=external`` then runs the shared external-validation
+  evaluator over the stored scores of the models named, at the thresholds sent, and returns
+  its aggregate statistics as JSON. One model per message keeps every message model-sized.
 
 Replies carry model weights and aggregate numbers only; see ``tests/test_federation.py``.
 """
@@ -25,7 +27,12 @@ from flwr.clientapp import ClientApp
 from client.mods import fault_mod, reply_audit_mod, role_mod
 from client.node import open_site, prevalence
 from common.config import RunConfig, parse
-from common.evaluation.external import EvaluationOptions, evaluate_site
+from common.evaluation.external import (
+    EvaluationOptions,
+    ScoreStore,
+    evaluate_stored,
+    score_into_store,
+)
 from common.labels import LABELS
 from common.model import build_model
 from common.privacy import DPConfig
@@ -46,7 +53,7 @@ def _setup(context: Context):
 
 def _model(record: ArrayRecord, norm: str):
     model = build_model(norm=norm)
-    model.load_state_dict(from_record(record))
+    model.load_state_dict(from_record(record, model.state_dict()))
     return model
 
 
@@ -70,22 +77,20 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": config, "metrics": metrics}), reply_to=msg)
 
 
-@app.train()
-def train(msg: Message, context: Context) -> Message:
-    run, site = _setup(context)
-    cfg = msg.content["config"]
-    arm, rnd = str(cfg["arm"]), int(cfg["server-round"])
-    splits = site.splits(run)
-    model = _model(msg.content["arrays"], str(cfg["norm"]))
+def _train_arm(run: RunConfig, site, splits, record: ArrayRecord, cfg, *, arm: str, seed: int,
+               mu: float) -> tuple[ArrayRecord, MetricRecord]:
+    rnd = int(cfg["server-round"])
+    model = _model(record, str(cfg["norm"]))
     dp = None
     if run.dp:
         dp = DPPlan(DPConfig(target_epsilon=run.target_epsilon,
                              max_epsilon=site.config.max_epsilon,
-                             max_grad_norm=run.max_grad_norm, accountant=run.accountant),
+                             max_grad_norm=run.max_grad_norm, accountant=run.accountant,
+                             grad_sample_mode=run.grad_sample_mode),
                     site.ledger(run.accountant), run_id=str(cfg["run-name"]), arm=arm,
                     round=rnd, planned_units=int(cfg["planned-units"]))
     tc = TrainConfig(epochs=run.local_epochs, batch_size=run.batch_size, lr=run.lr,
-                     proximal_mu=float(cfg.get("proximal-mu", 0.0)), seed=int(cfg["seed"]))
+                     proximal_mu=mu, seed=seed)
     result = local_train(model, splits["train"], tc, dp=dp)
     val = validate(model, splits["val"])
     log.info("site %s arm %s round %d: %d images, loss %.4f, val AUC %s%s", site.name, arm,
@@ -98,9 +103,29 @@ def train(msg: Message, context: Context) -> Message:
         "val-auc-mean": float(val.mean_auc) if val.mean_auc is not None else -1.0,
         "val-auc": [float(v) if v is not None else -1.0 for v in val.auc.values()],
     })
-    reply = RecordDict({"arrays": to_record(model.state_dict(), run.transport_dtype),
-                        "metrics": metrics,
-                        "meta": ConfigRecord({"arm": arm, "site": site.name})})
+    return to_record(model.state_dict(), run.transport_dtype), metrics
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train the arm sent (``arrays``); a message may also carry this site's single-site
+    model (``single/arrays``): both arms of a round then share one message and one ClientApp
+    process (in deployment each message starts a process), trained one after the other and
+    reported separately."""
+    run, site = _setup(context)
+    cfg = msg.content["config"]
+    splits = site.splits(run)
+    arm = str(cfg["arm"])
+    meta = ConfigRecord({"arm": arm, "site": site.name})
+    arrays, metrics = _train_arm(run, site, splits, msg.content["arrays"], cfg, arm=arm,
+                                 seed=int(cfg["seed"]), mu=float(cfg.get("proximal-mu", 0.0)))
+    reply = RecordDict({"arrays": arrays, "metrics": metrics, "meta": meta})
+    if "single/arrays" in msg.content:
+        single_arm = str(cfg["single-arm"])
+        reply["single/arrays"], reply["single/metrics"] = _train_arm(
+            run, site, splits, msg.content["single/arrays"], cfg, arm=single_arm,
+            seed=int(cfg["single-seed"]), mu=0.0)
+        meta["single-arm"] = single_arm
     return Message(reply, reply_to=msg)
 
 
@@ -126,15 +151,24 @@ def evaluate(msg: Message, context: Context) -> Message:
                 **{f"neg-ge/{lb}": v.roc_counts[lb][1] for lb in LABELS},
             })
         return Message(out, reply_to=msg)
-    if purpose != "external":
+    if purpose not in ("external-score", "external"):
         raise RuntimeError(f"unknown evaluate purpose {purpose!r}")
     if site.role != "evaluate":
         raise RuntimeError("external validation runs only at held-out (evaluate) sites")
-    thresholds = json.loads(str(cfg["thresholds"]))
-    models = {n: _model(msg.content[f"model/{n}"], norm) for n in names}
     cache = site.cache(run.image_size)
-    result = evaluate_site(cache, models, thresholds, site=site.name,
-                           options=EvaluationOptions(shift=run.shift))
+    store = ScoreStore(site.state_dir / "external" / str(cfg["run-name"]))
+    options = EvaluationOptions(shift=run.shift)
+    if purpose == "external-score":  # one model per message; its scores stay on this disk
+        (name,) = names
+        n = score_into_store(cache, name, _model(msg.content[f"model/{name}"], norm), store,
+                             site=site.name, options=options)
+        log.info("site %s: scored %s on %d images (kept locally)", site.name, name, n)
+        return Message(RecordDict({"meta": ConfigRecord({"site": site.name, "model": name}),
+                                   "metrics": MetricRecord({"n-images": n})}), reply_to=msg)
+    # Statistics over every scored model, at the thresholds sent: aggregate values only.
+    thresholds = json.loads(str(cfg["thresholds"]))
+    models = json.loads(str(cfg["models"]))
+    result = evaluate_stored(cache, store, models, thresholds, site=site.name, options=options)
     result["fingerprint"] = cache.fingerprint
     log.info("site %s: external validation of %d models on %d images", site.name,
              len(models), result["n_images"])

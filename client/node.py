@@ -49,6 +49,17 @@ class Site:
                       for k, v in splits.items()}
         return splits
 
+    @property
+    def state_dir(self) -> Path:
+        """The site's own writable folder: the ledger's folder (``ledger-path``), else
+        ``cache-path``, else ``<data>/.fedcxr``. Held-out sites keep per-run model scores
+        here (under ``external/``); nothing in it is ever sent."""
+        if self.config.ledger_path:
+            return Path(self.config.ledger_path).parent
+        if self.config.cache_path:
+            return Path(self.config.cache_path)
+        return self.source.data_dir / ".fedcxr"
+
     def ledger(self, accountant: str) -> PrivacyLedger:
         path = Path(self.config.ledger_path) if self.config.ledger_path else \
             self.source.data_dir / ".fedcxr" / "ledger.jsonl"

@@ -144,8 +144,8 @@ def submit_and_wait(project: Path, connection: str, run_config_file: Path, env: 
     """``flwr run`` the app, follow its log, and wait until the SuperLink says it finished.
 
     ``flwr run --stream`` can return while the run is still going (when its log stream
-    ends), so completion is read from ``flwr ls``. Returns (run id, final status such as
-    ``finished:completed``).
+    ends), so completion is read from the SuperLink's run status. Returns (run id, final
+    status such as ``finished:completed``).
     """
     import json as _json
     import re
@@ -162,28 +162,28 @@ def submit_and_wait(project: Path, connection: str, run_config_file: Path, env: 
     except (ValueError, KeyError, TypeError):
         raise FedcxrError(f"flwr run did not start a run: {(text + out.stderr).strip()[-500:]}"
                           ) from None
-    follower = None
-    if show_log:
-        follower = subprocess.Popen([_bin("flwr"), "log", run_id, connection, "--stream"],
-                                    env=env, cwd=project, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    status = ""
+    # Completion is asked of the SuperLink's Control API by one waiter process
+    # (server/wait_run.py): cheaper than a `flwr ls` process per poll.
+    follower = subprocess.Popen([_bin("flwr"), "log", run_id, connection, "--stream"],
+                                env=env, cwd=project, start_new_session=True) if show_log else None
+    waiter = subprocess.Popen([sys.executable, "-m", "server.wait_run", connection, run_id,
+                               "--timeout", str(timeout)], env=env, cwd=project,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True)
     try:
-        while time.monotonic() < deadline:
-            ls = subprocess.run([_bin("flwr"), "ls", "--run-id", run_id, connection, "--format",
-                                 "json"], env=env, capture_output=True, text=True, timeout=60,
-                                cwd=project)
-            found = re.search(r"finished:[a-z]+", ls.stdout)
-            if found:
-                status = found.group(0)
-                break
-            time.sleep(2)
-        else:
-            raise FedcxrError(f"run {run_id} did not finish within {timeout:.0f} s")
+        out, err = waiter.communicate(timeout=timeout + 60)
+    except subprocess.TimeoutExpired:
+        out, err = "", "the waiter did not return"
     finally:
+        _kill_session(waiter)
         if follower is not None:
-            time.sleep(1)
+            time.sleep(0.5 if follower.poll() is None else 0)
             _kill_session(follower)
+    found = re.search(r"finished:[a-z]+", out)
+    if not found:
+        raise FedcxrError(f"run {run_id} did not finish within {timeout:.0f} s "
+                          f"({(err or out).strip()[-300:]})")
+    status = found.group(0)
     return run_id, status
 
 

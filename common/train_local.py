@@ -30,7 +30,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         ledger_path = Path(args.ledger) if args.ledger else site / ".fedcxr" / "ledger.jsonl"
         config = DPConfig(target_epsilon=args.target_epsilon, max_epsilon=args.max_epsilon,
                           delta=args.delta, max_grad_norm=args.max_grad_norm,
-                          accountant=args.accountant)
+                          accountant=args.accountant, grad_sample_mode=args.grad_sample_mode)
         dp = DPPlan(config, PrivacyLedger(ledger_path, site=site.name,
                                           accountant=args.accountant), run_id="train-local",
                     arm="local")
@@ -76,5 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, help="default 0.1 / n")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
+    p.add_argument("--grad-sample-mode", choices=("hooks", "ghost"), default="hooks",
+                   help="per-image clipping: Opacus per-sample gradients or ghost clipping")
     p.add_argument("--ledger", help="ledger file (default SITE/.fedcxr/ledger.jsonl)")
     p.set_defaults(func=cmd_train_local)

@@ -74,15 +74,17 @@ class TrainResult:
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor,
-               pos_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean over images of each image's mean BCE over its known labels."""
+               pos_weight: torch.Tensor | None = None, *, per_image: bool = False
+               ) -> torch.Tensor:
+    """Mean over images of each image's mean BCE over its known labels (``per_image``:
+    the (B,) vector before that mean, which ghost clipping needs)."""
     known = ~torch.isnan(targets)
     safe = torch.where(known, targets, torch.zeros_like(targets))
     per = F.binary_cross_entropy_with_logits(logits, safe, pos_weight=pos_weight,
                                              reduction="none")
     per = per * known
-    per_image = per.sum(dim=1) / known.sum(dim=1).clamp(min=1)
-    return per_image.mean()
+    losses = per.sum(dim=1) / known.sum(dim=1).clamp(min=1)
+    return losses if per_image else losses.mean()
 
 
 def pos_weight_from(labels: np.ndarray, cap: float = 10.0) -> torch.Tensor:
@@ -100,6 +102,10 @@ def seed_everything(seed: int) -> None:
 
 def _proximal(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+
+
+def ghost(dp: DPPlan | None) -> bool:
+    return dp is not None and dp.config.grad_sample_mode == "ghost"
 
 
 def local_train(
@@ -148,12 +154,16 @@ def local_train(
         dp.ledger.check(planned, delta, dp.config.max_epsilon, what)
         unit = dp.ledger.start(planned, delta, run_id=dp.run_id, arm=dp.arm, round=dp.round)
         engine = PrivacyEngine(accountant=dp.config.accountant)
-        net, optimizer, loader = engine.make_private(
+        private = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
             max_grad_norm=dp.config.max_grad_norm, poisson_sampling=True,
             grad_sample_mode=dp.config.grad_sample_mode,
             noise_generator=torch.Generator().manual_seed(config.seed + 2),
         )
+        if ghost(dp):
+            net, optimizer, _, loader = private
+        else:
+            net, optimizer, loader = private
     net.train()
     step, examples, epoch_losses = 0, 0, []
     for epoch in range(config.epochs):
@@ -167,7 +177,17 @@ def local_train(
             if config.augment:
                 x = augment_batch(x, aug_gen)
             optimizer.zero_grad(set_to_none=True)
-            loss = masked_bce(net(x), y, pos_weight)
+            if ghost(dp):
+                # Opacus' two-pass ghost clipping: the first backward only measures each
+                # image's gradient norm, the second backpropagates the clipped losses.
+                from opacus.utils.fast_gradient_clipping_utils import (
+                    DPTensorFastGradientClipping,
+                )
+
+                loss = DPTensorFastGradientClipping(
+                    net, optimizer, masked_bce(net(x), y, pos_weight, per_image=True), "mean")
+            else:
+                loss = masked_bce(net(x), y, pos_weight)
             if anchor is not None and dp is None:
                 loss = loss + config.proximal_mu / 2 * _proximal(model, anchor)
             loss.backward()

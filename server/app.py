@@ -7,8 +7,9 @@
    are screened, then aggregated by a Flower strategy. The new global model is validated at
    every training site; the best one by mean validation AUC is kept. Checkpoint every round.
 3. Fix operating points on training-site validation data (ROC counts, never per-image scores).
-4. External validation: every held-out node receives every model and the thresholds and
-   returns aggregate statistics.
+4. External validation: every held-out node receives every model, one per message, keeps
+   its scores on its own disk, then receives the thresholds and returns aggregate
+   statistics of all models (paired tests included).
 5. Verdict (Holm-corrected) and report: runs/<run-name>/results.json, report.html.
 """
 
@@ -32,15 +33,11 @@ from common.evaluation.metrics import choose_threshold
 from common.evaluation.report import build_results, write_report
 from common.labels import LABELS
 from common.model import build_model
-from common.records import to_record
+from common.records import pack, record_arrays, to_record, unpack
 from server import checkpoint
-from server.strategy import (
-    TrainNodesGrid,
-    make_strategy,
-    restore_strategy_state,
-    screen_updates,
-    strategy_state,
-)
+from server.exchange import send, stream_replies
+from server.strategy import TrainNodesGrid, make_strategy, restore_strategy_state, strategy_state
+from server.updates import UpdateStore
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -76,17 +73,13 @@ class RunState:
     epsilon: dict[str, float] = field(default_factory=dict)
 
 
-def _send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
-    return list(grid.send_and_receive(messages, timeout=timeout)) if messages else []
-
-
 def _msg(records: dict, node: int, kind: str, rnd: int) -> Message:
     return Message(RecordDict(records), dst_node_id=node, message_type=kind, group_id=str(rnd))
 
 
 def discover(grid: Grid, run: RunConfig) -> dict[int, Node]:
     ids = list(grid.get_node_ids())
-    replies = _send(grid, [_msg({"config": ConfigRecord({"purpose": "query"})}, n,
+    replies = send(grid, [_msg({"config": ConfigRecord({"purpose": "query"})}, n,
                                 MessageType.QUERY, 0) for n in ids], run.round_timeout)
     nodes = {}
     for r in replies:
@@ -111,7 +104,7 @@ def probe_roles(grid: Grid, run: RunConfig, nodes: dict[int, Node]) -> list[dict
     msgs = [_msg({"config": ConfigRecord({"arm": "role-probe", "server-round": 0})}, n,
                  MessageType.TRAIN, 0) for n in held]
     out = []
-    for r in _send(grid, msgs, run.round_timeout):
+    for r in send(grid, msgs, run.round_timeout):
         node = nodes[r.metadata.src_node_id]
         reason = r.error.reason if r.has_error() else "accepted a train message"
         refused = r.has_error() and "never trains" in reason
@@ -130,12 +123,13 @@ def _weights(state_dict) -> dict[str, np.ndarray]:
 
 
 def _record(weights: dict[str, np.ndarray], run: RunConfig) -> ArrayRecord:
-    return to_record({k: torch.from_numpy(v) for k, v in weights.items()}, run.transport_dtype)
+    return to_record(weights, run.transport_dtype)
 
 
 def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st: RunState,
-                strategy, run_name: str) -> None:
+                strategy, run_name: str, run_dir: Path) -> None:
     train_ids = sorted(n for n, node in nodes.items() if node.role == "train")
+    sites = {n: nodes[n].site for n in train_ids}
     norm = "group" if run.dp else "batch"
     planned = run.num_rounds * 2  # federated + single-site arm both spend each round
     base = {"norm": norm, "run-name": run_name, "planned-units": planned}
@@ -144,81 +138,97 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
         rnd, _record(st.arms[FEDERATED], run),
         ConfigRecord({**base, "arm": FEDERATED, "seed": _seed(run, rnd, FEDERATED)}),
         TrainNodesGrid(grid, train_ids)))
-    for m in fed_msgs:
-        m.metadata.group_id = str(rnd)
-    single_msgs = [_msg({"arrays": _record(st.arms[single(nodes[n].site)], run),
-                         "config": ConfigRecord({**base, "arm": single(nodes[n].site),
+    # Both arms of a site share one message (one ClientApp process per site and round).
+    # New messages: the strategy's share one RecordDict between all nodes.
+    fed_msgs = [_msg({"arrays": m.content["arrays"],
+                      "config": ConfigRecord({**dict(m.content["config"]),
+                                              "single-arm": single(sites[n]),
+                                              "single-seed": _seed(run, rnd, "single")}),
+                      "single/arrays": _record(st.arms[single(sites[n])], run)},
+                     n, MessageType.TRAIN, rnd)
+                for m in fed_msgs for n in [m.metadata.dst_node_id]]
+    paired = {m.metadata.dst_node_id for m in fed_msgs}
+    single_msgs = [_msg({"arrays": _record(st.arms[single(sites[n])], run),
+                         "config": ConfigRecord({**base, "arm": single(sites[n]),
                                                  "server-round": rnd,
                                                  "seed": _seed(run, rnd, "single")})},
-                        n, MessageType.TRAIN, rnd) for n in train_ids]
-    replies = _send(grid, fed_msgs + single_msgs, run.round_timeout)
-    by_arm: dict[str, list[Message]] = {FEDERATED: []}
+                        n, MessageType.TRAIN, rnd) for n in train_ids if n not in paired]
+    # Replies are taken one at a time: a federated update is checked, measured and spilled
+    # to the coordinator's disk (UpdateStore) and dropped before the next one is pulled.
+    store = UpdateStore(run_dir / "updates" / f"round-{rnd:03d}", pack(st.arms[FEDERATED]),
+                        round=rnd, sites=sites)
     answered: dict[str, set[int]] = {FEDERATED: set()}
-    for r in replies:
+    errors: dict[int, str] = {}
+    fed_metrics: dict[int, dict] = {}
+
+    def take_arm(r: Message, arm: str, part: str) -> None:
         node = r.metadata.src_node_id
-        if r.has_error():
-            continue
-        arm = str(r.content["meta"]["arm"])
-        by_arm.setdefault(arm, []).append(r)
         answered.setdefault(arm, set()).add(node)
-    # Failures: every (arm, node) that was asked and did not answer with a result.
-    for n in train_ids:
-        site = nodes[n].site
-        for arm in (FEDERATED, single(site)):
-            if n not in answered.get(arm, set()):
-                reason = next((r.error.reason for r in replies if r.has_error()
-                               and r.metadata.src_node_id == n), "no reply before timeout")
-                st.failures.append({"round": rnd, "arm": arm, "site": site, "node": n,
-                                    "reason": reason})
-                log.warning("round %d: %s at %s failed: %s", rnd, arm, site, reason)
-    # Single-site arms: each site's own model, never averaged.
-    for arm, rs in by_arm.items():
+        m = r.content[f"{part}metrics"]
+        metrics = {"loss": float(m["loss"]), "epsilon": float(m["epsilon"])}
+        if metrics["epsilon"] >= 0 and node in sites:
+            st.epsilon[sites[node]] = max(st.epsilon.get(sites[node], 0.0), metrics["epsilon"])
         if arm == FEDERATED:
-            continue
-        r = rs[0]
-        st.arms[arm] = {k: v.astype(np.float32) if v.dtype == np.float16 else v
-                        for k, v in ((k, a.numpy()) for k, a in r.content["arrays"].items())}
-        m = r.content["metrics"]
-        _record_history(st, rnd, arm, [r], mean_val=float(m["val-auc-mean"]))
-    # Federated arm: screen, then aggregate with the Flower strategy.
-    sites = {n: nodes[n].site for n in train_ids}
-    kept, rejected = screen_updates(by_arm[FEDERATED], st.arms[FEDERATED],
-                                    factor=run.screen_norm_factor, round=rnd, sites=sites)
-    st.rejections += [r.__dict__ for r in rejected]
-    if len(kept) >= max(run.min_train_sites, 1):
-        arrays, _ = strategy.aggregate_train(rnd, kept)
-        if arrays is not None:
-            st.arms[FEDERATED] = {k: v.numpy() for k, v in arrays.items()}
-    else:
-        log.warning("round %d: only %d accepted federated updates (< min-train-sites %d); "
-                    "global model unchanged", rnd, len(kept), run.min_train_sites)
-    for _arm, rs in by_arm.items():
-        for r in rs:
-            eps = float(r.content["metrics"]["epsilon"])
-            if eps >= 0:
-                site = sites[r.metadata.src_node_id]
-                st.epsilon[site] = max(st.epsilon.get(site, 0.0), eps)
+            fed_metrics[node] = metrics
+            store.add(r)
+            return
+        # Single-site arm: the site's own model, never averaged.
+        st.arms[arm] = dict(unpack(record_arrays(r.content[f"{part}arrays"]), st.arms[arm]))
+        _record_history(st, rnd, arm, [metrics], mean_val=float(m["val-auc-mean"]))
+
+    def take(r: Message) -> None:
+        if r.has_error():
+            errors.setdefault(r.metadata.src_node_id, r.error.reason)
+            return
+        meta = r.content["meta"]
+        take_arm(r, str(meta["arm"]), "")
+        if "single-arm" in meta:
+            take_arm(r, str(meta["single-arm"]), "single/")
+
+    try:
+        for reply in stream_replies(grid, fed_msgs + single_msgs, run.round_timeout):
+            take(reply)
+            del reply
+        # Failures: every (arm, node) that was asked and did not answer with a result.
+        for n in train_ids:
+            for arm in (FEDERATED, single(sites[n])):
+                if n not in answered.get(arm, set()):
+                    reason = errors.get(n, "no reply before timeout")
+                    st.failures.append({"round": rnd, "arm": arm, "site": sites[n], "node": n,
+                                        "reason": reason})
+                    log.warning("round %d: %s at %s failed: %s", rnd, arm, sites[n], reason)
+        # Federated arm: screen, then aggregate with the Flower strategy.
+        kept = store.screen(run.screen_norm_factor)
+        st.rejections += [r.__dict__ for r in store.rejected]
+        if len(kept) >= max(run.min_train_sites, 1):
+            new = store.aggregate(strategy)
+            if new is not None:
+                st.arms[FEDERATED] = dict(unpack(new, st.arms[FEDERATED]))
+        else:
+            log.warning("round %d: only %d accepted federated updates (< min-train-sites %d); "
+                        "global model unchanged", rnd, len(kept), run.min_train_sites)
+    finally:
+        store.close()
     # Validate the new global model at every training site (best-global checkpointing).
     val = validate_models(grid, run, rnd, {FEDERATED: st.arms[FEDERATED]},
                           {FEDERATED: train_ids}, norm)
     mean = val[FEDERATED]["mean"]
-    _record_history(st, rnd, FEDERATED, kept, mean_val=mean, answered=len(val[FEDERATED]
-                                                                              ["sites"]))
+    _record_history(st, rnd, FEDERATED, [fed_metrics[u.node] for u in kept], mean_val=mean,
+                    answered=len(val[FEDERATED]["sites"]))
     if mean is not None and (not st.best or mean > st.best["mean_val_auc"]):
         st.best = {"round": rnd, "mean_val_auc": mean,
                    "weights": {k: v.copy() for k, v in st.arms[FEDERATED].items()}}
     log.info("round %d: federated %d/%d sites, mean val AUC %s, rejected %d; eps %s", rnd,
              len(kept), len(train_ids), f"{mean:.3f}" if mean is not None else "n/a",
-             len(rejected), {k: round(v, 2) for k, v in st.epsilon.items()} or "n/a")
+             len(store.rejected), {k: round(v, 2) for k, v in st.epsilon.items()} or "n/a")
 
 
-def _record_history(st: RunState, rnd: int, arm: str, replies: list[Message], *,
+def _record_history(st: RunState, rnd: int, arm: str, metrics: list[dict], *,
                     mean_val: float | None, answered: int | None = None) -> None:
-    losses = [float(r.content["metrics"]["loss"]) for r in replies]
-    eps = [float(r.content["metrics"]["epsilon"]) for r in replies
-           if float(r.content["metrics"]["epsilon"]) >= 0]
+    losses = [m["loss"] for m in metrics]
+    eps = [m["epsilon"] for m in metrics if m["epsilon"] >= 0]
     st.history.append({"round": rnd, "arm": arm,
-                       "sites_answered": answered if answered is not None else len(replies),
+                       "sites_answered": answered if answered is not None else len(metrics),
                        "loss": float(np.mean(losses)) if losses else None,
                        "val_auc": mean_val if mean_val is not None and mean_val >= 0 else None,
                        "epsilon": max(eps) if eps else None})
@@ -236,7 +246,7 @@ def validate_models(grid: Grid, run: RunConfig, rnd: int, models: dict[str, dict
                  n, MessageType.EVALUATE, rnd) for n, names in per_node.items()]
     out = {name: {"sites": [], "aucs": [], "pos": None, "neg": None, "mean": None}
            for name in models}
-    for r in _send(grid, msgs, run.round_timeout):
+    for r in send(grid, msgs, run.round_timeout):
         if r.has_error():
             log.warning("validation at node %d failed: %s", r.metadata.src_node_id,
                         r.error.reason)
@@ -267,6 +277,37 @@ def fix_thresholds(run: RunConfig, val: dict[str, dict]) -> dict[str, dict[str, 
             if o["pos"][k][0] > 0 and o["neg"][k][0] > 0:
                 out[name][lb] = choose_threshold(o["pos"][k], o["neg"][k], run.threshold_method,
                                                  run.threshold_target)
+    return out
+
+
+def external_validation(grid: Grid, run: RunConfig, run_name: str, final: dict[str, dict],
+                        thresholds: dict, held_out: dict[int, Node], norm: str) -> list[dict]:
+    rnd = run.num_rounds + 2
+    base = {"norm": norm, "run-name": run_name}
+    scored: dict[int, set[str]] = {n: set() for n in held_out}
+    for name, weights in final.items():
+        msgs = [_msg({f"model/{name}": _record(weights, run),
+                      "config": ConfigRecord({**base, "purpose": "external-score"})},
+                     n, MessageType.EVALUATE, rnd) for n in held_out]
+        for r in send(grid, msgs, run.round_timeout):
+            node = r.metadata.src_node_id
+            if r.has_error():
+                log.warning("external scoring of %s at %s failed: %s", name,
+                            held_out[node].site if node in held_out else node, r.error.reason)
+            elif node in scored:
+                scored[node].add(name)
+    msgs = [_msg({"config": ConfigRecord({**base, "purpose": "external",
+                                          "models": json.dumps(list(final)),
+                                          "thresholds": json.dumps(thresholds)})},
+                 n, MessageType.EVALUATE, rnd) for n, names in scored.items()
+            if names == set(final)]
+    out = []
+    for r in send(grid, msgs, run.round_timeout):
+        if r.has_error():
+            log.warning("external validation at node %d failed: %s", r.metadata.src_node_id,
+                        r.error.reason)
+            continue
+        out.append(json.loads(str(r.content["results"]["json"])))
     return out
 
 
@@ -330,7 +371,7 @@ def main(grid: Grid, context: Context) -> None:
 
     # 2. Train, interleaved, checkpoint every round.
     for rnd in range(st.round + 1, run.num_rounds + 1):
-        train_round(grid, run, rnd, nodes, st, strategy, run_name)
+        train_round(grid, run, rnd, nodes, st, strategy, run_name, run_dir)
         st.round = rnd
         st.strategy = strategy_state(strategy)
         checkpoint.save({"run_name": run_name, "config": as_flower(run), "state": st.__dict__},
@@ -347,18 +388,9 @@ def main(grid: Grid, context: Context) -> None:
     log.info("thresholds fixed on training-site validation data (%s, target %.2f)",
              run.threshold_method, run.threshold_target)
 
-    # 4. External validation at every held-out node.
-    site_results = []
-    msgs = [_msg({**{f"model/{name}": _record(w, run) for name, w in final.items()},
-                  "config": ConfigRecord({"purpose": "external", "norm": norm,
-                                          "thresholds": json.dumps(thresholds)})},
-                 n, MessageType.EVALUATE, run.num_rounds + 2) for n in held_out]
-    for r in _send(grid, msgs, run.round_timeout):
-        if r.has_error():
-            log.warning("external validation at node %d failed: %s", r.metadata.src_node_id,
-                        r.error.reason)
-            continue
-        site_results.append(json.loads(str(r.content["results"]["json"])))
+    # 4. External validation at every held-out node: one model per message (scores stay at
+    # the site), then one statistics message naming every model, with the thresholds.
+    site_results = external_validation(grid, run, run_name, final, thresholds, held_out, norm)
     evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)
 
     # 5. Verdict and report.

@@ -3,19 +3,15 @@ update screening in front of aggregation.
 
 ``make_strategy`` picks FedAvg / FedProx / FedAdam / FedMedian / FedTrimmedAvg from
 ``flwr.serverapp.strategy``. ``TrainNodesGrid`` lets a strategy's ``configure_train`` sample
-only the nodes whose *own* config says ``role=train``. ``screen_updates`` rejects non-finite
-updates and updates whose norm is far above the others' (leave-one-out median, so it works
-with two sites too), and logs each rejection with the node and reason.
+only the nodes whose *own* config says ``role=train``. Screening and aggregation of the
+updates themselves live in ``server.updates``.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
-from dataclasses import dataclass
 
-import numpy as np
-from flwr.app import Array, ArrayRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
 
@@ -78,56 +74,3 @@ class TrainNodesGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         return self._grid.send_and_receive(messages, timeout=timeout)
-
-
-@dataclass
-class Rejection:
-    round: int
-    node: int
-    site: str
-    reason: str
-
-
-def _as_float32(record: ArrayRecord) -> tuple[ArrayRecord, dict[str, np.ndarray]]:
-    arrays = {k: v.numpy() for k, v in record.items()}
-    arrays = {k: a.astype(np.float32) if a.dtype == np.float16 else a for k, a in arrays.items()}
-    return ArrayRecord({k: Array(a) for k, a in arrays.items()}), arrays
-
-
-def screen_updates(
-    replies: list[Message], reference: dict[str, np.ndarray], *, factor: float, round: int,
-    sites: dict[int, str],
-) -> tuple[list[Message], list[Rejection]]:
-    """Keep replies whose update is finite and not ``factor`` x above the others' median norm.
-
-    Accepted replies come back with float32 arrays (fp16 transport is undone here, before
-    any arithmetic).
-    """
-    finite: list[tuple[Message, float]] = []
-    rejected: list[Rejection] = []
-    for msg in replies:
-        node = msg.metadata.src_node_id
-        record, arrays = _as_float32(msg.content["arrays"])
-        msg.content["arrays"] = record
-        floats = [k for k, a in arrays.items() if np.issubdtype(a.dtype, np.floating)]
-        if not all(np.isfinite(arrays[k]).all() for k in floats):
-            rejected.append(Rejection(round, node, sites.get(node, "?"), "non-finite values"))
-            continue
-        norm = float(np.sqrt(sum(float(((arrays[k] - reference[k]) ** 2).sum())
-                                 for k in floats if k in reference)))
-        finite.append((msg, norm))
-    kept = []
-    for i, (msg, norm) in enumerate(finite):
-        others = [n for j, (_, n) in enumerate(finite) if j != i]
-        if others and norm > factor * max(float(np.median(others)), 1e-12):
-            node = msg.metadata.src_node_id
-            rejected.append(Rejection(
-                round, node, sites.get(node, "?"),
-                f"update norm {norm:.3g} is over {factor:g}x the others' median "
-                f"{float(np.median(others)):.3g}"))
-            continue
-        kept.append(msg)
-    for r in rejected:
-        log.warning("round %d: rejected update from node %d (%s): %s", r.round, r.node, r.site,
-                    r.reason)
-    return kept, rejected

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvg, FedMedian
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
 from common.config import RunConfig, as_flower
 from common.model import build_model
 from common.simulate import simulate
 from common.synth import SynthOptions, generate
-from server.strategy import screen_updates
+from server.updates import UpdateStore
 
 CONFIG = {"num-rounds": 2, "image-size": 32, "batch-size": 16}
 
@@ -106,19 +106,20 @@ def _lists(obj):
             yield from _lists(v)
 
 
-def test_nothing_per_image_leaves_a_site(run_a):
-    _, audit = run_a
+def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
+    run_dir, audit = run_a
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
     kinds = {e["type"] for e in entries}
     assert kinds == {"query", "train", "evaluate"}  # (the refused role probe sends no reply)
-    shapes = {k: list(v.shape) for k, v in build_model().state_dict().items()}
-    allowed_config = {"role", "site", "format", "arm", "json"}
+    state = build_model().state_dict()  # the run's models (BatchNorm: dp is off)
+    sizes = {"float": [sum(v.numel() for v in state.values() if v.is_floating_point())],
+             "int": [sum(v.numel() for v in state.values() if not v.is_floating_point())]}
+    allowed_config = {"role", "site", "format", "arm", "single-arm", "model", "json"}
     site_sizes = {40}  # every site has 40 images; nothing may come back in a list that long
     for e in entries:
         for name, rec in e["records"].items():
             if rec["kind"] == "ArrayRecord":
-                assert rec["body"] == {k: shapes[k] for k in rec["body"]}, name
-                assert set(rec["body"]) == set(shapes)
+                assert rec["body"] == sizes, name  # exactly one model's values, packed
             elif rec["kind"] == "MetricRecord":
                 for key, value in rec["body"].items():
                     if isinstance(value, list):
@@ -132,6 +133,11 @@ def test_nothing_per_image_leaves_a_site(run_a):
                         assert len(lst) not in site_sizes
                     text = rec["body"]["json"]
                     assert "patient" not in text and ".dcm" not in text
+    # The held-out site's per-image scores exist, on its own disk only.
+    stored = sorted((small_cohort.parent / "site3" / ".fedcxr" / "external" / "a").glob("*.npy"))
+    assert [p.stem for p in stored] == ["federated", "single_site1", "single_site2"]
+    assert all(np.load(p).shape == (40, 14) for p in stored)
+    assert not (run_dir / "updates").exists()  # the coordinator's spilled updates are removed
 
 
 def _arms(path: Path) -> dict:
@@ -198,15 +204,24 @@ def test_held_out_node_refuses_to_train(small_cohort, task_identity):
         app(msg, held_out)
 
 
-def _reply(node: int, arrays: dict[str, np.ndarray]) -> Message:
+def _reply(node: int, arrays: dict[str, np.ndarray], examples: int = 10) -> Message:
     msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
-                              "metrics": MetricRecord({"num-examples": 10})}),
+                              "metrics": MetricRecord({"num-examples": examples})}),
                   dst_node_id=0, message_type="train")
     msg.metadata.__dict__["_src_node_id"] = node  # as if it came from that node
     return msg
 
 
-def test_screening_rejects_nan_and_scaled_updates_and_median_stays_sane(task_identity):
+def _screen(tmp: Path, replies: list[Message], ref: dict, sites: dict) -> UpdateStore:
+    store = UpdateStore(tmp, ref, round=1, sites=sites)
+    for r in replies:
+        store.add(r)
+    store.screen(10.0)
+    return store
+
+
+def test_screening_rejects_nan_and_scaled_updates_and_median_stays_sane(task_identity,
+                                                                        tmp_path):
     rng = np.random.default_rng(0)
     ref = {"w": np.zeros(50, np.float32), "count": np.array(3)}
     honest = [{"w": rng.normal(0, 0.1, 50).astype(np.float32), "count": np.array(4)}
@@ -215,15 +230,17 @@ def test_screening_rejects_nan_and_scaled_updates_and_median_stays_sane(task_ide
     nan["w"][3] = np.nan
     scaled = {"w": honest[1]["w"] * 100, "count": np.array(4)}
     replies = [_reply(1, honest[0]), _reply(2, honest[1]), _reply(3, nan), _reply(4, scaled)]
-    kept, rejected = screen_updates(replies, ref, factor=10.0, round=1,
-                                    sites={1: "a", 2: "b", 3: "c", 4: "d"})
-    assert [m.metadata.src_node_id for m in kept] == [1, 2]
-    reasons = {r.site: r.reason for r in rejected}
+    store = _screen(tmp_path / "a", replies, ref, {1: "a", 2: "b", 3: "c", 4: "d"})
+    assert [u.node for u in store.updates] == [1, 2]
+    reasons = {r.site: r.reason for r in store.rejected}
     assert reasons["c"] == "non-finite values" and "over 10x" in reasons["d"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["node-1.bin", "node-2.bin"]
+    store.close()
+    assert not (tmp_path / "a").exists()
     # Two honest sites only: leave-one-out median still catches a scaled one
-    kept2, rej2 = screen_updates([_reply(1, honest[0]), _reply(4, scaled)], ref, factor=10.0,
-                                 round=1, sites={1: "a", 4: "d"})
-    assert [m.metadata.src_node_id for m in kept2] == [1] and rej2[0].site == "d"
+    store = _screen(tmp_path / "b", [_reply(1, honest[0]), _reply(4, scaled)], ref,
+                    {1: "a", 4: "d"})
+    assert [u.node for u in store.updates] == [1] and store.rejected[0].site == "d"
     # Without screening, FedMedian keeps the model sane where FedAvg does not.
     third = {"w": rng.normal(0, 0.1, 50).astype(np.float32), "count": np.array(4)}
     def unscreened():  # fresh messages per aggregator: aggregation consumes them
@@ -234,6 +251,41 @@ def test_screening_rejects_nan_and_scaled_updates_and_median_stays_sane(task_ide
     mean, _ = FedAvg(min_available_nodes=1).aggregate_train(1, unscreened())
     assert np.abs(median.to_numpy_ndarrays()[0]).max() < 0.5
     assert np.abs(mean.to_numpy_ndarrays()[0]).max() > 2.0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FedAvg(min_available_nodes=1), lambda: FedMedian(min_available_nodes=1),
+    lambda: FedTrimmedAvg(beta=0.2, min_available_nodes=1),
+    lambda: FedAdam(eta=1e-2, min_available_nodes=1)], ids=["avg", "median", "trimmed", "adam"])
+def test_aggregation_from_disk_in_key_groups_equals_flower_on_all_replies(make, task_identity,
+                                                                          tmp_path):
+    """Spilled, key-group-wise aggregation gives what the strategy gives on all replies at
+    once (fp16 transport included), even with a budget that forces one key per group."""
+    rng = np.random.default_rng(1)
+    ref = {f"layer{i}": rng.normal(0, 1, (3, 4)).astype(np.float32) for i in range(5)}
+    ref["count"] = np.array(7)
+    updates = [({k: (v + rng.normal(0, 0.1, v.shape)).astype(np.float16 if i == 2 else
+                                                              np.float32)
+                 if k != "count" else np.array(8) for k, v in ref.items()}, 10 + 5 * i)
+               for i in range(5)]
+
+    def replies():
+        return [_reply(i + 1, a, n) for i, (a, n) in enumerate(updates)]
+
+    expected_strategy, got_strategy = make(), make()
+    for s in (expected_strategy, got_strategy):
+        if isinstance(s, FedAdam):
+            s.current_arrays = {k: v.astype(np.float32) for k, v in ref.items()}
+    as32 = [_reply(i + 1, {k: v.astype(np.float32) if v.dtype == np.float16 else v
+                           for k, v in a.items()}, n) for i, (a, n) in enumerate(updates)]
+    expected, _ = expected_strategy.aggregate_train(1, as32)
+    store = _screen(tmp_path, replies(), ref, {})
+    assert len(store.updates) == 5
+    got = store.aggregate(got_strategy, budget_bytes=1)
+    assert set(got) == set(ref)
+    for k, v in expected.items():
+        np.testing.assert_allclose(got[k], v.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(got["layer0"] - ref["layer0"]).max() > 1e-3  # it did move
 
 
 def test_single_site_arm_is_not_tested_on_labels_its_site_never_annotated():

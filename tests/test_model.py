@@ -88,3 +88,39 @@ def test_checkpoint_round_trip(tmp_path):
     assert again.norm == "group"
     x = torch.rand(2, 1, 32, 32)
     torch.testing.assert_close(model(x), again(x))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_weights_travel_packed_and_come_back_exactly(norm):
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    from common.records import from_record, to_record
+
+    torch.manual_seed(0)
+    model = build_model(norm=norm)
+    with torch.no_grad():  # make every tensor distinct, buffers included
+        for v in model.state_dict().values():
+            v.copy_(torch.randn_like(v.float()).to(v.dtype) if v.is_floating_point()
+                    else v + 3)
+    state = model.state_dict()
+    record = to_record(state)
+    assert set(record) <= {"float", "int"} and ("int" in record) == (norm == "batch")
+    # a handful of Flower objects instead of one or two per tensor
+    assert len(get_all_nested_objects(record)) < 12 < len(state)
+    back = from_record(record, build_model(norm=norm).state_dict())
+    assert list(back) == list(state)
+    for k, v in state.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape
+        assert torch.equal(back[k], v), k
+    half = from_record(to_record(state, "float16"), state)
+    assert to_record(state, "float16").count_bytes() < 0.51 * record.count_bytes()
+    torch.testing.assert_close(half["classifier.weight"], state["classifier.weight"],
+                               rtol=1e-3, atol=1e-3)
+
+
+def test_packed_weights_from_another_model_are_refused():
+    from common.records import from_record, to_record
+
+    record = to_record(build_model(norm="batch").state_dict())
+    with pytest.raises(ValueError, match="different model"):
+        from_record(record, build_model(norm="group").state_dict())

@@ -227,3 +227,43 @@ def test_fast_conv_grad_sampler_matches_opacus(kernel, stride, padding, bias):
     (out * g).sum().backward()
     torch.testing.assert_close(ours[layer.weight].sum(0), layer.weight.grad, rtol=1e-4,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize("kernel,stride,padding,bias,size", [
+    (1, 1, 0, False, 2),   # tiny T: ghost (Gram) branch
+    (3, 1, 1, False, 3),   # ghost branch with unfolding
+    (1, 1, 0, True, 12),   # large T: explicit branch
+    (7, 2, 3, True, 12)])
+def test_conv_ghost_norms_equal_per_sample_gradient_norms(kernel, stride, padding, bias, size):
+    from common.dp_grad_sample import conv2d_grad_sample, conv2d_norm_sample
+
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(40, 48, kernel, stride=stride, padding=padding, bias=bias)
+    x = torch.randn(5, 40, size, size)
+    g = torch.randn_like(layer(x))
+    norms = conv2d_norm_sample(layer, [x], g)
+    grads = conv2d_grad_sample(layer, [x], g)
+    assert set(norms) == set(grads)
+    for p, gs in grads.items():
+        torch.testing.assert_close(norms[p], gs.reshape(5, -1).norm(dim=1), rtol=1e-4,
+                                   atol=1e-5)
+
+
+def test_ghost_clipping_step_equals_per_sample_gradient_step(site, tmp_path):
+    """Same seed, same Poisson batches, same noise: ghost clipping (two backward passes,
+    norms only) trains to the same weights as materialised per-sample gradients."""
+    def trained(mode: str) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = build_model(norm="group")
+        plan = _dp(tmp_path / mode, grad_sample_mode=mode)
+        local_train(model, site["train"], TrainConfig(epochs=1, batch_size=8, max_steps=3,
+                                                      augment=False), dp=plan)
+        return [p.detach().clone() for p in model.parameters()]
+
+    start = [p.detach().clone() for p in (torch.manual_seed(0), build_model(norm="group"))[1]
+             .parameters()]
+    hooks, ghost_ = trained("hooks"), trained("ghost")
+    moved = max(float((a - s).abs().max()) for a, s in zip(hooks, start, strict=True))
+    assert moved > 1e-4
+    for a, b in zip(hooks, ghost_, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)

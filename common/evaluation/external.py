@@ -9,6 +9,7 @@ on a fixed threshold grid. No per-image score, label, id or image is in it.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -197,6 +198,71 @@ def evaluate_site(cache: SiteCache, models: dict[str, torch.nn.Module],
         ids = [f"img{i:04d}" for i in range(n)]  # local file names only; never sent
         result["gradcam_written"] = write_overlays(models[name], images, scores[name][:n],
                                                    thresholds[name], options.gradcam_dir, ids)
+    return result
+
+
+class ScoreStore:
+    """Per-model scores of one run at one held-out site, on that site's own disk.
+
+    External validation arrives one model per message (so no message carries more than one
+    model); each model's scores (and its device-shift AUCs) are kept here until the final
+    statistics message, which needs all of them at once for the paired tests. Nothing in
+    this folder is ever sent.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+
+    def _stem(self, name: str) -> Path:
+        return self.directory / "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+    def save(self, name: str, scores: np.ndarray, shift_rows: list[dict]) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stem = self._stem(name)
+        tmp = stem.with_suffix(".tmp.npy")
+        np.save(tmp, scores)
+        tmp.replace(stem.with_suffix(".npy"))
+        stem.with_suffix(".shift.json").write_text(json.dumps(shift_rows))
+
+    def load(self, names: list[str]) -> tuple[dict[str, np.ndarray], list[dict]]:
+        missing = [n for n in names if not self._stem(n).with_suffix(".npy").exists()]
+        if missing:
+            raise FileNotFoundError(
+                f"{self.directory}: no stored scores for model(s) {', '.join(missing)}; "
+                "each model must be scored (purpose=external-score) before the statistics")
+        scores = {n: np.load(self._stem(n).with_suffix(".npy")) for n in names}
+        shift = [row for n in names
+                 for row in json.loads(self._stem(n).with_suffix(".shift.json").read_text())]
+        return scores, shift
+
+
+def score_into_store(cache: SiteCache, name: str, model: torch.nn.Module, store: ScoreStore,
+                     *, site: str, options: EvaluationOptions | None = None) -> int:
+    """Score one model on the whole site (plus device shift when asked) into ``store``."""
+    options = options or EvaluationOptions()
+    labels, scores = score_models(cache, {name: model}, options.batch_size)
+    shift = []
+    if options.shift and (options.shift_models is None or name in options.shift_models):
+        shift = device_shift(cache, {name: model}, labels, options.batch_size, site)
+    store.save(name, scores[name], shift)
+    return len(labels)
+
+
+def evaluate_stored(cache: SiteCache, store: ScoreStore, names: list[str],
+                    thresholds: dict[str, dict[str, float]], *, site: str,
+                    options: EvaluationOptions | None = None) -> dict:
+    """All statistics from the stored scores of ``names`` (in that order: the first model is
+    compared with each other one)."""
+    _check_thresholds(names, thresholds)
+    scores, shift = store.load(names)
+    labels = CachedImages(cache).labels()
+    for n, s in scores.items():
+        if s.shape != labels.shape:
+            raise ValueError(f"{store.directory}: scores of {n} have shape {s.shape}, the site "
+                             f"has {labels.shape}; the cache changed since scoring, score again")
+    result = evaluate_scores(labels, scores, thresholds, site=site, meta=cache.index,
+                             options=options)
+    result["shift"] = shift
     return result
 
 

@@ -1,0 +1,55 @@
+"""Send messages to nodes and hand back their replies one at a time, as they arrive.
+
+Flower's ``Grid.send_and_receive`` returns a phase's replies together, so a server that
+uses it holds every site's model at once (memory grows with sites x model), and it sleeps
+3 s between pulls. ``stream_replies`` is built on the same Grid primitives
+(``push_messages`` / ``pull_messages``) but pulls one reply per call and yields it, so the
+caller can fold each model into its running state and drop it before the next is pulled.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+log = logging.getLogger("flwr")
+
+POLL_SECONDS = 0.5  # first wait after a poll that found nothing; doubles up to MAX_POLL
+MAX_POLL_SECONDS = 4.0
+
+
+def stream_replies(grid: Grid, messages: list[Message], timeout: float, *,
+                   poll: float = POLL_SECONDS) -> Iterator[Message]:
+    """Push ``messages``; yield each reply as soon as it is pulled, until all have answered
+    or ``timeout`` seconds have passed (messages still unanswered then are simply missing
+    from what was yielded, as with ``send_and_receive``)."""
+    if not messages:
+        return
+    pending = list(grid.push_messages(messages))
+    del messages
+    deadline = time.monotonic() + timeout
+    wait = poll / 2
+    while pending and time.monotonic() < deadline:
+        arrived = False
+        for mid in list(pending):
+            for reply in grid.pull_messages([mid]):  # one id: at most one model in memory
+                if reply.metadata.reply_to_message_id in pending:
+                    pending.remove(reply.metadata.reply_to_message_id)
+                arrived = True
+                yield reply
+        # Back off while nothing arrives: every poll is one request per pending message,
+        # and the SuperLink serves every node too.
+        wait = poll / 2 if arrived else min(wait * 2, MAX_POLL_SECONDS)
+        if pending and not arrived:
+            time.sleep(min(wait, max(deadline - time.monotonic(), 0)))
+    if pending:
+        log.warning("%d message(s) unanswered after %.0f s", len(pending), timeout)
+
+
+def send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
+    """All replies of a phase whose replies are small (queries, statistics)."""
+    return list(stream_replies(grid, messages, timeout))
