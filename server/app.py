@@ -368,6 +368,15 @@ def main(grid: Grid, context: Context) -> None:
                                         for v in train_nodes.values()}}
     else:
         restore_strategy_state(strategy, st.strategy)
+        # A training site that was not in the run before the crash has no single-site arm
+        # to continue: it sits this run out rather than join mid-experiment.
+        for n, v in list(train_nodes.items()):
+            if single(v.site) not in st.arms:
+                log.warning("resume: %s was not in this run before round %d; it does not "
+                            "train in the rest of it", v.site, st.round)
+                del train_nodes[n], nodes[n]
+        if not train_nodes:
+            raise RuntimeError("resume: none of the run's training sites is connected")
 
     # 2. Train, interleaved, checkpoint every round.
     for rnd in range(st.round + 1, run.num_rounds + 1):
