@@ -32,7 +32,7 @@ class RunConfig:
     target_epsilon: float = 8.0
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    grad_sample_mode: str = "hooks"  # DP per-sample gradients: hooks | ghost (speed only)
+    grad_sample_mode: str = "ghost"  # DP per-image clipping: ghost | hooks (speed only)
     transport_dtype: str = "float32"
     resume_from: str = ""
     out_dir: str = "runs"

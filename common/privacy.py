@@ -35,7 +35,7 @@ class DPConfig:
     delta: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    grad_sample_mode: str = "hooks"  # how Opacus computes per-sample gradients (speed only)
+    grad_sample_mode: str = "ghost"  # ghost clipping | hooks (per-sample grads); speed only
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
