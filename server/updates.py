@@ -200,7 +200,8 @@ class UpdateStore:
         if coordinate_wise:
             return out
         total = sum(u.examples for u in self.updates)
-        arrays, _ = strategy.aggregate_train(self.round, [_reply(out, total, 0)])
+        with _quiet(log):  # Flower would log "Received 1 results": the mean, not the sites
+            arrays, _ = strategy.aggregate_train(self.round, [_reply(out, total, 0)])
         return None if arrays is None else {k: v.numpy() for k, v in arrays.items()}
 
     def close(self) -> None:
