@@ -85,6 +85,20 @@ def aggregation_memory(k: int, strategy_name: str) -> float:
     return peak / 2**20
 
 
+def objects_per_model() -> tuple[int, int]:
+    """Flower objects (one HTTP request each in deployment) in one trained-looking
+    DenseNet-121: one array per tensor vs the packed record fedcxr sends."""
+    from flwr.app import Array, ArrayRecord
+    from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+
+    torch.manual_seed(0)
+    state = {k: v + torch.randn_like(v) if v.is_floating_point() else v
+             for k, v in build_model().state_dict().items()}  # distinct, like after training
+    per_tensor = ArrayRecord({k: Array(v.numpy()) for k, v in state.items()})
+    return (len(get_all_nested_objects(per_tensor)),
+            len(get_all_nested_objects(to_record(state))))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=2)
@@ -97,6 +111,8 @@ def main() -> None:
     print(f"bytes per client per round per arm: fp32 {b32 / 2**20:.1f} MiB, fp16 "
           f"{b16 / 2**20:.1f} MiB ({b16 / b32:.2f}x); each training site receives and sends "
           "two models per round (both arms)")
+    per_tensor, packed = objects_per_model()
+    print(f"Flower objects per model: one array per tensor {per_tensor}, packed {packed}")
     model_mib = b32 / 2**20
     for name in ("fedavg", "fedmedian"):
         peaks = {k: aggregation_memory(k, name) for k in (3, 10, 20)}

@@ -3,10 +3,11 @@
 Weights travel packed: every floating-point tensor of the state dict, in state-dict order, in
 one flat array (``float``; float16 when ``transport-dtype`` is float16, which halves the
 bytes), and every integer buffer (BatchNorm's ``num_batches_tracked``) in another (``int``).
-Why not one array per tensor: Flower moves each array of a record as its own object, one
-HTTP request each through TLS and node authentication; DenseNet-121's 727 tensors made a
-model ~1,200 requests, and on a busy coordinator those requests, not the bytes, were the
-cost. Packed, a model is a handful of 5 MB chunks. Both ends build the same DenseNet-121,
+Why not one array per tensor:
+Flower moves each array of a record as its own object, one HTTP request each through TLS and
+node authentication; a trained DenseNet-121 was 1,215 objects (benchmarks/
+federation_overhead.py prints it), and on a busy coordinator those requests, not the bytes,
+were the cost. Packed, a model is 10 objects. Both ends build the same DenseNet-121,
 so the receiver unpacks against its own state dict (``template``); a size mismatch is an
 error that says so. Every strategy here is element-wise (mean, median, trimmed mean, Adam),
 so aggregating packed arrays is aggregating the tensors.
@@ -77,5 +78,5 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
 
 
 def from_record(record: ArrayRecord, template: Mapping) -> OrderedDict[str, torch.Tensor]:
-    return OrderedDict((k, torch.from_numpy(np.array(v, order="C")))
+    return OrderedDict((k, torch.from_numpy(v))  # unpack's arrays are fresh copies already
                        for k, v in unpack(record_arrays(record), template).items())

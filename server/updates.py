@@ -129,7 +129,7 @@ class UpdateStore:
                 fh.write(b"\0" * pad)
                 offset += pad
                 layout[key] = (offset, a.dtype.str, a.shape)
-                data = np.array(a, order="C").tobytes()
+                data = a.tobytes()  # C order, whatever a's layout
                 fh.write(data)
                 offset += len(data)
         examples = float(msg.content["metrics"]["num-examples"])

@@ -260,8 +260,8 @@ def test_ghost_clipping_step_equals_per_sample_gradient_step(site, tmp_path):
                                                       augment=False), dp=plan)
         return [p.detach().clone() for p in model.parameters()]
 
-    start = [p.detach().clone() for p in (torch.manual_seed(0), build_model(norm="group"))[1]
-             .parameters()]
+    torch.manual_seed(0)
+    start = [p.detach().clone() for p in build_model(norm="group").parameters()]
     hooks, ghost_ = trained("hooks"), trained("ghost")
     moved = max(float((a - s).abs().max()) for a, s in zip(hooks, start, strict=True))
     assert moved > 1e-4

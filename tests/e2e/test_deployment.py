@@ -13,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,8 +190,6 @@ def test_training_supernode_killed_mid_round(fed):
     round-timeout; the run completes, and the results say which arm is incomplete and why.
     (Its hospital then restarts the node: the SuperLink accepts the key again once the dead
     node's heartbeat has expired.)"""
-    import threading
-
     name = "dropout"
     done = {}
 
@@ -229,8 +228,6 @@ def test_superlink_killed_mid_run_then_resumed(fed):
             proc["r"] = fed.run(name, timeout=300, **{"num-rounds": 2})
         except Exception as exc:  # noqa: BLE001 - the run is expected to die with the link
             proc["error"] = exc
-
-    import threading
 
     fed.wait_online(len(SITES) - 1)  # site3 may still be waiting to be let back in
     t = threading.Thread(target=submit, daemon=True)
