@@ -3,7 +3,10 @@
 - ``query``: role (from the node's own config), site name, split sizes, label prevalence,
   privacy budget spent and left.
 - ``train``: train the arm's weights on the local training split (DP + ledger when asked),
-  return weights and aggregate metrics. Refused by ``role_mod`` on held-out nodes.
+  return weights and aggregate metrics. Refused by ``role_mod`` on held-out nodes. With
+  ``validate-received`` set, the global model received is first validated as it arrived
+  (``val-received``: the previous round's global model, validated without a message of its
+  own).
 - ``evaluate``: ``purpose=validation`` on a training node returns per-label validation AUC
   and ROC counts (for threshold choice) of each model sent. On a held-out node,
   ``purpose=external-score`` scores the one model sent and keeps the scores on the site's
@@ -18,6 +21,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 
 import numpy as np
 import torch
@@ -37,7 +42,7 @@ from common.labels import LABELS
 from common.model import build_model
 from common.privacy import DPConfig
 from common.records import from_record, to_record
-from common.training import DPPlan, TrainConfig, local_train, validate
+from common.training import DPPlan, TrainConfig, Validation, local_train, validate
 
 log = logging.getLogger("flwr")
 app = ClientApp(mods=[reply_audit_mod, role_mod, fault_mod])
@@ -47,7 +52,9 @@ def _setup(context: Context):
     run = parse(RunConfig, dict(context.run_config), what="run config")
     site = open_site(context.node_config, run)
     if site.config.partition_id >= 0:
-        torch.set_num_threads(1)  # one core per virtual node: 2 cores are not oversubscribed
+        # A virtual node uses the cores Ray gave it (`fedcxr simulate --cpus-per-site`), so
+        # the machine's cores are not oversubscribed.
+        torch.set_num_threads(int(os.environ.get("FEDCXR_SITE_THREADS", "1")))
     return run, site
 
 
@@ -77,10 +84,24 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": config, "metrics": metrics}), reply_to=msg)
 
 
+def validation_record(v: Validation) -> MetricRecord:
+    """Aggregate validation of one model: per-label AUC and ROC counts (for pooled
+    threshold choice), never per-image scores."""
+    return MetricRecord({
+        "num-examples": max(v.n, 1),
+        "val-auc-mean": float(v.mean_auc) if v.mean_auc is not None else -1.0,
+        "val-auc": [float(x) if x is not None else -1.0 for x in v.auc.values()],
+        **{f"pos-ge/{lb}": v.roc_counts[lb][0] for lb in LABELS},
+        **{f"neg-ge/{lb}": v.roc_counts[lb][1] for lb in LABELS},
+    })
+
+
 def _train_arm(run: RunConfig, site, splits, record: ArrayRecord, cfg, *, arm: str, seed: int,
-               mu: float) -> tuple[ArrayRecord, MetricRecord]:
+               mu: float, validate_first: bool = False
+               ) -> tuple[ArrayRecord, MetricRecord, MetricRecord | None]:
     rnd = int(cfg["server-round"])
     model = _model(record, str(cfg["norm"]))
+    received = validation_record(validate(model, splits["val"])) if validate_first else None
     dp = None
     if run.dp:
         dp = DPPlan(DPConfig(target_epsilon=run.target_epsilon,
@@ -103,7 +124,7 @@ def _train_arm(run: RunConfig, site, splits, record: ArrayRecord, cfg, *, arm: s
         "val-auc-mean": float(val.mean_auc) if val.mean_auc is not None else -1.0,
         "val-auc": [float(v) if v is not None else -1.0 for v in val.auc.values()],
     })
-    return to_record(model.state_dict(), run.transport_dtype), metrics
+    return to_record(model.state_dict(), run.transport_dtype), metrics, received
 
 
 @app.train()
@@ -112,20 +133,27 @@ def train(msg: Message, context: Context) -> Message:
     model (``single/arrays``): both arms of a round then share one message and one ClientApp
     process (in deployment each message starts a process), trained one after the other and
     reported separately."""
+    began = time.monotonic()
     run, site = _setup(context)
     cfg = msg.content["config"]
     splits = site.splits(run)
     arm = str(cfg["arm"])
     meta = ConfigRecord({"arm": arm, "site": site.name})
-    arrays, metrics = _train_arm(run, site, splits, msg.content["arrays"], cfg, arm=arm,
-                                 seed=int(cfg["seed"]), mu=float(cfg.get("proximal-mu", 0.0)))
+    arrays, metrics, received = _train_arm(
+        run, site, splits, msg.content["arrays"], cfg, arm=arm, seed=int(cfg["seed"]),
+        mu=float(cfg.get("proximal-mu", 0.0)),
+        validate_first=bool(cfg.get("validate-received", False)))
     reply = RecordDict({"arrays": arrays, "metrics": metrics, "meta": meta})
+    if received is not None:
+        reply["val-received"] = received
     if "single/arrays" in msg.content:
         single_arm = str(cfg["single-arm"])
-        reply["single/arrays"], reply["single/metrics"] = _train_arm(
+        reply["single/arrays"], reply["single/metrics"], _ = _train_arm(
             run, site, splits, msg.content["single/arrays"], cfg, arm=single_arm,
             seed=int(cfg["single-seed"]), mu=0.0)
         meta["single-arm"] = single_arm
+    log.info("site %s round %s: train message handled in %.1f s", site.name,
+             cfg["server-round"], time.monotonic() - began)
     return Message(reply, reply_to=msg)
 
 
@@ -142,14 +170,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         val_ds = site.splits(run)["val"]
         out = RecordDict({"meta": ConfigRecord({"site": site.name})})
         for name in names:
-            v = validate(_model(msg.content[f"model/{name}"], norm), val_ds)
-            out[f"val/{name}"] = MetricRecord({
-                "num-examples": max(v.n, 1),
-                "val-auc-mean": float(v.mean_auc) if v.mean_auc is not None else -1.0,
-                "val-auc": [float(x) if x is not None else -1.0 for x in v.auc.values()],
-                **{f"pos-ge/{lb}": v.roc_counts[lb][0] for lb in LABELS},
-                **{f"neg-ge/{lb}": v.roc_counts[lb][1] for lb in LABELS},
-            })
+            out[f"val/{name}"] = validation_record(
+                validate(_model(msg.content[f"model/{name}"], norm), val_ds))
         return Message(out, reply_to=msg)
     if purpose not in ("external-score", "external"):
         raise RuntimeError(f"unknown evaluate purpose {purpose!r}")

@@ -32,7 +32,7 @@ class RunConfig:
     target_epsilon: float = 8.0
     max_grad_norm: float = 1.0
     accountant: str = "prv"
-    grad_sample_mode: str = "ghost"  # DP per-image clipping: ghost | hooks (speed only)
+    grad_sample_mode: str = "bk"  # DP per-image clipping: bk | ghost | hooks (speed only)
     transport_dtype: str = "float32"
     resume_from: str = ""
     out_dir: str = "runs"
@@ -51,8 +51,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        if self.grad_sample_mode not in ("hooks", "ghost"):
-            raise ConfigError("grad-sample-mode must be hooks or ghost")
+        if self.grad_sample_mode not in ("hooks", "ghost", "bk"):
+            raise ConfigError("grad-sample-mode must be bk, ghost or hooks")
         if self.transport_dtype not in ("float32", "float16"):
             raise ConfigError("transport-dtype must be float32 or float16")
         if self.num_rounds < 1 or self.local_epochs < 1:

@@ -109,7 +109,8 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
                   f"client-resources-num-gpus=0.0 init-args-num-cpus={total_cpus} "
                   "init-args-num-gpus=0")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
-           "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+           "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
+           "FEDCXR_SITE_THREADS": str(max(1, int(cpus_per_site))), **(extra_env or {})}
     # SuperLink spawns flower-superexec by name: the venv's bin must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = home / "superlink.log"

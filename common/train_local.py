@@ -76,7 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--delta", type=float, help="default 0.1 / n")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
-    p.add_argument("--grad-sample-mode", choices=("hooks", "ghost"), default="ghost",
-                   help="per-image clipping: Opacus per-sample gradients or ghost clipping")
+    p.add_argument("--grad-sample-mode", choices=("bk", "ghost", "hooks"), default="bk",
+                   help="how per-image clipping is computed (same result, speed differs): bk "
+                   "(ghost norms + book-keeping, one backward), ghost (Opacus ghost clipping, two "
+                   "backwards), hooks (Opacus per-sample gradients)")
     p.add_argument("--ledger", help="ledger file (default SITE/.fedcxr/ledger.jsonl)")
     p.set_defaults(func=cmd_train_local)

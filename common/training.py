@@ -71,6 +71,7 @@ class TrainResult:
     delta: float | None = None
     noise_multiplier: float | None = None
     seconds: float = 0.0
+    setup_seconds: float = 0.0  # before the first step (DP: noise calibration, ledger check)
 
 
 def masked_bce(logits: torch.Tensor, targets: torch.Tensor,
@@ -105,7 +106,8 @@ def _proximal(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
 
 
 def ghost(dp: DPPlan | None) -> bool:
-    return dp is not None and dp.config.grad_sample_mode == "ghost"
+    """Opacus' fast-gradient-clipping module (norms, not per-sample gradients): ghost, bk."""
+    return dp is not None and dp.config.grad_sample_mode in ("ghost", "bk")
 
 
 def local_train(
@@ -136,12 +138,23 @@ def local_train(
 
     engine = unit = None
     net = model
+    mode = None
     if dp is not None:
         from opacus import PrivacyEngine
 
-        from common.dp_grad_sample import register
+        from common.dp_grad_sample import (
+            BookkeepingPrivacyEngine,
+            clipped_backward,
+            covers,
+            register,
+        )
 
         register()
+        mode = dp.config.grad_sample_mode
+        if mode == "bk" and (layer := covers(model)) is not None:
+            log.warning("book-keeping clipping does not cover layer %s; using Opacus' "
+                        "two-pass ghost clipping", layer)
+            mode = "ghost"
         n = len(train)
         if n == 0:
             raise ValueError("no training images")
@@ -153,11 +166,12 @@ def local_train(
         what = f"arm {dp.arm} round {dp.round}"
         dp.ledger.check(planned, delta, dp.config.max_epsilon, what)
         unit = dp.ledger.start(planned, delta, run_id=dp.run_id, arm=dp.arm, round=dp.round)
-        engine = PrivacyEngine(accountant=dp.config.accountant)
+        engine = (BookkeepingPrivacyEngine if mode == "bk" else PrivacyEngine)(
+            accountant=dp.config.accountant)
         private = engine.make_private(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
             max_grad_norm=dp.config.max_grad_norm, poisson_sampling=True,
-            grad_sample_mode=dp.config.grad_sample_mode,
+            grad_sample_mode="ghost" if mode == "bk" else mode,
             noise_generator=torch.Generator().manual_seed(config.seed + 2),
         )
         if ghost(dp):
@@ -165,6 +179,7 @@ def local_train(
         else:
             net, optimizer, loader = private
     net.train()
+    setup_seconds = time.perf_counter() - start
     step, examples, epoch_losses = 0, 0, []
     for epoch in range(config.epochs):
         running, batches = 0.0, 0
@@ -177,7 +192,13 @@ def local_train(
             if config.augment:
                 x = augment_batch(x, aug_gen)
             optimizer.zero_grad(set_to_none=True)
-            if ghost(dp):
+            if mode == "bk":
+                # One backward: per-image norms and the clipped gradient sum (book-keeping).
+                x.requires_grad_(True)
+                per_image = masked_bce(net(x), y, pos_weight, per_image=True)
+                clipped_backward(net, per_image, x)
+                loss = per_image.detach().mean()
+            elif ghost(dp):
                 # Opacus' two-pass ghost clipping: the first backward only measures each
                 # image's gradient norm, the second backpropagates the clipped losses.
                 from opacus.utils.fast_gradient_clipping_utils import (
@@ -190,7 +211,8 @@ def local_train(
                 loss = masked_bce(net(x), y, pos_weight)
             if anchor is not None and dp is None:
                 loss = loss + config.proximal_mu / 2 * _proximal(model, anchor)
-            loss.backward()
+            if mode != "bk":
+                loss.backward()
             if dp is None and config.clip_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)
             optimizer.step()
@@ -213,7 +235,8 @@ def local_train(
             break
     result = TrainResult(examples=examples, steps=step,
                          loss=epoch_losses[-1] if epoch_losses else math.nan,
-                         epoch_losses=epoch_losses, seconds=time.perf_counter() - start)
+                         epoch_losses=epoch_losses, seconds=time.perf_counter() - start,
+                         setup_seconds=setup_seconds)
     if dp is not None:
         done = Spend(step, planned.sample_rate, planned.noise_multiplier)
         result.epsilon = dp.ledger.complete(unit, done, delta, run_id=dp.run_id, arm=dp.arm,

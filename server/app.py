@@ -4,8 +4,10 @@
    prevalence and privacy budget.
 2. Train, interleaved: each round every training site trains the global model (federated arm)
    and its own single-site model (baseline arm), same epochs, same seeds. Federated updates
-   are screened, then aggregated by a Flower strategy. The new global model is validated at
+   are screened, then aggregated by a Flower strategy. Each global model is validated at
    every training site; the best one by mean validation AUC is kept. Checkpoint every round.
+   The global model of round r is validated by the train message of round r + 1, before the
+   site trains it (and the last one in step 3): a round is one exchange with each site.
 3. Fix operating points on training-site validation data (ROC counts, never per-image scores).
 4. External validation: every held-out node receives every model, one per message, keeps
    its scores on its own disk, then receives the thresholds and returns aggregate
@@ -65,7 +67,7 @@ class Node:
 class RunState:
     round: int = 0
     arms: dict[str, dict] = field(default_factory=dict)  # name -> state dict (numpy)
-    best: dict = field(default_factory=dict)  # round, mean_val_auc, weights
+    best: dict = field(default_factory=dict)  # round, mean_val_auc, pos, neg, sites, weights
     strategy: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     rejections: list[dict] = field(default_factory=list)
@@ -128,6 +130,7 @@ def _record(weights: dict[str, np.ndarray], run: RunConfig) -> ArrayRecord:
 
 def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st: RunState,
                 strategy, run_name: str, run_dir: Path) -> None:
+    started = time.monotonic()
     train_ids = sorted(n for n, node in nodes.items() if node.role == "train")
     sites = {n: nodes[n].site for n in train_ids}
     norm = "group" if run.dp else "batch"
@@ -136,7 +139,8 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
     # Federated arm: the strategy configures its messages (on training nodes only).
     fed_msgs = list(strategy.configure_train(
         rnd, _record(st.arms[FEDERATED], run),
-        ConfigRecord({**base, "arm": FEDERATED, "seed": _seed(run, rnd, FEDERATED)}),
+        ConfigRecord({**base, "arm": FEDERATED, "seed": _seed(run, rnd, FEDERATED),
+                      "validate-received": rnd > 1}),
         TrainNodesGrid(grid, train_ids)))
     # Both arms of a site share one message (one ClientApp process per site and round).
     # New messages: the strategy's share one RecordDict between all nodes.
@@ -160,6 +164,7 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
     answered: dict[str, set[int]] = {FEDERATED: set()}
     errors: dict[int, str] = {}
     fed_metrics: dict[int, dict] = {}
+    previous = _pooled()  # validation of the global model sent (round rnd - 1's)
 
     def take_arm(r: Message, arm: str, part: str) -> None:
         node = r.metadata.src_node_id
@@ -181,6 +186,8 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
             errors.setdefault(r.metadata.src_node_id, r.error.reason)
             return
         meta = r.content["meta"]
+        if "val-received" in r.content:
+            _pool(previous, r.content["val-received"], sites.get(r.metadata.src_node_id, "?"))
         take_arm(r, str(meta["arm"]), "")
         if "single-arm" in meta:
             take_arm(r, str(meta["single-arm"]), "single/")
@@ -189,6 +196,9 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
         for reply in stream_replies(grid, fed_msgs + single_msgs, run.round_timeout):
             take(reply)
             del reply
+        replied = time.monotonic()
+        if rnd > 1:  # before aggregation replaces it: st.arms[FEDERATED] is what was sent
+            _validated(st, rnd - 1, _finish(previous), st.arms[FEDERATED])
         # Failures: every (arm, node) that was asked and did not answer with a result.
         for n in train_ids:
             for arm in (FEDERATED, single(sites[n])):
@@ -209,18 +219,32 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
                         "global model unchanged", rnd, len(kept), run.min_train_sites)
     finally:
         store.close()
-    # Validate the new global model at every training site (best-global checkpointing).
-    val = validate_models(grid, run, rnd, {FEDERATED: st.arms[FEDERATED]},
-                          {FEDERATED: train_ids}, norm)
-    mean = val[FEDERATED]["mean"]
-    _record_history(st, rnd, FEDERATED, [fed_metrics[u.node] for u in kept], mean_val=mean,
-                    answered=len(val[FEDERATED]["sites"]))
+    # This round's global model is validated by the next round's train message.
+    _record_history(st, rnd, FEDERATED, [fed_metrics[u.node] for u in kept], mean_val=None,
+                    answered=0)
+    prev = (f"; round {rnd - 1} global: mean val AUC {_auc(previous['mean'])} at "
+            f"{len(previous['sites'])} sites" if rnd > 1 else "")
+    log.info("round %d: federated %d/%d sites, rejected %d%s; eps %s; %.1f s (replies %.1f s)",
+             rnd, len(kept), len(train_ids), len(store.rejected), prev,
+             {k: round(v, 2) for k, v in st.epsilon.items()} or "n/a",
+             time.monotonic() - started, replied - started)
+
+
+def _auc(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "n/a"
+
+
+def _validated(st: RunState, rnd: int, val: dict, weights: dict[str, np.ndarray]) -> None:
+    """Round ``rnd``'s global model (``weights``) was validated: fill its history row and
+    keep it, with its pooled ROC counts (for thresholds), when it is the best so far."""
+    for h in st.history:
+        if h["round"] == rnd and h["arm"] == FEDERATED:
+            h["val_auc"], h["sites_answered"] = val["mean"], len(val["sites"])
+    mean = val["mean"]
     if mean is not None and (not st.best or mean > st.best["mean_val_auc"]):
-        st.best = {"round": rnd, "mean_val_auc": mean,
-                   "weights": {k: v.copy() for k, v in st.arms[FEDERATED].items()}}
-    log.info("round %d: federated %d/%d sites, mean val AUC %s, rejected %d; eps %s", rnd,
-             len(kept), len(train_ids), f"{mean:.3f}" if mean is not None else "n/a",
-             len(store.rejected), {k: round(v, 2) for k, v in st.epsilon.items()} or "n/a")
+        st.best = {"round": rnd, "mean_val_auc": mean, "pos": val["pos"], "neg": val["neg"],
+                   "sites": list(val["sites"]),
+                   "weights": {k: v.copy() for k, v in weights.items()}}
 
 
 def _record_history(st: RunState, rnd: int, arm: str, metrics: list[dict], *,
@@ -244,27 +268,36 @@ def validate_models(grid: Grid, run: RunConfig, rnd: int, models: dict[str, dict
     msgs = [_msg({**{f"model/{name}": _record(models[name], run) for name in names},
                   "config": ConfigRecord({"purpose": "validation", "norm": norm})},
                  n, MessageType.EVALUATE, rnd) for n, names in per_node.items()]
-    out = {name: {"sites": [], "aucs": [], "pos": None, "neg": None, "mean": None}
-           for name in models}
+    out = {name: _pooled() for name in models}
     for r in send(grid, msgs, run.round_timeout):
         if r.has_error():
             log.warning("validation at node %d failed: %s", r.metadata.src_node_id,
                         r.error.reason)
             continue
         for key, rec in r.content.items():
-            if not key.startswith("val/"):
-                continue
-            o = out[key.removeprefix("val/")]
-            o["sites"].append(str(r.content["meta"]["site"]))
-            if float(rec["val-auc-mean"]) >= 0:
-                o["aucs"].append(float(rec["val-auc-mean"]))
-            pos = np.array([rec[f"pos-ge/{lb}"] for lb in LABELS], dtype=np.int64)
-            neg = np.array([rec[f"neg-ge/{lb}"] for lb in LABELS], dtype=np.int64)
-            o["pos"] = pos if o["pos"] is None else o["pos"] + pos
-            o["neg"] = neg if o["neg"] is None else o["neg"] + neg
-    for o in out.values():
-        o["mean"] = float(np.mean(o["aucs"])) if o["aucs"] else None
-    return out
+            if key.startswith("val/"):
+                _pool(out[key.removeprefix("val/")], rec, str(r.content["meta"]["site"]))
+    return {name: _finish(o) for name, o in out.items()}
+
+
+def _pooled() -> dict:
+    return {"sites": [], "aucs": [], "pos": None, "neg": None, "mean": None}
+
+
+def _pool(o: dict, rec, site: str) -> None:
+    """Add one site's validation of a model (a ``validation_record``) to ``o``."""
+    o["sites"].append(site)
+    if float(rec["val-auc-mean"]) >= 0:
+        o["aucs"].append(float(rec["val-auc-mean"]))
+    pos = np.array([rec[f"pos-ge/{lb}"] for lb in LABELS], dtype=np.int64)
+    neg = np.array([rec[f"neg-ge/{lb}"] for lb in LABELS], dtype=np.int64)
+    o["pos"] = pos if o["pos"] is None else o["pos"] + pos
+    o["neg"] = neg if o["neg"] is None else o["neg"] + neg
+
+
+def _finish(o: dict) -> dict:
+    o["mean"] = float(np.mean(o["aucs"])) if o["aucs"] else None
+    return o
 
 
 def fix_thresholds(run: RunConfig, val: dict[str, dict]) -> dict[str, dict[str, float]]:
@@ -329,7 +362,7 @@ def _write_metrics_csv(run_dir: Path, st: RunState) -> None:
     tmp = path.with_suffix(".csv.tmp")
     with open(tmp, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=["round", "arm", "sites_answered", "loss", "val_auc",
-                                           "epsilon"])
+                                           "epsilon", "seconds"])
         w.writeheader()
         w.writerows(st.history)
     tmp.replace(path)
@@ -358,6 +391,7 @@ def main(grid: Grid, context: Context) -> None:
     if not train_nodes:
         raise RuntimeError("no node has role=train; nothing to train")
     role_probe = probe_roles(grid, run, nodes)
+    log.info("discovery and role probe done (%.1f s into the run)", time.time() - started)
     norm = "group" if run.dp else "batch"
     strategy = make_strategy(run, len(train_nodes))
     if not run.resume_from:
@@ -380,27 +414,48 @@ def main(grid: Grid, context: Context) -> None:
 
     # 2. Train, interleaved, checkpoint every round.
     for rnd in range(st.round + 1, run.num_rounds + 1):
+        began = time.monotonic()
         train_round(grid, run, rnd, nodes, st, strategy, run_name, run_dir)
         st.round = rnd
         st.strategy = strategy_state(strategy)
-        checkpoint.save({"run_name": run_name, "config": as_flower(run), "state": st.__dict__},
-                        run_dir, rnd)
+        saving = time.monotonic()
+        path = checkpoint.save({"run_name": run_name, "config": as_flower(run),
+                                "state": st.__dict__}, run_dir, rnd)
+        done = time.monotonic()
+        for h in st.history:  # the round's wall time, first message to checkpoint written
+            if h["round"] == rnd and h["arm"] == FEDERATED:
+                h["seconds"] = round(done - began, 2)
         _write_metrics_csv(run_dir, st)
+        log.info("round %d: checkpoint %s (%.1f s)", rnd, path.name, done - saving)
 
-    # 3. Operating points from training-site validation data only.
-    final = {FEDERATED: st.best.get("weights", st.arms[FEDERATED]),
-             **{single(v.site): st.arms[single(v.site)] for v in train_nodes.values()}}
+    # 3. Operating points from training-site validation data only. One message per site
+    # validates the last global model (not yet validated) and the site's own model; the
+    # best global model's ROC counts were kept when it was validated.
+    last = {FEDERATED: st.arms[FEDERATED],
+            **{single(v.site): st.arms[single(v.site)] for v in train_nodes.values()}}
     targets = {FEDERATED: list(train_nodes),
                **{single(v.site): [n] for n, v in train_nodes.items()}}
-    val = validate_models(grid, run, run.num_rounds + 1, final, targets, norm)
+    val = validate_models(grid, run, run.num_rounds + 1, last, targets, norm)
+    _validated(st, run.num_rounds, val[FEDERATED], st.arms[FEDERATED])
+    _write_metrics_csv(run_dir, st)
+    log.info("round %d global: mean val AUC %s at %d sites; best global model: round %s",
+             run.num_rounds, _auc(val[FEDERATED]["mean"]), len(val[FEDERATED]["sites"]),
+             st.best.get("round", "none (no estimable AUC); the last is used"))
+    final = dict(last)
+    if st.best:
+        final[FEDERATED] = st.best["weights"]
+        val[FEDERATED] = {"sites": st.best["sites"], "pos": st.best["pos"],
+                          "neg": st.best["neg"], "mean": st.best["mean_val_auc"]}
     thresholds = fix_thresholds(run, val)
-    log.info("thresholds fixed on training-site validation data (%s, target %.2f)",
-             run.threshold_method, run.threshold_target)
+    log.info("thresholds fixed on training-site validation data (%s, target %.2f; %.1f s "
+             "into the run)", run.threshold_method, run.threshold_target, time.time() - started)
 
     # 4. External validation at every held-out node: one model per message (scores stay at
     # the site), then one statistics message naming every model, with the thresholds.
     site_results = external_validation(grid, run, run_name, final, thresholds, held_out, norm)
     evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)
+    log.info("external validation done at %d held-out site(s) (%.1f s into the run)",
+             len(site_results), time.time() - started)
 
     # 5. Verdict and report.
     failed = {}
@@ -438,4 +493,5 @@ def main(grid: Grid, context: Context) -> None:
     results["provenance"]["seconds"] = round(time.time() - started, 1)
     rpath, hpath = write_report(results, run_dir)
     log.info("%s", results["verdict"]["overall"])
-    log.info("results: %s ; report: %s", rpath.resolve(), hpath.resolve())
+    log.info("results: %s ; report: %s (%.1f s)", rpath.resolve(), hpath.resolve(),
+             time.time() - started)

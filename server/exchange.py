@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 log = logging.getLogger("flwr")
 
 POLL_SECONDS = 0.5  # first wait after a poll that found nothing; doubles up to MAX_POLL
-MAX_POLL_SECONDS = 4.0
+MAX_POLL_SECONDS = 1.0
 
 
 def stream_replies(grid: Grid, messages: list[Message], timeout: float, *,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
@@ -71,7 +70,15 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     arms = {a["name"]: a for a in results["arms"]}
     assert set(arms) == {"federated", "single:site1", "single:site2"}
     assert all(a["status"] == "complete" for a in arms.values())
-    assert [h["round"] for h in arms["federated"]["history"]] == [1, 2]
+    history = arms["federated"]["history"]
+    assert [h["round"] for h in history] == [1, 2]
+    # Every global model was validated at both training sites: round 1's by the train
+    # messages of round 2, round 2's with the single-site models before thresholds.
+    assert all(h["val_auc"] is not None and h["sites_answered"] == 2 for h in history), history
+    best = max(history, key=lambda h: h["val_auc"])
+    assert arms["federated"]["best_round"] == best["round"]
+    assert results["provenance"]["config"]["validation_mean_auc"]["federated"] == \
+        pytest.approx(best["val_auc"])
     models = {r["model"] for r in results["external"] if r["site"] == "site3"}
     assert models == set(arms)
     assert any(r["auc"] is not None for r in results["external"])
@@ -141,7 +148,9 @@ def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
 
 
 def _arms(path: Path) -> dict:
-    return torch.load(path, weights_only=False)["state"]["arms"]
+    from server import checkpoint
+
+    return checkpoint.load(str(path))["state"]["arms"]
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(run_a, small_cohort, tmp_path):

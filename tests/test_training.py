@@ -249,9 +249,11 @@ def test_conv_ghost_norms_equal_per_sample_gradient_norms(kernel, stride, paddin
                                    atol=1e-5)
 
 
-def test_ghost_clipping_step_equals_per_sample_gradient_step(site, tmp_path):
+@pytest.mark.parametrize("mode", ["ghost", "bk"])
+def test_ghost_clipping_step_equals_per_sample_gradient_step(site, tmp_path, mode):
     """Same seed, same Poisson batches, same noise: ghost clipping (two backward passes,
-    norms only) trains to the same weights as materialised per-sample gradients."""
+    norms only) and book-keeping (one backward) train to the same weights as materialised
+    per-sample gradients."""
     def trained(mode: str) -> list[torch.Tensor]:
         torch.manual_seed(0)
         model = build_model(norm="group")
@@ -262,8 +264,72 @@ def test_ghost_clipping_step_equals_per_sample_gradient_step(site, tmp_path):
 
     torch.manual_seed(0)
     start = [p.detach().clone() for p in build_model(norm="group").parameters()]
-    hooks, ghost_ = trained("hooks"), trained("ghost")
+    hooks, ghost_ = trained("hooks"), trained(mode)
     moved = max(float((a - s).abs().max()) for a, s in zip(hooks, start, strict=True))
     assert moved > 1e-4
     for a, b in zip(hooks, ghost_, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+def test_bookkeeping_gradient_is_the_sum_of_clipped_per_image_gradients():
+    """One step of bk mode leaves p.grad = sum_i min(1, C / |g_i|) g_i, with g_i each image's
+    own gradient taken by a plain backward of that image alone -- for every layer kind it
+    covers (1x1, 3x3 and strided 7x7 convolutions with and without bias, GroupNorm, Linear)
+    and both ways it forms a convolution's part (kept per-image gradients, or the input and
+    output gradient when the Gram norm was cheaper)."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from common.dp_grad_sample import BookkeepingPrivacyEngine, clipped_backward, register
+
+    register()
+    torch.manual_seed(0)
+
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(2, 8, 7, stride=2, padding=3, bias=True), torch.nn.GroupNorm(2, 8),
+            torch.nn.ReLU(), torch.nn.Conv2d(8, 12, 3, padding=1, bias=False),
+            torch.nn.GroupNorm(3, 12), torch.nn.ReLU(),
+            torch.nn.Conv2d(12, 40, 1, bias=False),  # 1x1 at 8x8: explicit per-image grads
+            torch.nn.AvgPool2d(4), torch.nn.Conv2d(40, 40, 1, bias=True),  # 2x2: Gram norm
+            torch.nn.Flatten(), torch.nn.Linear(160, 3))
+
+    model = net()
+    reference = net()
+    reference.load_state_dict(model.state_dict())
+    x, y = torch.randn(6, 2, 16, 16), torch.randn(6, 3)
+    per_image_grads = []
+    for i in range(6):
+        reference.zero_grad()
+        ((reference(x[i:i + 1]) - y[i:i + 1]) ** 2).sum().backward()
+        per_image_grads.append([p.grad.clone() for p in reference.parameters()])
+    norms = torch.stack([torch.sqrt(sum((g ** 2).sum() for g in gs)) for gs in per_image_grads])
+    clip = float(norms.median())  # some images clipped, some not
+    expected = [sum(min(1.0, clip / float(norms[i])) * per_image_grads[i][k] for i in range(6))
+                for k in range(len(per_image_grads[0]))]
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    gsm, opt, _, _ = BookkeepingPrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=opt, data_loader=loader, noise_multiplier=0.0,
+        max_grad_norm=clip, poisson_sampling=False, grad_sample_mode="ghost")
+    assert isinstance(opt, DPOptimizerFastGradientClipping)
+    xb = x.clone().requires_grad_(True)
+    coef = clipped_backward(gsm, ((gsm(xb) - y) ** 2).sum(dim=1), xb)
+    assert int((coef < 1).sum()) in range(1, 6)
+    for (name, p), want in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_merged_ledger_history_gives_the_same_epsilon():
+    """compose_epsilon adds the steps of units with the same noise and sample rate into one
+    accountant entry: ε must equal Opacus' accountant fed the raw, one-entry-per-unit
+    history."""
+    from common.privacy import make_accountant
+
+    spends = [Spend(40, 0.025, 0.9), Spend(40, 0.025, 0.9), Spend(13, 0.05, 1.2),
+              Spend(40, 0.025, 0.9), Spend(0, 0.025, 0.9)]
+    for kind in ("prv", "rdp"):
+        acc = make_accountant(kind)
+        acc.history = [s.as_history() for s in spends if s.steps]
+        assert compose_epsilon(spends, 1e-5, kind) == pytest.approx(
+            float(acc.get_epsilon(delta=1e-5)), rel=1e-6)
