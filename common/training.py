@@ -125,6 +125,7 @@ def local_train(
     """
     seed_everything(config.seed)
     start = time.perf_counter()
+    model.train()  # Opacus refuses a model left in eval mode (e.g. by a validation)
     pos_weight = pos_weight_from(train.labels(), config.pos_weight_cap)
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,

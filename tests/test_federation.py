@@ -147,7 +147,7 @@ def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
     assert not (run_dir / "updates").exists()  # the coordinator's spilled updates are removed
 
 
-def _arms(path: Path) -> dict:
+def checkpoint_arms(path: Path) -> dict:
     from server import checkpoint
 
     return checkpoint.load(str(path))["state"]["arms"]
@@ -173,8 +173,8 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(run_a, small_cohort, 
     code = simulate(small_cohort, {**CONFIG, "out-dir": str(tmp_path / "resumed"),
                                    "resume-from": str(first)})
     assert code == 0
-    resumed = _arms(tmp_path / "resumed" / "k" / "checkpoints" / "round-002.pt")
-    uninterrupted = _arms(reference / "checkpoints" / "round-002.pt")
+    resumed = checkpoint_arms(tmp_path / "resumed" / "k" / "checkpoints" / "round-002.pt")
+    uninterrupted = checkpoint_arms(reference / "checkpoints" / "round-002.pt")
     for arm, weights in uninterrupted.items():
         diff = max(float(np.abs(weights[k].astype(np.float64)
                                 - resumed[arm][k].astype(np.float64)).max()) for k in weights)
@@ -197,6 +197,35 @@ def test_a_site_failing_mid_round_leaves_its_arm_incomplete(small_cohort, tmp_pa
                                                           ("single:site2", 2)}
     fed = [h for h in arms["federated"]["history"] if h["round"] == 2][0]
     assert fed["sites_answered"] == 2  # validation still at both; training from site1 only
+
+
+def test_dp_run_spends_from_each_sites_ledger(small_cohort, tmp_path):
+    """dp=true on the simulation engine: GroupNorm models, both arms of every round spend
+    from the training site's own ledger (on its disk), and the ε the run reports for each
+    site is what that ledger composes to; the held-out site has no ledger."""
+    from common.privacy import PrivacyLedger
+
+    root = small_cohort.parent
+    for site in ("site1", "site2", "site3"):
+        (root / site / ".fedcxr" / "ledger.jsonl").unlink(missing_ok=True)
+    code = simulate(small_cohort, {**CONFIG, "out-dir": str(tmp_path), "run-name": "dp",
+                                   "dp": True, "target-epsilon": 4.0})
+    assert code == 0
+    results = json.loads((tmp_path / "dp" / "results.json").read_text())
+    privacy = {p["site"]: p for p in results["privacy"]}
+    assert set(privacy) == {"site1", "site2"}
+    for site, row in privacy.items():
+        ledger = PrivacyLedger(root / site / ".fedcxr" / "ledger.jsonl")
+        done = [e for e in ledger.entries() if e["status"] == "completed"]
+        assert sorted((e["round"], e["arm"]) for e in done) == [
+            (1, "federated"), (1, f"single:{site}"), (2, "federated"), (2, f"single:{site}")]
+        assert all(e["run_id"] == "dp" for e in done)
+        total = ledger.epsilon(done[0]["delta"])
+        assert row["epsilon"] == pytest.approx(total, rel=1e-6)
+        assert 0 < total <= 4.0 * 1.01  # the run's target, spread over its 4 units
+    assert not (root / "site3" / ".fedcxr" / "ledger.jsonl").exists()
+    arms = checkpoint_arms(tmp_path / "dp" / "checkpoints" / "round-002.pt")
+    assert not any("running_mean" in k for k in arms["federated"])  # GroupNorm under DP
 
 
 def test_held_out_node_refuses_to_train(small_cohort, task_identity):
