@@ -71,8 +71,8 @@ def compose_epsilon(spends: list[Spend], delta: float, accountant: str) -> float
 
     Units with the same noise multiplier and sample rate are one mechanism repeated, so
     their steps are added into one history entry: the same composition (identical ε, tested),
-    but the PRV accountant's cost grows with the number of entries (12 rounds of one arm:
-    2.6 s as 12 entries, 0.2 s as one), and a site's ledger grows every round."""
+    but the PRV accountant's cost grows with the number of entries, and a site's ledger
+    grows by two units every round."""
     merged: dict[tuple[float, float], int] = {}
     for s in spends:
         if s.steps > 0:
