@@ -81,6 +81,48 @@ def ours_rate(ds: CachedImages, batch: int, steps: int, dp: DPPlan | None,
     return r.examples / (r.seconds - r.setup_seconds)
 
 
+def step_breakdown(size: int, batch: int, steps: int) -> dict[str, dict[str, float]]:
+    """Milliseconds per step in each part of a training step, GroupNorm model, without DP
+    and in bk mode: where the DP step's extra time goes."""
+    from common.dp_grad_sample import BookkeepingPrivacyEngine, clipped_backward, register
+    from common.training import masked_bce
+
+    register()
+    x, y = torch.rand(batch * 2, 1, size, size), (torch.rand(batch * 2, 14) < 0.2).float()
+    out = {}
+    for name in ("GroupNorm non-DP", "DP bk"):
+        torch.manual_seed(0)
+        model = build_model(norm="group")
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        net = model
+        if name == "DP bk":
+            loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y),
+                                                 batch_size=batch)
+            net, opt, _, _ = BookkeepingPrivacyEngine(accountant="rdp").make_private(
+                module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
+                max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost")
+        net.train()
+        parts = {"forward": 0.0, "backward (+ clipping)": 0.0, "optimizer (+ noise)": 0.0}
+        for i in range(steps + 1):
+            xb = x[:batch].clone().requires_grad_(name == "DP bk")
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            per_image = masked_bce(net(xb), y[:batch], per_image=True)
+            t1 = time.perf_counter()
+            if name == "DP bk":
+                clipped_backward(net, per_image, xb)
+            else:
+                per_image.mean().backward()
+            t2 = time.perf_counter()
+            opt.step()
+            t3 = time.perf_counter()
+            if i:  # the first step is warm-up
+                for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                    parts[k] += dt * 1000 / steps
+        out[name] = parts
+    return out
+
+
 MODES = ("hooks", "ghost", "bk")  # Opacus per-sample grads | two-pass ghost | one-pass bk
 
 
@@ -95,6 +137,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved tries; best is kept")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="also time the parts of a step (forward, backward, optimizer)")
     args = ap.parse_args()
     print(f"torch threads: {torch.get_num_threads()}, batch {args.batch}, {args.steps} steps, "
           f"best of {args.repeats} interleaved tries")
@@ -123,6 +167,11 @@ def main() -> None:
                       f" {rate / ours_gn:.2f}x GroupNorm non-DP)")
             print(f"  DP set-up before the first step (noise calibration, ledger check), "
                   f"first call {FIRST_SETUP[len(ds)]:.1f} s, then cached {SETUP['bk']:.2f} s")
+            if args.breakdown:
+                for name, parts in step_breakdown(size, args.batch, steps).items():
+                    print(f"  ms per step, {name}: " + ", ".join(
+                        f"{k} {v:.0f}" for k, v in parts.items())
+                        + f"; total {sum(parts.values()):.0f}")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
     GradSampleModuleFastGradientClipping,
 )
 from opacus.grad_sample.utils import register_grad_sampler, register_norm_sampler
+from opacus.optimizers import DPOptimizerFastGradientClipping
 
 # Layer attribute: set on every layer of a model wrapped for bk mode (the norm functions then
 # keep what the clipped gradient needs); the kept parts live in `_BK_PARTS` until used.
@@ -225,11 +226,27 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
                     delattr(layer, attr)
 
 
+class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' fast-gradient-clipping DP optimizer (noise, scaling, accountant hook), taking
+    the clipped sum without a copy. Opacus deep-copies every ``p.grad`` into
+    ``p.summed_grad`` because autograd may still add into ``p.grad`` (gradient accumulation);
+    ``clipped_backward`` assigns a fresh ``p.grad`` every step and Poisson sampling forbids
+    accumulation, and ``add_noise`` replaces ``p.grad`` rather than writing into it, so the
+    sum can be handed over as it is."""
+
+    def accumulate(self) -> None:
+        for p in self.params:
+            if p.summed_grad is not None:
+                p.summed_grad.add_(p.grad.data)
+            else:
+                p.summed_grad = p.grad.data
+
+
 class BookkeepingPrivacyEngine(PrivacyEngine):
     """Opacus' PrivacyEngine (its data loader, DP optimizer with its noise, and its
     accountant) around ``BookkeepingGradSampleModule``; call ``make_private`` with
     ``grad_sample_mode="ghost"`` so the optimizer is Opacus' fast-gradient-clipping one,
-    which takes ``p.grad`` as the already-clipped sum."""
+    which takes ``p.grad`` as the already-clipped sum (``BookkeepingDPOptimizer``)."""
 
     def _prepare_model(self, module: nn.Module, *, batch_first: bool = True,
                        max_grad_norm: float = 1.0, loss_reduction: str = "mean",
@@ -240,6 +257,14 @@ class BookkeepingPrivacyEngine(PrivacyEngine):
         return BookkeepingGradSampleModule(module, batch_first=batch_first,
                                            loss_reduction=loss_reduction,
                                            max_grad_norm=max_grad_norm)
+
+    def _prepare_optimizer(self, **kwargs) -> BookkeepingDPOptimizer:
+        optimizer = super()._prepare_optimizer(**kwargs)
+        if type(optimizer) is not DPOptimizerFastGradientClipping:
+            raise ValueError(f"book-keeping clipping needs Opacus' fast-gradient-clipping "
+                             f"optimizer, got {type(optimizer).__name__}")
+        optimizer.__class__ = BookkeepingDPOptimizer  # same state, one method differs
+        return optimizer
 
 
 def covers(model: nn.Module) -> str | None:
