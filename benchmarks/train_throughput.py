@@ -60,25 +60,18 @@ def plain_rate(size: int, batch: int, steps: int) -> float:
     return steps * batch / (time.perf_counter() - start)
 
 
-SETUP: dict[str, float] = {}
-FIRST_SETUP: dict[int, float] = {}  # by number of images (one calibration each)
-
-
 def ours_rate(ds: CachedImages, batch: int, steps: int, dp: DPPlan | None,
-              norm: str = "batch") -> float:
-    """Images/s over the training steps of one local_train call. The call's set-up before
-    its first step (under DP: noise calibration and the ledger check, seconds of
-    accountant work whatever the number of steps) is kept in SETUP and printed apart."""
+              norm: str = "batch") -> tuple[float, float, float]:
+    """Images/s over the training steps of one local_train call, and the set-up seconds
+    before the first step of the warm-up call and of the timed call (under DP: noise
+    calibration and the ledger check, accountant work whatever the number of steps)."""
     torch.manual_seed(0)
     model = build_model(norm=norm)
     cfg = TrainConfig(epochs=100, batch_size=batch, max_steps=1)
     first = local_train(model, ds, cfg, dp=dp)  # warm-up (and Opacus set-up)
     cfg.max_steps = steps
     r = local_train(model, ds, cfg, dp=dp)
-    if dp is not None:
-        SETUP[dp.config.grad_sample_mode] = r.setup_seconds
-        FIRST_SETUP.setdefault(len(ds), first.setup_seconds)
-    return r.examples / (r.seconds - r.setup_seconds)
+    return r.examples / (r.seconds - r.setup_seconds), first.setup_seconds, r.setup_seconds
 
 
 def step_breakdown(size: int, batch: int, steps: int) -> dict[str, dict[str, float]]:
@@ -150,13 +143,16 @@ def main() -> None:
             # Interleaved repeats, best of each: this machine is shared and its speed drifts
             # by tens of percent within minutes; the best of a few tries is each loop's speed.
             best: dict[str, float] = {}
+            dp_setups: list[tuple[float, float]] = []  # (warm-up call, timed call)
             for rep in range(args.repeats):
-                rates = {"plain": plain_rate(size, args.batch, steps),
-                         "ours": ours_rate(ds, args.batch, steps, None),
-                         "ours_gn": ours_rate(ds, args.batch, steps, None, norm="group"),
-                         **{mode: ours_rate(ds, args.batch, steps,
-                                            dp_plan(tmp, f"dp{size}{mode}{rep}", mode),
-                                            norm="group") for mode in MODES}}
+                rates = {"plain": plain_rate(size, args.batch, steps)}
+                loops = [("ours", None, "batch"), ("ours_gn", None, "group"),
+                         *[(mode, dp_plan(tmp, f"dp{size}{mode}{rep}", mode), "group")
+                           for mode in MODES]]
+                for key, plan, norm in loops:
+                    rates[key], first, again = ours_rate(ds, args.batch, steps, plan, norm)
+                    if plan is not None:
+                        dp_setups.append((first, again))
                 best = {k: max(v, best.get(k, 0.0)) for k, v in rates.items()}
             plain, ours, ours_gn = best["plain"], best["ours"], best["ours_gn"]
             dp = {mode: best[mode] for mode in MODES}
@@ -166,7 +162,7 @@ def main() -> None:
                 print(f"  DP {mode:5s}: {rate:.1f} img/s ({rate / ours:.2f}x ours, target >= 0.5;"
                       f" {rate / ours_gn:.2f}x GroupNorm non-DP)")
             print(f"  DP set-up before the first step (noise calibration, ledger check), "
-                  f"first call {FIRST_SETUP[len(ds)]:.1f} s, then cached {SETUP['bk']:.2f} s")
+                  f"first call {dp_setups[0][0]:.1f} s, then cached {dp_setups[-1][1]:.2f} s")
             if args.breakdown:
                 for name, parts in step_breakdown(size, args.batch, steps).items():
                     print(f"  ms per step, {name}: " + ", ".join(

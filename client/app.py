@@ -84,13 +84,17 @@ def query(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"site": config, "metrics": metrics}), reply_to=msg)
 
 
+def _aucs(v: Validation) -> dict:
+    """Mean and per-label validation AUC (-1: not estimable)."""
+    return {"val-auc-mean": float(v.mean_auc) if v.mean_auc is not None else -1.0,
+            "val-auc": [float(x) if x is not None else -1.0 for x in v.auc.values()]}
+
+
 def validation_record(v: Validation) -> MetricRecord:
     """Aggregate validation of one model: per-label AUC and ROC counts (for pooled
     threshold choice), never per-image scores."""
     return MetricRecord({
-        "num-examples": max(v.n, 1),
-        "val-auc-mean": float(v.mean_auc) if v.mean_auc is not None else -1.0,
-        "val-auc": [float(x) if x is not None else -1.0 for x in v.auc.values()],
+        "num-examples": max(v.n, 1), **_aucs(v),
         **{f"pos-ge/{lb}": v.roc_counts[lb][0] for lb in LABELS},
         **{f"neg-ge/{lb}": v.roc_counts[lb][1] for lb in LABELS},
     })
@@ -120,9 +124,7 @@ def _train_arm(run: RunConfig, site, splits, record: ArrayRecord, cfg, *, arm: s
              f", ε {result.epsilon:.2f}" if result.epsilon is not None else "")
     metrics = MetricRecord({
         "num-examples": max(result.examples, 1), "loss": float(result.loss),
-        "epsilon": float(result.epsilon) if result.epsilon is not None else -1.0,
-        "val-auc-mean": float(val.mean_auc) if val.mean_auc is not None else -1.0,
-        "val-auc": [float(v) if v is not None else -1.0 for v in val.auc.values()],
+        "epsilon": float(result.epsilon) if result.epsilon is not None else -1.0, **_aucs(val),
     })
     return to_record(model.state_dict(), run.transport_dtype), metrics, received
 

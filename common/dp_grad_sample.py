@@ -177,8 +177,8 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
     """Opacus' fast-gradient-clipping module with lighter hooks, for ``bk`` mode.
 
     Opacus hooks every layer twice: a forward hook plus a *full* backward hook, which wraps
-    each layer's inputs and outputs in extra autograd nodes; on DenseNet-121's 242
-    parameterised layers that bookkeeping doubled the forward pass. Here one forward hook
+    each layer's inputs and outputs in extra autograd nodes, a large share of the forward
+    pass on DenseNet-121's 242 parameterised layers (torch profiler). Here one forward hook
     keeps the layer's input and puts a tensor hook on its output; when the output's gradient
     arrives, the layer's registered norm function (``NORM_SAMPLERS``, above) records each
     parameter's per-image gradient norm in ``p._norm_sample`` -- what Opacus'
@@ -188,14 +188,12 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
                   force_functorch: bool = False) -> None:
         if not batch_first or force_functorch:
             raise ValueError("book-keeping clipping needs batch-first inputs, no functorch")
+        if (layer := covers(self._module)) is not None:
+            raise TypeError(f"book-keeping clipping does not cover layer {layer}")
         self._module.autograd_grad_sample_hooks = []
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
-        for name, layer in self._module.named_modules():
-            if not any(p.requires_grad for p in layer.parameters(recurse=False)):
-                continue
-            if type(layer) not in self.NORM_SAMPLERS or not isinstance(layer, BK_LAYERS):
-                raise TypeError(f"book-keeping clipping does not cover layer {name} "
-                                f"({type(layer).__name__})")
+        self.bk_layers = _trainable_layers(self._module)  # what clipped_backward visits
+        for layer in self.bk_layers:
             setattr(layer, _BK_ON, True)
             self.autograd_grad_sample_hooks.append(
                 layer.register_forward_hook(self._capture))
@@ -220,7 +218,7 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
-        for layer in self._module.modules():
+        for layer in self.bk_layers:
             for attr in (_BK_ON, _BK_PARTS):
                 if hasattr(layer, attr):
                     delattr(layer, attr)
@@ -267,12 +265,18 @@ class BookkeepingPrivacyEngine(PrivacyEngine):
         return optimizer
 
 
+def _trainable_layers(model: nn.Module) -> list[nn.Module]:
+    return [layer for layer in model.modules()
+            if any(p.requires_grad for p in layer.parameters(recurse=False))]
+
+
 def covers(model: nn.Module) -> str | None:
-    """None when bk mode can train ``model``, else the first layer it cannot."""
-    for name, layer in model.named_modules():
-        own = [p for p in layer.parameters(recurse=False) if p.requires_grad]
-        if own and not isinstance(layer, BK_LAYERS):
-            return f"{name} ({type(layer).__name__})"
+    """None when bk mode can train ``model`` (every layer with trainable parameters has a
+    norm function here), else the first layer it cannot."""
+    names = {layer: name for name, layer in model.named_modules()}
+    for layer in _trainable_layers(model):
+        if not isinstance(layer, BK_LAYERS):
+            return f"{names[layer]} ({type(layer).__name__})"
     return None
 
 
@@ -284,10 +288,12 @@ def clipped_backward(gsm: BookkeepingGradSampleModule, loss_per_sample: torch.Te
     gradient (they would be unclipped). Returns the per-image clipping coefficients."""
     torch.autograd.backward(loss_per_sample.mean(), inputs=[inputs])
     coef = gsm.get_clipping_coef()
+    missing = []
     with torch.no_grad():
-        for layer in gsm._module.modules():
+        for layer in gsm.bk_layers:
             parts = getattr(layer, _BK_PARTS, None)
-            if parts is None:
+            if parts is None:  # its output gradient never arrived
+                missing.append(type(layer).__name__)
                 continue
             delattr(layer, _BK_PARTS)
             c = coef.to(layer.weight.dtype)
@@ -298,9 +304,9 @@ def clipped_backward(gsm: BookkeepingGradSampleModule, loss_per_sample: torch.Te
                 layer.weight.grad = torch.nn.grad.conv2d_weight(
                     x, layer.weight.shape, out_grad * c.view(-1, 1, 1, 1), layer.stride,
                     layer.padding, layer.dilation, layer.groups)
-    missing = [n for n, p in gsm._module.named_parameters() if p.requires_grad and p.grad is None]
     if missing:
-        raise RuntimeError(f"book-keeping clipping left no gradient for {missing[:3]}")
+        raise RuntimeError(f"book-keeping clipping left no gradient for {len(missing)} "
+                           f"layer(s), e.g. {missing[0]}")
     return coef
 
 

@@ -144,9 +144,10 @@ class PrivacyLedger:
 
     def check(self, planned: Spend, delta: float, max_epsilon: float, what: str = "") -> float:
         """ε after ``planned``; raises BudgetExceeded (before any training) past the max."""
-        before = self.epsilon(delta)
-        after = compose_epsilon(self.spends() + [planned], delta, self.accountant)
+        spends = self.spends()
+        after = compose_epsilon(spends + [planned], delta, self.accountant)
         if after > max_epsilon + 1e-9:
+            before = compose_epsilon(spends, delta, self.accountant)
             raise BudgetExceeded(
                 f"privacy budget of site {self.site or self.path.parent.name} exceeded: "
                 f"{what or 'this training'} ({planned.steps} steps at noise "

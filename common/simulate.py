@@ -110,7 +110,7 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
                   "init-args-num-gpus=0")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
            "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
-           "FEDCXR_SITE_THREADS": str(max(1, int(cpus_per_site))), **(extra_env or {})}
+           "FEDCXR_SITE_THREADS": str(max(1, cpus_per_site)), **(extra_env or {})}
     # SuperLink spawns flower-superexec by name: the venv's bin must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = home / "superlink.log"

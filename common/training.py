@@ -105,11 +105,6 @@ def _proximal(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
 
 
-def ghost(dp: DPPlan | None) -> bool:
-    """Opacus' fast-gradient-clipping module (norms, not per-sample gradients): ghost, bk."""
-    return dp is not None and dp.config.grad_sample_mode in ("ghost", "bk")
-
-
 def local_train(
     model: nn.Module,
     train: CachedImages,
@@ -125,7 +120,7 @@ def local_train(
     """
     seed_everything(config.seed)
     start = time.perf_counter()
-    model.train()  # Opacus refuses a model left in eval mode (e.g. by a validation)
+    model.train()  # whatever ran before (a validation) left; Opacus refuses eval mode
     pos_weight = pos_weight_from(train.labels(), config.pos_weight_cap)
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
@@ -142,6 +137,7 @@ def local_train(
     mode = None
     if dp is not None:
         from opacus import PrivacyEngine
+        from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
         from common.dp_grad_sample import (
             BookkeepingPrivacyEngine,
@@ -175,11 +171,10 @@ def local_train(
             grad_sample_mode="ghost" if mode == "bk" else mode,
             noise_generator=torch.Generator().manual_seed(config.seed + 2),
         )
-        if ghost(dp):
+        if mode in ("ghost", "bk"):  # Opacus' fast-gradient-clipping objects (+ criterion)
             net, optimizer, _, loader = private
         else:
             net, optimizer, loader = private
-    net.train()
     setup_seconds = time.perf_counter() - start
     step, examples, epoch_losses = 0, 0, []
     for epoch in range(config.epochs):
@@ -199,20 +194,16 @@ def local_train(
                 per_image = masked_bce(net(x), y, pos_weight, per_image=True)
                 clipped_backward(net, per_image, x)
                 loss = per_image.detach().mean()
-            elif ghost(dp):
+            elif mode == "ghost":
                 # Opacus' two-pass ghost clipping: the first backward only measures each
                 # image's gradient norm, the second backpropagates the clipped losses.
-                from opacus.utils.fast_gradient_clipping_utils import (
-                    DPTensorFastGradientClipping,
-                )
-
                 loss = DPTensorFastGradientClipping(
                     net, optimizer, masked_bce(net(x), y, pos_weight, per_image=True), "mean")
-            else:
+                loss.backward()
+            else:  # no DP, or Opacus' per-sample gradients (hooks)
                 loss = masked_bce(net(x), y, pos_weight)
-            if anchor is not None and dp is None:
-                loss = loss + config.proximal_mu / 2 * _proximal(model, anchor)
-            if mode != "bk":
+                if anchor is not None and dp is None:
+                    loss = loss + config.proximal_mu / 2 * _proximal(model, anchor)
                 loss.backward()
             if dp is None and config.clip_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_norm)

@@ -230,6 +230,10 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
              time.monotonic() - started, replied - started)
 
 
+def _federated_row(st: RunState, rnd: int) -> dict:
+    return next(h for h in st.history if h["round"] == rnd and h["arm"] == FEDERATED)
+
+
 def _auc(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "n/a"
 
@@ -237,9 +241,8 @@ def _auc(value: float | None) -> str:
 def _validated(st: RunState, rnd: int, val: dict, weights: dict[str, np.ndarray]) -> None:
     """Round ``rnd``'s global model (``weights``) was validated: fill its history row and
     keep it, with its pooled ROC counts (for thresholds), when it is the best so far."""
-    for h in st.history:
-        if h["round"] == rnd and h["arm"] == FEDERATED:
-            h["val_auc"], h["sites_answered"] = val["mean"], len(val["sites"])
+    row = _federated_row(st, rnd)
+    row["val_auc"], row["sites_answered"] = val["mean"], len(val["sites"])
     mean = val["mean"]
     if mean is not None and (not st.best or mean > st.best["mean_val_auc"]):
         st.best = {"round": rnd, "mean_val_auc": mean, "pos": val["pos"], "neg": val["neg"],
@@ -422,9 +425,8 @@ def main(grid: Grid, context: Context) -> None:
         path = checkpoint.save({"run_name": run_name, "config": as_flower(run),
                                 "state": st.__dict__}, run_dir, rnd)
         done = time.monotonic()
-        for h in st.history:  # the round's wall time, first message to checkpoint written
-            if h["round"] == rnd and h["arm"] == FEDERATED:
-                h["seconds"] = round(done - began, 2)
+        # The round's wall time, first message to checkpoint written.
+        _federated_row(st, rnd)["seconds"] = round(done - began, 2)
         _write_metrics_csv(run_dir, st)
         log.info("round %d: checkpoint %s (%.1f s)", rnd, path.name, done - saving)
 

@@ -21,33 +21,27 @@ from common.errors import FedcxrError
 FORMAT = "fedcxr-server-checkpoint/1"
 
 
-def _tensors(obj):
-    """numpy arrays as tensors sharing their memory: torch.save writes a tensor's storage
-    as it is, but pickles an array through copies into a larger file; the ServerApp logs
-    each checkpoint's write time (``round N: checkpoint ... (s)``)."""
-    if isinstance(obj, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(obj))
-    if type(obj) is dict:
-        return {k: _tensors(v) for k, v in obj.items()}
-    if type(obj) is list:
-        return [_tensors(v) for v in obj]
-    return obj
+def _convert(obj, kind: type, fn):
+    """``obj`` with every ``kind`` inside its plain dicts and lists replaced by ``fn(it)``.
 
-
-def _arrays(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.numpy()
+    The run state's arrays are saved as tensors sharing their memory (``torch.from_numpy``):
+    torch.save writes a tensor's storage as it is, but pickles an array through copies into
+    a larger file (the ServerApp logs each write: ``round N: checkpoint ... (s)``)."""
+    if isinstance(obj, kind):
+        return fn(obj)
     if type(obj) is dict:
-        return {k: _arrays(v) for k, v in obj.items()}
+        return {k: _convert(v, kind, fn) for k, v in obj.items()}
     if type(obj) is list:
-        return [_arrays(v) for v in obj]
+        return [_convert(v, kind, fn) for v in obj]
     return obj
 
 
 def save(state: dict, run_dir: Path, round: int) -> Path:
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    state = {**state, "state": _tensors(state["state"])} if "state" in state else state
+    if "state" in state:
+        state = {**state, "state": _convert(state["state"], np.ndarray,
+                                            lambda a: torch.from_numpy(np.ascontiguousarray(a)))}
     payload = {"format": FORMAT, **state, "rng": {
         "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
         "python": random.getstate()}}
@@ -82,7 +76,7 @@ def load(spec: str) -> dict:
     if state.get("format") != FORMAT:
         raise FedcxrError(f"{path}: not a fedcxr server checkpoint")
     if "state" in state:
-        state["state"] = _arrays(state["state"])
+        state["state"] = _convert(state["state"], torch.Tensor, torch.Tensor.numpy)
     rng = state.pop("rng")
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
