@@ -11,7 +11,7 @@ from common.synth import SynthOptions, generate
 from common.synth.profiles import HELD_OUT_ACQUISITIONS, TRAIN_ACQUISITIONS
 from common.synth.writers import DicomFacts, write_dicom
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+DATA = Path(__file__).resolve().parent / "data"  # test data with its source (README)
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,12 @@ from common.evaluation.readers import (
     model_sensitivity_at_specificity,
     reference_standard,
 )
-from tests.conftest import REFERENCE
+from tests.conftest import DATA
 
 
 @pytest.fixture(scope="module")
 def asah():
-    d = pd.read_csv(REFERENCE / "aSAH.csv")
+    d = pd.read_csv(DATA / "aSAH.csv")
     return (d["outcome"] == "Poor").astype(float).to_numpy(), d
 
 

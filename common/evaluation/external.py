@@ -20,7 +20,15 @@ from scipy.stats import norm
 from common.cache import SiteCache
 from common.data import CachedImages, make_loader
 from common.evaluation import readers as reader_mod
-from common.evaluation.delong import NotEstimable, delong_components
+from common.evaluation.delong import (
+    ClusterComponents,
+    NotEstimable,
+    cluster_codes,
+    cluster_components,
+    delong_components,
+    macro_auc,
+    paired_from,
+)
 from common.evaluation.gradcam import write_overlays
 from common.evaluation.metrics import (
     GRID,
@@ -48,6 +56,103 @@ class EvaluationOptions:
     gradcam_images: int = 4
     min_subgroup: int = 30
     level: float = 0.95
+    primary_labels: list[str] | None = None  # the primary endpoint's labels (macro-AUC)
+
+
+def clusters_of(meta) -> tuple[np.ndarray | None, str]:
+    """Patient ids of the site's images (blank ids: one cluster per image) and what the
+    statistics are clustered by: "patient", or "image" where the site has no patient ids."""
+    if meta is None or "patient_id" not in meta:
+        return None, "image"
+    ids = meta["patient_id"].to_numpy(dtype=object)
+    known = [v for v in ids if isinstance(v, str) and v.strip()]
+    if not known:
+        return None, "image"
+    return ids, "patient" if len(known) == len(ids) else "patient (image where id is blank)"
+
+
+def auc_rows(site: str, names: list[str], label: str, comp: ClusterComponents | None,
+             n_pos: int, n_neg: int, zcrit: float) -> list[dict]:
+    """One row per model: AUC with its clustered CI (aggregate only)."""
+    if comp is None:
+        return [{"site": site, "model": name, "label": label, "auc": None, "ci_low": None,
+                 "ci_high": None, "n_pos": n_pos, "n_neg": n_neg, "status": "not estimable"}
+                for name in names]
+    cov = comp.covariance()
+    ok = bool(np.isfinite(cov[0, 0]))
+    rows = []
+    for i, name in enumerate(names):
+        sd = float(np.sqrt(max(cov[i, i], 0))) if ok else float("nan")
+        auc = float(comp.aucs[i])
+        rows.append({
+            "site": site, "model": name, "label": label, "auc": auc,
+            "ci_low": float(max(0.0, auc - zcrit * sd)) if ok else None,
+            "ci_high": float(min(1.0, auc + zcrit * sd)) if ok else None,
+            "variance": float(cov[i, i]) if ok else None, "n_pos": n_pos, "n_neg": n_neg,
+            "status": "ok" if ok else "no CI (fewer than 2 patients with a positive or with a "
+                                      "negative)"})
+    return rows
+
+
+def _components(y: np.ndarray, stacked: np.ndarray, codes: np.ndarray
+                ) -> ClusterComponents | None:
+    try:
+        return cluster_components(y, stacked, codes, int(codes.max()) + 1 if len(codes) else 0)
+    except NotEstimable:
+        return None
+
+
+def primary_endpoint(labels: np.ndarray, scores: dict[str, np.ndarray], clusters,
+                     primary: list[str], pairs: list[tuple[str, str]], *, site: str,
+                     level: float = 0.95) -> dict[str, list[dict]]:
+    """The primary endpoint at one site: each model's macro-AUC over the primary labels with
+    its clustered CI, and the paired differences of ``pairs`` (aggregate only). Labels not
+    estimable at this site are left out of the macro-AUC (``labels`` names those used)."""
+    names = list(scores)
+    cols = [LABELS.index(lb) for lb in primary]
+    try:
+        m = macro_auc(labels, np.stack([scores[n] for n in names]), clusters, cols)
+    except NotEstimable:
+        return {"primary_auc": [], "primary": []}
+    zcrit = norm.ppf(0.5 + level / 2)
+    used = [LABELS[c] for c in m.labels]
+    aucs = []
+    for i, name in enumerate(names):
+        sd = float(np.sqrt(max(m.covariance[i, i], 0)))
+        aucs.append({"site": site, "model": name, "macro_auc": float(m.aucs[i]),
+                     "ci_low": float(max(0.0, m.aucs[i] - zcrit * sd)),
+                     "ci_high": float(min(1.0, m.aucs[i] + zcrit * sd)), "labels": used,
+                     "n_clusters": m.n_clusters})
+    index = {n: i for i, n in enumerate(names)}
+    rows = []
+    for a, b in pairs:
+        t = m.paired(index[a], index[b], level)
+        rows.append({"site": site, "model_a": a, "model_b": b, "auc_a": t.auc_a,
+                     "auc_b": t.auc_b, "diff": t.auc_a - t.auc_b, "diff_low": t.diff_lower,
+                     "diff_high": t.diff_upper, "sd": (t.diff_upper - t.diff_lower) / (2 * zcrit),
+                     "labels": used, "n_clusters": m.n_clusters})
+    return {"primary_auc": aucs, "primary": rows}
+
+
+def internal_validation(labels: np.ndarray, scores: dict[str, np.ndarray], meta, *, site: str,
+                        primary: list[str], level: float = 0.95) -> dict:
+    """A training site's own test split: per-label AUC with clustered CI, and each model's
+    macro-AUC over the primary labels (the internal side of the internal-to-external drop)."""
+    clusters, clustered_by = clusters_of(meta)
+    codes = cluster_codes(clusters, len(labels))
+    names = list(scores)
+    zcrit = norm.ppf(0.5 + level / 2)
+    rows = []
+    for k, label in enumerate(LABELS):
+        y = labels[:, k]
+        comp = _components(y, np.stack([scores[n][:, k] for n in names]), codes)
+        for r in auc_rows(site, names, label, comp, int(np.nansum(y == 1)),
+                          int(np.nansum(y == 0)), zcrit):
+            r.pop("variance", None)
+            rows.append(r)
+    endpoint = primary_endpoint(labels, scores, clusters, primary, [], site=site, level=level)
+    return {"site": site, "n_images": int(len(labels)), "clustered_by": clustered_by,
+            "internal": rows, "internal_primary": endpoint["primary_auc"]}
 
 
 def _check_thresholds(names: list[str], thresholds: dict[str, dict[str, float]]) -> None:
@@ -69,34 +174,27 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
     _check_thresholds(names, thresholds)
     pairs = options.comparisons or [(names[0], b) for b in names[1:]]
     zcrit = norm.ppf(0.5 + options.level / 2)
-    out = {"site": site, "n_images": int(len(labels)), "external": [], "comparisons": [],
-           "operating_points": [], "calibration": [], "roc": [], "subgroups": [],
-           "readers": []}
+    clusters, clustered_by = clusters_of(meta)
+    codes = cluster_codes(clusters, len(labels))
+    out = {"site": site, "n_images": int(len(labels)), "clustered_by": clustered_by,
+           "external": [], "comparisons": [], "operating_points": [], "calibration": [],
+           "roc": [], "subgroups": [], "readers": []}
+    if options.primary_labels:
+        out.update(primary_endpoint(labels, scores, clusters, options.primary_labels, pairs,
+                                    site=site, level=options.level))
     for k, label in enumerate(LABELS):
         y = labels[:, k]
         n_pos = int(np.nansum(y == 1))
         n_neg = int(np.nansum(y == 0))
         stacked = np.stack([scores[n][:, k] for n in names])
-        try:
-            aucs, cov, _, _ = delong_components(y, stacked)
-        except NotEstimable:
-            for name in names:
-                out["external"].append({"site": site, "model": name, "label": label,
-                                        "auc": None, "ci_low": None, "ci_high": None,
-                                        "n_pos": n_pos, "n_neg": n_neg,
-                                        "status": "not estimable"})
+        comp = _components(y, stacked, codes)
+        out["external"] += auc_rows(site, names, label, comp, n_pos, n_neg, zcrit)
+        if comp is None:
             continue
+        aucs, cov = comp.aucs, comp.covariance()
         index = {n: i for i, n in enumerate(names)}
-        variance_ok = n_pos >= 2 and n_neg >= 2  # DeLong needs two of each class
+        variance_ok = bool(np.isfinite(cov[0, 0]))
         for name, i in index.items():
-            sd = float(np.sqrt(max(cov[i, i], 0))) if variance_ok else float("nan")
-            out["external"].append({
-                "site": site, "model": name, "label": label, "auc": float(aucs[i]),
-                "ci_low": float(max(0.0, aucs[i] - zcrit * sd)) if variance_ok else None,
-                "ci_high": float(min(1.0, aucs[i] + zcrit * sd)) if variance_ok else None,
-                "variance": float(cov[i, i]) if variance_ok else None, "n_pos": n_pos,
-                "n_neg": n_neg, "status": "ok" if variance_ok else "no CI (fewer than 2 "
-                "positives or negatives)"})
             score = stacked[i]
             if label in thresholds[name]:
                 op = at_threshold(y, score, thresholds[name][label], options.level)
@@ -120,15 +218,12 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
             ia, ib = index[a], index[b]
             if not variance_ok:
                 continue  # no test without a variance; the AUCs are still reported above
-            diff = aucs[ia] - aucs[ib]
-            sd = float(np.sqrt(max(cov[ia, ia] + cov[ib, ib] - 2 * cov[ia, ib], 0)))
-            z = float(diff / sd) if sd > 0 else 0.0
-            p = float(2 * norm.sf(abs(z))) if sd > 0 else 1.0
+            t = paired_from(aucs[ia], aucs[ib], cov[ia, ia] + cov[ib, ib] - 2 * cov[ia, ib],
+                            options.level)
             out["comparisons"].append({
-                "site": site, "label": label, "model_a": a, "model_b": b,
-                "auc_a": float(aucs[ia]), "auc_b": float(aucs[ib]), "diff": float(diff),
-                "diff_low": float(diff - zcrit * sd), "diff_high": float(diff + zcrit * sd),
-                "z": z, "p": p})
+                "site": site, "label": label, "model_a": a, "model_b": b, "auc_a": t.auc_a,
+                "auc_b": t.auc_b, "diff": t.auc_a - t.auc_b, "diff_low": t.diff_lower,
+                "diff_high": t.diff_upper, "z": t.z, "p": t.p_value})
         if meta is not None:
             study = reader_mod.reader_study(meta, label, {n: scores[n][:, k] for n in names})
             if study:
