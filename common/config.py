@@ -12,9 +12,53 @@ from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from common.errors import ConfigError
+from common.evaluation.metrics import THRESHOLD_METHODS
+from common.labels import LABELS
+from common.privacy import ACCOUNTANTS
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
 ROLES = ("train", "evaluate")
+SELECTIONS = ("best-val", "last")  # model selection rule, the same for every arm
+PRIMARY_METRICS = ("macro-auc",)
+CORRECTIONS = ("holm", "bh")
+
+# Enumerated run-config values, checked when the config is parsed (before any training).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "strategy": STRATEGIES,
+    "grad_sample_mode": ("bk", "ghost", "hooks"),
+    "transport_dtype": ("float32", "float16"),
+    "correction": CORRECTIONS,
+    "threshold_method": THRESHOLD_METHODS,
+    "accountant": ACCOUNTANTS,
+    "selection": SELECTIONS,
+    "primary_metric": PRIMARY_METRICS,
+}
+
+
+def label_list(text: str, *, key: str) -> list[str]:
+    """Comma-separated canonical label names; an unknown name is an error naming the key."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [n for n in names if n not in LABELS]
+    if bad:
+        raise ConfigError(f"run config {key}: unknown label(s) {', '.join(bad)}; use "
+                          f"{', '.join(LABELS)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"run config {key}: a label is named twice")
+    return names
+
+
+def model_specs(text: str, *, key: str) -> dict[str, str]:
+    """``name=path,...`` -> {name: path}; names must be unique and not an arm's name."""
+    out: dict[str, str] = {}
+    for spec in (t.strip() for t in text.split(",") if t.strip()):
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ConfigError(f"run config {key}: {spec!r} is not name=path")
+        if name in out or name == "federated" or name.startswith("single:"):
+            raise ConfigError(f"run config {key}: model name {name!r} is used twice or is an "
+                              "arm's name; choose another")
+        out[name] = path
 
 
 @dataclass(frozen=True)
@@ -47,18 +91,34 @@ class RunConfig:
     round_timeout: float = 900.0
     max_images_per_site: int = 0  # 0: all; a cap for smoke runs
     init_weights: str = ""  # coordinator-local DenseNet-121 weights (torchvision format)
+    # The prespecified analysis (results.json "protocol"), fixed before training.
+    selection: str = "best-val"  # every arm: its best validation round, or the last round
+    primary_labels: str = ""  # comma-separated; "": labels annotated at every training site
+    primary_metric: str = "macro-auc"
+    h1_margin: float = 0.0  # federated must exceed each single-site model by more than this
+    alpha: float = 0.05
+    extra_models: str = ""  # name=path,... evaluated at held-out sites beside the arms
 
     def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
-        if self.grad_sample_mode not in ("hooks", "ghost", "bk"):
-            raise ConfigError("grad-sample-mode must be bk, ghost or hooks")
-        if self.transport_dtype not in ("float32", "float16"):
-            raise ConfigError("transport-dtype must be float32 or float16")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ConfigError(f"run config {name.replace('_', '-')} = {value!r}: use one of "
+                                  f"{', '.join(allowed)}")
         if self.num_rounds < 1 or self.local_epochs < 1:
             raise ConfigError("num-rounds and local-epochs must be at least 1")
-        if self.correction not in ("holm", "bh"):
-            raise ConfigError("correction must be holm or bh")
+        if not 0 < self.alpha < 1:
+            raise ConfigError(f"run config alpha = {self.alpha}: use a level in (0, 1)")
+        if not -1 < self.h1_margin < 1:
+            raise ConfigError(f"run config h1-margin = {self.h1_margin}: an AUC difference "
+                              "in (-1, 1)")
+        label_list(self.primary_labels, key="primary-labels")
+        model_specs(self.extra_models, key="extra-models")
+
+    @property
+    def norm(self) -> str:
+        """The model's normalisation: GroupNorm under DP (Opacus), else BatchNorm."""
+        return "group" if self.dp else "batch"
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy.stats import norm
 
 from common.cli import main
 from common.evaluation.external import EvaluationOptions, evaluate_scores
 from common.evaluation.gradcam import gradcam
 from common.evaluation.metrics import ThresholdsRequired
-from common.evaluation.report import adjust_comparisons, verdict
+from common.evaluation.report import adjust_comparisons
+from common.evaluation.verdict import Protocol, primary_rows, primary_verdict, secondary_labels
 from common.evaluation.shift import SHIFTS, apply_shift
 from common.labels import LABELS
 from common.model import build_model, save_checkpoint
@@ -72,7 +74,39 @@ def test_result_is_aggregate_only_and_correct():
     assert all(s["status"] == "too small" for s in groups.values() if s["n"] < 40)
 
 
-def test_verdict_supported_contradicted_inconclusive():
+def test_primary_verdict_supported_contradicted_inconclusive_and_mdd():
+    def row(site, b, diff, sd):
+        return {"site": site, "model_a": "fed", "model_b": b, "auc_a": 0.8,
+                "auc_b": 0.8 - diff, "diff": diff, "diff_low": diff - 1.96 * sd,
+                "diff_high": diff + 1.96 * sd, "sd": sd}
+
+    protocol = Protocol(primary_labels=["Effusion", "Edema"])
+    strong = primary_rows([row("s4", "b1", 0.10, 0.02), row("s5", "b1", 0.08, 0.02)])
+    # Holm over the family of 2: the smaller p times 2, the other times 1 (then monotone)
+    p = [2 * norm.sf(0.10 / 0.02), 2 * norm.sf(0.08 / 0.02)]
+    assert [r["p_adjusted"] for r in strong] == pytest.approx([2 * p[0], 2 * p[0]]
+                                                              if 2 * p[0] > p[1] else
+                                                              [2 * p[0], p[1]])
+    assert primary_verdict(strong, protocol)["status"] == "supported"
+    # one comparison not significant: inconclusive, and the sentence states the MDD
+    mixed = primary_rows([row("s4", "b1", 0.10, 0.02), row("s5", "b1", 0.01, 0.02)])
+    v = primary_verdict(mixed, protocol)
+    mdd = (norm.isf(0.05 / 2 / 2) + norm.ppf(0.8)) * 0.02
+    assert v["status"] == "inconclusive" and mixed[1]["mdd"] == pytest.approx(mdd)
+    assert f"{mdd:.3f}" in v["overall"] and "80% power" in v["overall"]
+    worse = primary_rows([row("s4", "b1", -0.10, 0.02), row("s5", "b1", 0.10, 0.02)])
+    assert primary_verdict(worse, protocol)["status"] == "contradicted"
+    # a margin is tested, not only the sign: +0.02 with sd 0.01 clears 0 (z = 2) but is
+    # significantly below a margin of 0.05 (z = -3)
+    shifted = Protocol(primary_labels=["Effusion"], margin=0.05)
+    rows = primary_rows([row("s4", "b1", 0.02, 0.01)], margin=0.05)
+    assert primary_verdict(rows, shifted)["status"] == "contradicted"
+    assert primary_verdict(primary_rows([row("s4", "b1", 0.02, 0.01)]),
+                           protocol)["status"] == "supported"
+    assert primary_verdict([], protocol)["status"] == "not testable"
+
+
+def test_secondary_labels_are_their_own_family():
     def comp(label, diff, p):
         return {"site": "s", "label": label, "model_a": "fed", "model_b": "b", "auc_a": 0.8,
                 "auc_b": 0.8 - diff, "diff": diff, "diff_low": diff - 0.1,
@@ -80,12 +114,11 @@ def test_verdict_supported_contradicted_inconclusive():
 
     rows = adjust_comparisons([comp("Effusion", 0.1, 0.001), comp("Edema", 0.1, 0.002),
                                comp("Mass", 0.02, 0.4)])
-    v = verdict(rows, "fed")
-    status = {x["label"]: x["status"] for x in v["labels"]}
-    assert status == {"Effusion": "supported", "Mass": "inconclusive", "Edema": "supported"}
-    assert v["status"] == "supported" and "2 of 3" in v["overall"]
-    v2 = verdict(adjust_comparisons([comp("Effusion", -0.2, 0.0001)]), "fed")
-    assert v2["status"] == "contradicted"
+    status = {x["label"]: x["status"] for x in secondary_labels(rows, "fed")}
+    assert status == {"Effusion": "favours federated", "Mass": "no difference shown",
+                      "Edema": "favours federated"}
+    worse = secondary_labels(adjust_comparisons([comp("Effusion", -0.2, 0.0001)]), "fed")
+    assert worse[0]["status"] == "against federated"
 
 
 def test_gradcam_runs_through_hooks_and_points_at_the_signal():
@@ -152,6 +185,12 @@ def test_cli_evaluate_writes_schema_and_keeps_heatmaps_local(evaluated):
     assert {"site", "label", "model_a", "model_b", "z", "p", "p_adjusted"} <= set(
         results["comparisons"][0])
     assert results["verdict"]["overall"].startswith("H1")
+    # the offline evaluator takes the same protocol: primary rows, clustered by patient
+    assert results["protocol"]["primary_metric"] == "macro-auc"
+    (primary,) = results["verdict"]["primary"]
+    assert (primary["model_a"], primary["model_b"]) == ("federated", "single:site1")
+    assert {"diff", "diff_low", "diff_high", "p_value", "p_adjusted", "mdd"} <= set(primary)
+    assert results["clustering"] == [{"site": "site5", "clustered_by": "patient"}]
     assert results["readers"] and results["readers"][0]["reference"] == "adjudicated"
     assert {r["shift"] for r in results["shift"]} == set(SHIFTS)
     assert list((evaluated / "gradcam").glob("*.png"))

@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from common.errors import FedcxrError
 from common.labels import LABELS
 
@@ -46,11 +48,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from client.site import SiteSource, ensure_cache
-    from common.evaluation.external import EvaluationOptions, evaluate_site
+    from common.evaluation.external import EvaluationOptions, combine_sites, evaluate_site
     from common.evaluation.report import build_results, write_report
     from common.model import load_checkpoint
 
+    from common.config import label_list
+    from common.evaluation.verdict import Protocol
+
     paths = _models(args.model)
+    extra = _models(args.extra_model or [])
+    clash = set(paths) & set(extra)
+    if clash:
+        raise FedcxrError(f"--extra-model: {', '.join(sorted(clash))} is also a --model")
+    primary_against = list(paths)[1:]
+    paths = {**paths, **extra}
     thresholds = load_thresholds(Path(args.thresholds), list(paths))
     models = {name: load_checkpoint(p) for name, p in paths.items()}
     size = args.image_size
@@ -61,20 +72,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     source = SiteSource(site_dir, Path(args.manifest) if args.manifest else None, args.format)
     cache = ensure_cache(source, size, Path(args.cache) if args.cache else None)
     out = Path(args.out)
-    options = EvaluationOptions(shift=not args.no_shift,
-                                gradcam_dir=out / "gradcam" if args.gradcam else None)
-    evaluation = evaluate_site(cache, models, thresholds, site=site_dir.name, options=options)
     labels = cache.labels()
+    primary = label_list(args.primary_labels, key="--primary-labels") or [
+        lb for lb, known in zip(LABELS, (~np.isnan(labels)).any(axis=0), strict=True) if known]
+    protocol = Protocol(primary_labels=primary, selection="given", margin=args.margin,
+                        alpha=args.alpha, correction=args.correction)
+    options = EvaluationOptions(shift=not args.no_shift,
+                                gradcam_dir=out / "gradcam" if args.gradcam else None,
+                                primary_labels=primary, primary_against=primary_against)
+    evaluation = combine_sites([evaluate_site(cache, models, thresholds, site=site_dir.name,
+                                              options=options)])
     cohort = [{"site": site_dir.name, "role": "evaluate", "n_images": len(labels),
                "prevalence": {lb: float(v) for lb, v in zip(LABELS, _nanmean(labels),
                                                              strict=True)}}]
-    arms = [{"name": n, "kind": "given", "status": "complete", "history": []} for n in paths]
+    arms = [{"name": n, "kind": "extra" if n in extra else "given", "status": "complete",
+             "selection": "given", "best_round": None, "history": []} for n in paths]
     results = build_results(cohort=cohort, arms=arms, evaluation=evaluation,
-                            federated=next(iter(paths)),
+                            federated=next(iter(paths)), protocol=protocol,
                             config={"models": {n: str(p) for n, p in paths.items()},
                                     "thresholds": str(args.thresholds), "image_size": size},
-                            fingerprints={site_dir.name: cache.fingerprint},
-                            correction=args.correction)
+                            fingerprints={site_dir.name: cache.fingerprint})
     rpath, hpath = write_report(results, out)
     print(results["verdict"]["overall"])
     print(f"wrote {rpath} and {hpath}")
@@ -82,8 +99,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _nanmean(a):
-    import numpy as np
-
     with np.errstate(invalid="ignore"):
         return np.nanmean(a, axis=0) if len(a) else np.full(a.shape[1], np.nan)
 
@@ -115,6 +130,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format")
     p.add_argument("--cache")
     p.add_argument("--image-size", type=int, help="default: from the checkpoint, else 224")
+    p.add_argument("--extra-model", action="append", metavar="NAME=PATH",
+                   help="a model compared with the first --model as secondary analysis only")
+    p.add_argument("--primary-labels", default="",
+                   help="comma-separated labels of the primary macro-AUC (default: every "
+                        "label annotated at the site)")
+    p.add_argument("--margin", type=float, default=0.0,
+                   help="primary endpoint: the first model must exceed each other --model by "
+                        "more than this macro-AUC difference")
+    p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--correction", choices=("holm", "bh"), default="holm")
     p.add_argument("--no-shift", action="store_true", help="skip simulated device shift")
     p.add_argument("--gradcam", action="store_true",

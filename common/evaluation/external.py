@@ -57,6 +57,8 @@ class EvaluationOptions:
     min_subgroup: int = 30
     level: float = 0.95
     primary_labels: list[str] | None = None  # the primary endpoint's labels (macro-AUC)
+    primary_against: list[str] | None = None  # model_b of the primary comparisons (default:
+    # every model after the first)
 
 
 def clusters_of(meta) -> tuple[np.ndarray | None, str]:
@@ -180,8 +182,11 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
            "external": [], "comparisons": [], "operating_points": [], "calibration": [],
            "roc": [], "subgroups": [], "readers": []}
     if options.primary_labels:
-        out.update(primary_endpoint(labels, scores, clusters, options.primary_labels, pairs,
-                                    site=site, level=options.level))
+        against = (options.primary_against if options.primary_against is not None
+                   else names[1:])
+        out.update(primary_endpoint(labels, scores, clusters, options.primary_labels,
+                                    [(names[0], b) for b in against], site=site,
+                                    level=options.level))
     for k, label in enumerate(LABELS):
         y = labels[:, k]
         n_pos = int(np.nansum(y == 1))
@@ -362,7 +367,11 @@ def evaluate_stored(cache: SiteCache, store: ScoreStore, names: list[str],
 
 
 def combine_sites(results: list[dict]) -> dict:
-    """Concatenate per-site results (each already aggregate) into one set of tables."""
+    """Concatenate per-site results (each already aggregate) into one set of tables, with
+    what each site's statistics were clustered by."""
     keys = ("external", "comparisons", "operating_points", "calibration", "roc", "subgroups",
-            "readers", "shift")
-    return {k: list(itertools.chain.from_iterable(r.get(k, []) for r in results)) for k in keys}
+            "readers", "shift", "primary", "primary_auc", "internal", "internal_primary")
+    out = {k: list(itertools.chain.from_iterable(r.get(k, []) for r in results)) for k in keys}
+    out["clustering"] = [{"site": r["site"], "clustered_by": r.get("clustered_by", "image")}
+                         for r in results]
+    return out

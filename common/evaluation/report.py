@@ -2,16 +2,29 @@
 
 ``results.json`` schema (version 1), top-level keys:
 
-- ``schema_version``: "1".
+- ``schema_version``: "2".
+- ``protocol``: the prespecified analysis (primary_labels, primary_metric, margin, selection,
+  alpha, correction, clustered_by, power), fixed in the run config before training.
 - ``cohort``: rows of site, role, n_images, format, prevalence {label: fraction}.
 - ``arms``: rows of name, kind (federated | single-site | given), site, status
-  (complete | incomplete), reason, history (rows of round, val_auc, loss, epsilon).
-- ``external``: rows of site, model, label, auc, ci_low, ci_high, n_pos, n_neg, status.
+  (complete | incomplete), reason, selection, best_round (the round whose model was
+  evaluated), history (rows of round, val_auc, loss, epsilon).
+- ``clustering``: rows of site, clustered_by (patient, or image where a site has no ids).
+- ``external``: rows of site, model, label, auc, ci_low, ci_high, n_pos, n_neg, status;
+  CIs patient-clustered (Obuchowski 1997).
+- ``primary_auc``: rows of site, model, macro_auc, ci_low, ci_high, labels (the primary
+  labels estimable there), n_clusters.
+- ``internal``, ``internal_primary``: the same at training sites' own test splits;
+  ``internal_external``: rows of model, label, internal_auc, external_auc, drop.
 - ``comparisons``: rows of site, label, model_a, model_b, auc_a, auc_b, diff, diff_low,
-  diff_high, z, p, p_adjusted (``correction`` names the method, across labels x comparisons).
+  diff_high, z, p, p_adjusted (``correction`` names the method, across labels x comparisons
+  x sites): the secondary analysis, its own family.
 - ``operating_points``, ``calibration``, ``roc``, ``subgroups``, ``readers``, ``shift``:
   the evaluator's tables (common.evaluation.external), all aggregate.
-- ``verdict``: ``overall`` (one sentence), ``status``, ``labels`` (label, status, sentence).
+- ``verdict``: ``status`` (supported | contradicted | inconclusive | not testable), ``rule``
+  (one sentence), ``overall`` (one sentence, with the minimal detectable difference when
+  inconclusive), ``primary`` (rows of site, model_a, model_b, diff, diff_low, diff_high, sd,
+  z, p_value, p_adjusted, mdd), ``labels`` (secondary: label, status, sentence).
 - ``privacy``: rows of site, epsilon, delta, max_epsilon, accountant.
 - ``screening``: update-screening counts and rejections (federation runs).
 - ``provenance``: code version, config, seeds, data fingerprints, created.
@@ -30,10 +43,16 @@ from pathlib import Path
 import numpy as np
 
 from common.evaluation.metrics import adjust
+from common.evaluation.verdict import (
+    ALPHA,
+    Protocol,
+    primary_rows,
+    primary_verdict,
+    secondary_labels,
+)
 from common.labels import LABELS
 
-SCHEMA_VERSION = "1"
-ALPHA = 0.05
+SCHEMA_VERSION = "2"
 
 
 def code_version() -> str:
@@ -56,62 +75,59 @@ def adjust_comparisons(comparisons: list[dict], method: str = "holm") -> list[di
             for c, p in zip(comparisons, adjusted, strict=True)]
 
 
-def verdict(comparisons: list[dict], federated: str, alpha: float = ALPHA) -> dict:
-    """H1 per label: supported when the federated model beats every single-site model at every
-    held-out site with adjusted p < alpha; contradicted when any single-site model is
-    significantly better; otherwise inconclusive. Overall: supported when at least half of the
-    testable labels are supported and none is contradicted."""
-    labels = []
-    for label in LABELS:
-        rows = [c for c in comparisons if c["label"] == label and c["model_a"] == federated]
-        if not rows:
-            continue
-        wins = [c for c in rows if c["diff"] > 0 and c["p_adjusted"] < alpha]
-        losses = [c for c in rows if c["diff"] < 0 and c["p_adjusted"] < alpha]
-        worst = min(rows, key=lambda c: c["diff"])
-        if losses:
-            status = "contradicted"
-        elif len(wins) == len(rows):
-            status = "supported"
-        else:
-            status = "inconclusive"
-        sentence = (
-            f"{label}: H1 {status}. Federated AUC {worst['auc_a']:.3f} vs {worst['model_b']} "
-            f"{worst['auc_b']:.3f} at {worst['site']} (closest comparison, difference "
-            f"{worst['diff']:+.3f}, 95% CI {worst['diff_low']:+.3f} to {worst['diff_high']:+.3f},"
-            f" adjusted p = {worst['p_adjusted']:.3g}); {len(wins)} of {len(rows)} comparisons "
-            "significantly favour the federated model."
-        )
-        labels.append({"label": label, "status": status, "sentence": sentence,
-                       "wins": len(wins), "losses": len(losses), "comparisons": len(rows)})
-    supported = sum(v["status"] == "supported" for v in labels)
-    contradicted = sum(v["status"] == "contradicted" for v in labels)
-    if not labels:
-        status, overall = "not testable", "H1 not testable: no estimable comparison."
-    else:
-        if supported * 2 >= len(labels) and not contradicted:
-            status = "supported"
-        elif contradicted * 2 >= len(labels):
-            status = "contradicted"
-        else:
-            status = "inconclusive"
-        overall = (f"H1 {status} overall: the federated model was significantly better than "
-                   f"every single-site model at every held-out site for {supported} of "
-                   f"{len(labels)} testable labels, and significantly worse for {contradicted}.")
-    return {"status": status, "overall": overall, "labels": labels, "alpha": alpha,
-            "federated": federated}
+def internal_external_drop(internal: list[dict], internal_primary: list[dict],
+                           external: list[dict], primary_auc: list[dict]) -> list[dict]:
+    """Each model's mean internal AUC (over training sites' test splits) minus its mean
+    external AUC (over held-out sites), per label and for the primary endpoint (the Zech et
+    al. 2018 design). Rows only where both sides were estimated."""
+    def mean_by(rows: list[dict], value: str, key) -> dict:
+        acc: dict = {}
+        for r in rows:
+            if r.get(value) is not None:
+                acc.setdefault(key(r), []).append(r[value])
+        return {k: float(np.mean(v)) for k, v in acc.items()}
+
+    out = []
+    pairs = [(internal, external, "auc", lambda r: (r["model"], r["label"])),
+             (internal_primary, primary_auc, "macro_auc", lambda r: (r["model"], PRIMARY))]
+    for inside, outside, value, key in pairs:
+        a, b = mean_by(inside, value, key), mean_by(outside, value, key)
+        out += [{"model": m, "label": lb, "internal_auc": a[(m, lb)],
+                 "external_auc": b[(m, lb)], "drop": a[(m, lb)] - b[(m, lb)]}
+                for (m, lb) in a if (m, lb) in b]
+    return out
+
+
+PRIMARY = "primary (macro-AUC)"
 
 
 def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, federated: str,
-                  privacy: list[dict] | None = None, screening: dict | None = None,
-                  config: dict | None = None, fingerprints: dict | None = None,
-                  correction: str = "holm") -> dict:
-    comparisons = adjust_comparisons(evaluation.get("comparisons", []), correction)
+                  protocol: Protocol, privacy: list[dict] | None = None,
+                  screening: dict | None = None, config: dict | None = None,
+                  fingerprints: dict | None = None, internal: dict | None = None) -> dict:
+    """results.json: the evaluator's tables, the primary endpoint's verdict (decided by
+    ``common.evaluation.verdict``) and the secondary per-label family."""
+    comparisons = adjust_comparisons(evaluation.get("comparisons", []), protocol.correction)
+    primary = primary_rows(evaluation.get("primary", []), alpha=protocol.alpha,
+                           margin=protocol.margin, correction=protocol.correction,
+                           power=protocol.power)
+    decided = primary_verdict(primary, protocol)
+    decided["labels"] = secondary_labels(comparisons, federated, protocol.alpha)
+    decided["federated"] = federated
+    internal = internal or {}
     return {
         "schema_version": SCHEMA_VERSION,
+        "protocol": protocol.as_dict(),
         "cohort": cohort,
         "arms": arms,
+        "clustering": evaluation.get("clustering", []) + internal.get("clustering", []),
         "external": evaluation.get("external", []),
+        "primary_auc": evaluation.get("primary_auc", []),
+        "internal": internal.get("internal", []),
+        "internal_primary": internal.get("internal_primary", []),
+        "internal_external": internal_external_drop(
+            internal.get("internal", []), internal.get("internal_primary", []),
+            evaluation.get("external", []), evaluation.get("primary_auc", [])),
         "comparisons": comparisons,
         "operating_points": evaluation.get("operating_points", []),
         "calibration": evaluation.get("calibration", []),
@@ -119,7 +135,7 @@ def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, fed
         "subgroups": evaluation.get("subgroups", []),
         "readers": evaluation.get("readers", []),
         "shift": evaluation.get("shift", []),
-        "verdict": verdict(comparisons, federated),
+        "verdict": decided,
         "privacy": privacy or [],
         "screening": screening or {},
         "provenance": {"code_version": code_version(), "config": config or {},
@@ -308,12 +324,36 @@ def render_html(results: dict) -> str:
     v = results["verdict"]
     labels = _labels_with_results(results)
     sites = sorted({r["site"] for r in results["external"]})
+    alpha = v.get("alpha", ALPHA)
+    protocol = results.get("protocol", {})
     parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
              f"<title>fedcxr report</title><style>{CSS}</style></head><body>",
              "<h1>fedcxr: external validation report</h1>",
              f"<p class='verdict {v['status'].split()[0]}'>{html.escape(v['overall'])}</p>",
-             "<ul>" + "".join(f"<li class='{x['status']}'>{html.escape(x['sentence'])}</li>"
-                              for x in v["labels"]) + "</ul>"]
+             f"<p><b>Rule (prespecified):</b> {html.escape(v.get('rule', ''))}</p>"]
+    if protocol:
+        parts.append("<p><b>Protocol:</b> " + html.escape(", ".join(
+            f"{k}={', '.join(x) if isinstance(x, list) else x}" for k, x in protocol.items()))
+            + "</p>")
+    clustering = results.get("clustering", [])
+    by_image = [c["site"] for c in clustering if c["clustered_by"] == "image"]
+    if by_image:
+        parts.append("<p>No patient ids at " + html.escape(", ".join(by_image)) + ": CIs and "
+                     "tests there are clustered by image (images assumed independent).</p>")
+    if v.get("primary"):
+        parts.append("<h2>Primary endpoint</h2>")
+        parts.append(_table(
+            ["site", "A", "B", "macro-AUC A", "macro-AUC B", "diff (95% CI)", "p",
+             "adjusted p", "minimal detectable difference"],
+            [[_fmt(r["site"]), _fmt(r["model_a"]), _fmt(r["model_b"]), _fmt(r["auc_a"]),
+              _fmt(r["auc_b"]),
+              f"{r['diff']:+.3f} ({r['diff_low']:+.3f}, {r['diff_high']:+.3f})",
+              _fmt(r["p_value"], 4), _fmt(r["p_adjusted"], 4), _fmt(r.get("mdd"))]
+             for r in v["primary"]]))
+    parts.append("<h2>Secondary: per label</h2><p>Its own multiplicity family; it does not "
+                 "decide the verdict.</p>")
+    parts.append("<ul>" + "".join(f"<li>{html.escape(x['sentence'])}</li>"
+                                  for x in v.get("labels", [])) + "</ul>")
     parts.append("<h2>Cohort</h2>")
     parts.append(_table(["site", "role", "images", "format"] + [lb[:6] for lb in LABELS],
                         [[_fmt(c["site"]), _fmt(c.get("role")), _fmt(c.get("n_images")),
@@ -326,8 +366,9 @@ def render_html(results: dict) -> str:
         parts.append(_table(["arm", "kind", "site", "status", "reason"],
                             [[_fmt(a["name"]), _fmt(a.get("kind")), _fmt(a.get("site")),
                               _fmt(a.get("status")), _fmt(a.get("reason"))] for a in arms]))
-    parts.append("<h2>External AUC (95% DeLong CI)</h2><p>* adjusted p &lt; 0.05 against the "
-                 "first model; thresholds were fixed on training-site validation data.</p>")
+    parts.append(f"<h2>External AUC (95% CI, clustered by patient)</h2><p>* adjusted p &lt; "
+                 f"{alpha} against the first model (secondary family); thresholds were fixed "
+                 "on training-site validation data.</p>")
     sig = {(c["site"], c["label"], c["model_b"]): c for c in results["comparisons"]}
     for site in sites:
         models = list(dict.fromkeys(r["model"] for r in results["external"] if r["site"] == site))
@@ -347,7 +388,7 @@ def render_html(results: dict) -> str:
                     row.append(f"{r['auc']:.3f} (no CI)")
                     continue
                 c = sig.get((site, label, m))
-                mark = "*" if c and c["p_adjusted"] < ALPHA else ""
+                mark = "*" if c and c["p_adjusted"] < alpha else ""
                 row.append(f"<span class='{'sig' if mark else ''}'>{r['auc']:.3f}{mark}</span>"
                            f" ({r['ci_low']:.2f}–{r['ci_high']:.2f})")
             rows.append(row)
@@ -356,7 +397,21 @@ def render_html(results: dict) -> str:
         if models:
             parts.append(f"<h4>Calibration of {html.escape(models[0])}</h4>")
             parts.append(_calibration_figure(results, site, models[0], labels))
-    parts.append("<h2>Paired DeLong tests</h2>")
+    drops = results.get("internal_external", [])
+    if drops:
+        parts.append("<h2>Internal vs external</h2><p>Mean AUC on the training sites' own "
+                     "test splits minus mean AUC at the held-out sites, per model.</p>")
+        models = list(dict.fromkeys(d["model"] for d in drops))
+        rows_d = []
+        for label in [PRIMARY] + labels:
+            row = [label]
+            for m in models:
+                d = next((x for x in drops if x["model"] == m and x["label"] == label), None)
+                row.append("–" if d is None else f"{d['internal_auc']:.3f} → "
+                           f"{d['external_auc']:.3f} ({-d['drop']:+.3f})")
+            rows_d.append(row)
+        parts.append(_table(["label"] + models, rows_d))
+    parts.append("<h2>Paired tests (clustered DeLong)</h2>")
     parts.append(_table(
         ["site", "label", "A", "B", "AUC A", "AUC B", "diff (95% CI)", "z", "p", "adjusted p"],
         [[_fmt(c["site"]), _fmt(c["label"]), _fmt(c["model_a"]), _fmt(c["model_b"]),

@@ -107,10 +107,12 @@ def primary_verdict(rows: list[dict], protocol: Protocol) -> dict:
     if status == "inconclusive":
         mdds = [r["mdd"] for r in rows if r.get("mdd") is not None]
         if mdds:
+            spread = (f" (largest over comparisons; smallest {min(mdds):.3f})"
+                      if len(mdds) > 1 else "")
             sentence += (f" With this held-out data a true difference of {max(mdds):.3f} in "
-                         f"macro-AUC (largest over comparisons; smallest {min(mdds):.3f}) would "
-                         f"have been detected with {protocol.power:.0%} power; smaller "
-                         "differences could not be told from none.")
+                         f"macro-AUC{spread} would have been detected with "
+                         f"{protocol.power:.0%} power; smaller differences could not be told "
+                         "from none.")
     return {**base, "status": status, "overall": sentence}
 
 
