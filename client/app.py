@@ -36,6 +36,8 @@ from common.evaluation.external import (
     EvaluationOptions,
     ScoreStore,
     evaluate_stored,
+    internal_validation,
+    score_dataset,
     score_into_store,
 )
 from common.labels import LABELS
@@ -102,7 +104,7 @@ def validation_record(v: Validation) -> MetricRecord:
 
 def _train_arm(run: RunConfig, site, splits, record: ArrayRecord, cfg, *, arm: str, seed: int,
                mu: float, validate_first: bool = False
-               ) -> tuple[ArrayRecord, MetricRecord, MetricRecord | None]:
+               ) -> tuple[ArrayRecord, MetricRecord, MetricRecord | None, MetricRecord]:
     rnd = int(cfg["server-round"])
     model = _model(record, str(cfg["norm"]))
     received = validation_record(validate(model, splits["val"])) if validate_first else None
@@ -126,7 +128,10 @@ def _train_arm(run: RunConfig, site, splits, record: ArrayRecord, cfg, *, arm: s
         "num-examples": max(result.examples, 1), "loss": float(result.loss),
         "epsilon": float(result.epsilon) if result.epsilon is not None else -1.0, **_aucs(val),
     })
-    return to_record(model.state_dict(), run.transport_dtype), metrics, received
+    # The trained model's validation with ROC counts: a single-site arm is selected (and its
+    # thresholds fixed) from these, by the same rule as the federated arm.
+    return (to_record(model.state_dict(), run.transport_dtype), metrics, received,
+            validation_record(val))
 
 
 @app.train()
@@ -141,16 +146,18 @@ def train(msg: Message, context: Context) -> Message:
     splits = site.splits(run)
     arm = str(cfg["arm"])
     meta = ConfigRecord({"arm": arm, "site": site.name})
-    arrays, metrics, received = _train_arm(
+    arrays, metrics, received, val = _train_arm(
         run, site, splits, msg.content["arrays"], cfg, arm=arm, seed=int(cfg["seed"]),
         mu=float(cfg.get("proximal-mu", 0.0)),
         validate_first=bool(cfg.get("validate-received", False)))
     reply = RecordDict({"arrays": arrays, "metrics": metrics, "meta": meta})
     if received is not None:
         reply["val-received"] = received
+    if bool(cfg.get("report-val", False)):  # a single-site arm sent on its own
+        reply["val"] = val
     if "single/arrays" in msg.content:
         single_arm = str(cfg["single-arm"])
-        reply["single/arrays"], reply["single/metrics"], _ = _train_arm(
+        reply["single/arrays"], reply["single/metrics"], _, reply["single/val"] = _train_arm(
             run, site, splits, msg.content["single/arrays"], cfg, arm=single_arm,
             seed=int(cfg["single-seed"]), mu=0.0)
         meta["single-arm"] = single_arm
@@ -175,13 +182,30 @@ def evaluate(msg: Message, context: Context) -> Message:
             out[f"val/{name}"] = validation_record(
                 validate(_model(msg.content[f"model/{name}"], norm), val_ds))
         return Message(out, reply_to=msg)
+    if purpose == "internal":
+        # The selected models on this training site's own test split (the internal side of
+        # the internal-to-external drop): aggregate AUCs only, clustered by patient.
+        if site.role != "train":
+            raise RuntimeError("internal validation runs only at training sites")
+        test = site.splits(run)["test"]
+        models = {name: _model(msg.content[f"model/{name}"], norm) for name in names}
+        labels, scores = score_dataset(test, models, run.batch_size)
+        result = internal_validation(labels, scores, test.cache.index.iloc[test.rows],
+                                     site=site.name, primary=json.loads(str(cfg["primary"])))
+        log.info("site %s: internal validation of %d models on %d test images", site.name,
+                 len(models), len(labels))
+        return Message(RecordDict({"results": ConfigRecord({"json": json.dumps(result)})}),
+                       reply_to=msg)
     if purpose not in ("external-score", "external"):
         raise RuntimeError(f"unknown evaluate purpose {purpose!r}")
     if site.role != "evaluate":
         raise RuntimeError("external validation runs only at held-out (evaluate) sites")
     cache = site.cache(run.image_size)
     store = ScoreStore(site.state_dir / "external" / str(cfg["run-name"]))
-    options = EvaluationOptions(shift=run.shift)
+    options = EvaluationOptions(shift=run.shift,
+                                primary_labels=json.loads(str(cfg.get("primary", "null"))),
+                                primary_against=json.loads(str(cfg.get("primary-against",
+                                                                       "null"))))
     if purpose == "external-score":  # one model per message; its scores stay on this disk
         (name,) = names
         n = score_into_store(cache, name, _model(msg.content[f"model/{name}"], norm), store,

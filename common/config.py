@@ -59,6 +59,7 @@ def model_specs(text: str, *, key: str) -> dict[str, str]:
             raise ConfigError(f"run config {key}: model name {name!r} is used twice or is an "
                               "arm's name; choose another")
         out[name] = path
+    return out
 
 
 @dataclass(frozen=True)

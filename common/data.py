@@ -29,7 +29,11 @@ def _unit_hash(text: str) -> float:
 def assign_splits(
     index: pd.DataFrame, seed: int = 0, fractions: dict[str, float] | None = None
 ) -> pd.Series:
-    """train / val / test per row: the manifest's split where given, else by patient hash."""
+    """train / val / test per row: the manifest's split where given, else by patient hash.
+
+    A patient is never in two splits: a blank row takes the split given on another row of
+    its patient (the first, where the manifest disagrees with itself; ``site check`` reports
+    that as ``patient_in_two_splits``)."""
     fractions = fractions or DEFAULT_FRACTIONS
     names = list(fractions)
     edges = np.cumsum([fractions[n] for n in names])
@@ -40,8 +44,10 @@ def assign_splits(
         return names[int(np.searchsorted(edges, u, side="right").clip(max=len(names) - 1))]
 
     given = index["split"].fillna("").astype(str)
+    known = given[given != ""].sort_index()
+    first = known.groupby(index["patient_id"][known.index]).first().to_dict()
     return pd.Series(
-        [g if g else by_patient(p) for g, p in zip(given, index["patient_id"], strict=True)],
+        [first.get(p) or by_patient(p) for p in index["patient_id"]],
         index=index.index,
         name="split",
     )

@@ -183,10 +183,13 @@ def save_checkpoint(model: CxrDenseNet, path: Path, **extra) -> Path:
 
 
 def load_checkpoint(path: Path) -> CxrDenseNet:
-    """Rebuild a model from one of our checkpoints (or a plain state dict, as BatchNorm)."""
+    """Rebuild a model from one of our checkpoints, or from a plain (torchvision-style) state
+    dict: BatchNorm when it has running statistics, else GroupNorm."""
     state, config = _read(Path(path))
-    model = CxrDenseNet(**{"num_labels": len(LABELS), "in_channels": 1, "norm": "batch",
-                           **config})
+    if "norm" not in config:
+        stats = any(k.endswith("running_mean") for k in state)
+        config = {**config, "norm": "batch" if stats else "group"}
+    model = CxrDenseNet(**{"num_labels": len(LABELS), "in_channels": 1, **config})
     load_weights(model, Path(path), strict_head=True)
     return model
 

@@ -29,12 +29,14 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from common.config import RunConfig, as_flower, parse
+from common.config import RunConfig, as_flower, label_list, model_specs, parse
+from common.errors import ConfigError
 from common.evaluation.external import combine_sites
 from common.evaluation.metrics import choose_threshold
 from common.evaluation.report import build_results, write_report
+from common.evaluation.verdict import Protocol
 from common.labels import LABELS
-from common.model import build_model
+from common.model import build_model, load_checkpoint
 from common.records import pack, record_arrays, to_record, unpack
 from server import checkpoint
 from server.exchange import send, stream_replies
@@ -67,7 +69,9 @@ class Node:
 class RunState:
     round: int = 0
     arms: dict[str, dict] = field(default_factory=dict)  # name -> state dict (numpy)
-    best: dict = field(default_factory=dict)  # round, mean_val_auc, pos, neg, sites, weights
+    # arm -> its selected model so far (selection rule of the run config): round,
+    # mean_val_auc, pos, neg (pooled validation ROC counts, for thresholds), sites, weights
+    selected: dict[str, dict] = field(default_factory=dict)
     strategy: dict = field(default_factory=dict)
     history: list[dict] = field(default_factory=list)
     rejections: list[dict] = field(default_factory=list)
@@ -133,9 +137,8 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
     started = time.monotonic()
     train_ids = sorted(n for n, node in nodes.items() if node.role == "train")
     sites = {n: nodes[n].site for n in train_ids}
-    norm = "group" if run.dp else "batch"
     planned = run.num_rounds * 2  # federated + single-site arm both spend each round
-    base = {"norm": norm, "run-name": run_name, "planned-units": planned}
+    base = {"norm": run.norm, "run-name": run_name, "planned-units": planned}
     # Federated arm: the strategy configures its messages (on training nodes only).
     fed_msgs = list(strategy.configure_train(
         rnd, _record(st.arms[FEDERATED], run),
@@ -154,7 +157,7 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
     paired = {m.metadata.dst_node_id for m in fed_msgs}
     single_msgs = [_msg({"arrays": _record(st.arms[single(sites[n])], run),
                          "config": ConfigRecord({**base, "arm": single(sites[n]),
-                                                 "server-round": rnd,
+                                                 "server-round": rnd, "report-val": True,
                                                  "seed": _seed(run, rnd, "single")})},
                         n, MessageType.TRAIN, rnd) for n in train_ids if n not in paired]
     # Replies are taken one at a time: a federated update is checked, measured and spilled
@@ -177,9 +180,13 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
             fed_metrics[node] = metrics
             store.add(r)
             return
-        # Single-site arm: the site's own model, never averaged.
+        # Single-site arm: the site's own model, never averaged, validated at its own site
+        # and selected by the same rule as the federated arm.
         st.arms[arm] = dict(unpack(record_arrays(r.content[f"{part}arrays"]), st.arms[arm]))
         _record_history(st, rnd, arm, [metrics], mean_val=float(m["val-auc-mean"]))
+        own = _pooled()
+        _pool(own, r.content[f"{part}val"], sites[node])
+        _consider(st, arm, rnd, _finish(own), st.arms[arm], run.selection)
 
     def take(r: Message) -> None:
         if r.has_error():
@@ -198,7 +205,7 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
             del reply
         replied = time.monotonic()
         if rnd > 1:  # before aggregation replaces it: st.arms[FEDERATED] is what was sent
-            _validated(st, rnd - 1, _finish(previous), st.arms[FEDERATED])
+            _validated(st, rnd - 1, _finish(previous), st.arms[FEDERATED], run.selection)
         # Failures: every (arm, node) that was asked and did not answer with a result.
         for n in train_ids:
             for arm in (FEDERATED, single(sites[n])):
@@ -230,6 +237,16 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, nodes: dict[int, Node], st
              time.monotonic() - started, replied - started)
 
 
+def _upgrade(state: dict) -> dict:
+    """A checkpoint written before every arm had a selected model kept only the best global
+    model (``best``); it is the federated arm's selection."""
+    state = dict(state)
+    best = state.pop("best", None)
+    if best is not None and "selected" not in state:
+        state["selected"] = {FEDERATED: best} if best else {}
+    return state
+
+
 def _federated_row(st: RunState, rnd: int) -> dict:
     return next(h for h in st.history if h["round"] == rnd and h["arm"] == FEDERATED)
 
@@ -238,16 +255,29 @@ def _auc(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "n/a"
 
 
-def _validated(st: RunState, rnd: int, val: dict, weights: dict[str, np.ndarray]) -> None:
+def _validated(st: RunState, rnd: int, val: dict, weights: dict[str, np.ndarray],
+               rule: str) -> None:
     """Round ``rnd``'s global model (``weights``) was validated: fill its history row and
-    keep it, with its pooled ROC counts (for thresholds), when it is the best so far."""
+    consider it for selection."""
     row = _federated_row(st, rnd)
     row["val_auc"], row["sites_answered"] = val["mean"], len(val["sites"])
+    _consider(st, FEDERATED, rnd, val, weights, rule)
+
+
+def _consider(st: RunState, arm: str, rnd: int, val: dict, weights: dict[str, np.ndarray],
+              rule: str) -> None:
+    """One selection rule for every arm: keep round ``rnd``'s model of ``arm``, with its
+    pooled validation ROC counts (for thresholds), when it is the last (``last``) or has the
+    best validation AUC so far (``best-val``; the earliest round wins a tie). The federated
+    arm is validated at every training site, a single-site arm at its own site."""
+    current = st.selected.get(arm)
     mean = val["mean"]
-    if mean is not None and (not st.best or mean > st.best["mean_val_auc"]):
-        st.best = {"round": rnd, "mean_val_auc": mean, "pos": val["pos"], "neg": val["neg"],
-                   "sites": list(val["sites"]),
-                   "weights": {k: v.copy() for k, v in weights.items()}}
+    better = mean is not None and (current is None or current["mean_val_auc"] is None
+                                   or mean > current["mean_val_auc"])
+    if rule == "last" or better:
+        st.selected[arm] = {"round": rnd, "mean_val_auc": mean, "pos": val["pos"],
+                            "neg": val["neg"], "sites": list(val["sites"]),
+                            "weights": {k: v.copy() for k, v in weights.items()}}
 
 
 def _record_history(st: RunState, rnd: int, arm: str, metrics: list[dict], *,
@@ -316,14 +346,45 @@ def fix_thresholds(run: RunConfig, val: dict[str, dict]) -> dict[str, dict[str, 
     return out
 
 
-def external_validation(grid: Grid, run: RunConfig, run_name: str, final: dict[str, dict],
-                        thresholds: dict, held_out: dict[int, Node], norm: str) -> list[dict]:
+def internal_validation(grid: Grid, run: RunConfig, final: dict[str, dict],
+                        train_nodes: dict[int, Node], primary: list[str]) -> dict:
+    """Every training site evaluates every selected model on its own test split, one model
+    per message (aggregate AUCs only): the internal side of the internal-to-external drop."""
     rnd = run.num_rounds + 2
-    base = {"norm": norm, "run-name": run_name}
+    results: dict[int, dict] = {}
+    for name, weights in final.items():
+        msgs = [_msg({f"model/{name}": _record(weights, run),
+                      "config": ConfigRecord({"purpose": "internal", "norm": run.norm,
+                                              "primary": json.dumps(primary)})},
+                     n, MessageType.EVALUATE, rnd) for n in train_nodes]
+        for r in send(grid, msgs, run.round_timeout):
+            node = r.metadata.src_node_id
+            if r.has_error():
+                log.warning("internal validation of %s at %s failed: %s", name,
+                            train_nodes[node].site if node in train_nodes else node,
+                            r.error.reason)
+                continue
+            part = json.loads(str(r.content["results"]["json"]))
+            if node in results:
+                for key in ("internal", "internal_primary"):
+                    results[node][key] += part[key]
+            else:
+                results[node] = part
+    return combine_sites(list(results.values()))
+
+
+def external_validation(grid: Grid, run: RunConfig, run_name: str, final: dict[str, dict],
+                        norms: dict[str, str], thresholds: dict, held_out: dict[int, Node],
+                        primary: list[str], primary_against: list[str]) -> list[dict]:
+    """Every held-out node scores every model (one per message, scores kept at the site),
+    then returns the statistics of all: per-label (secondary) and the primary endpoint."""
+    rnd = run.num_rounds + 3
+    base = {"run-name": run_name, "norm": run.norm}
     scored: dict[int, set[str]] = {n: set() for n in held_out}
     for name, weights in final.items():
         msgs = [_msg({f"model/{name}": _record(weights, run),
-                      "config": ConfigRecord({**base, "purpose": "external-score"})},
+                      "config": ConfigRecord({**base, "purpose": "external-score",
+                                              "norm": norms[name]})},
                      n, MessageType.EVALUATE, rnd) for n in held_out]
         for r in send(grid, msgs, run.round_timeout):
             node = r.metadata.src_node_id
@@ -334,7 +395,9 @@ def external_validation(grid: Grid, run: RunConfig, run_name: str, final: dict[s
                 scored[node].add(name)
     msgs = [_msg({"config": ConfigRecord({**base, "purpose": "external",
                                           "models": json.dumps(list(final)),
-                                          "thresholds": json.dumps(thresholds)})},
+                                          "thresholds": json.dumps(thresholds),
+                                          "primary": json.dumps(primary),
+                                          "primary-against": json.dumps(primary_against)})},
                  n, MessageType.EVALUATE, rnd) for n, names in scored.items()
             if names == set(final)]
     out = []
@@ -345,6 +408,35 @@ def external_validation(grid: Grid, run: RunConfig, run_name: str, final: dict[s
             continue
         out.append(json.loads(str(r.content["results"]["json"])))
     return out
+
+
+def resolve_primary_labels(run: RunConfig, train_nodes: dict[int, Node]) -> list[str]:
+    """The primary endpoint's labels, fixed before training: those the run config names, or
+    by default every label annotated at every training site. A named label that some
+    training site does not annotate is an error now, not after training."""
+    annotated = [lb for k, lb in enumerate(LABELS)
+                 if all(v.prevalence[k] >= 0 for v in train_nodes.values())]
+    asked = label_list(run.primary_labels, key="primary-labels")
+    missing = [lb for lb in asked if lb not in annotated]
+    if missing:
+        raise ConfigError(f"run config primary-labels: {', '.join(missing)} not annotated at "
+                          "every training site (a single-site model would be untrained on it);"
+                          f" annotated everywhere: {', '.join(annotated) or 'none'}")
+    if not (asked or annotated):
+        raise ConfigError("no label is annotated at every training site: set primary-labels "
+                          "to labels the training sites share")
+    return asked or annotated
+
+
+def load_extra_models(run: RunConfig) -> tuple[dict[str, dict], dict[str, str]]:
+    """Models not trained in this run (``extra-models``, files on the coordinator's disk,
+    torchvision or fedcxr format): weights and norm of each, loaded before training so a bad
+    file fails the run at once."""
+    weights, norms = {}, {}
+    for name, path in model_specs(run.extra_models, key="extra-models").items():
+        model = load_checkpoint(Path(path))
+        weights[name], norms[name] = _weights(model.state_dict()), model.norm
+    return weights, norms
 
 
 def exclude_unlabelled(evaluation: dict, train_nodes: dict[int, Node]) -> dict:
@@ -379,7 +471,7 @@ def main(grid: Grid, context: Context) -> None:
     if run.resume_from:
         saved = checkpoint.load(run.resume_from)
         run_name = saved["run_name"]
-        st = RunState(**saved["state"])
+        st = RunState(**_upgrade(saved["state"]))
         log.info("resume: continuing %s after round %d (%s)", run_name, st.round, saved["path"])
     else:
         run_name = run.run_name or f"run-{context.run_id}"
@@ -395,11 +487,16 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError("no node has role=train; nothing to train")
     role_probe = probe_roles(grid, run, nodes)
     log.info("discovery and role probe done (%.1f s into the run)", time.time() - started)
-    norm = "group" if run.dp else "batch"
+    # The prespecified analysis is fixed (and checked) before any training.
+    primary = resolve_primary_labels(run, train_nodes)
+    extra, extra_norms = load_extra_models(run)
+    log.info("protocol: primary endpoint %s over %s; selection %s; margin %g; alpha %g (%s)%s",
+             run.primary_metric, ", ".join(primary), run.selection, run.h1_margin, run.alpha,
+             run.correction, f"; extra models {', '.join(extra)}" if extra else "")
     strategy = make_strategy(run, len(train_nodes))
     if not run.resume_from:
         torch.manual_seed(run.seed)
-        init = _weights(build_model(norm=norm, init_weights=run.init_weights or None)
+        init = _weights(build_model(norm=run.norm, init_weights=run.init_weights or None)
                         .state_dict())
         st.arms = {FEDERATED: init, **{single(v.site): {k: a.copy() for k, a in init.items()}
                                         for v in train_nodes.values()}}
@@ -430,36 +527,46 @@ def main(grid: Grid, context: Context) -> None:
         _write_metrics_csv(run_dir, st)
         log.info("round %d: checkpoint %s (%.1f s)", rnd, path.name, done - saving)
 
-    # 3. Operating points from training-site validation data only. One message per site
-    # validates the last global model (not yet validated) and the site's own model; the
-    # best global model's ROC counts were kept when it was validated.
-    last = {FEDERATED: st.arms[FEDERATED],
-            **{single(v.site): st.arms[single(v.site)] for v in train_nodes.values()}}
-    targets = {FEDERATED: list(train_nodes),
-               **{single(v.site): [n] for n, v in train_nodes.items()}}
-    val = validate_models(grid, run, run.num_rounds + 1, last, targets, norm)
-    _validated(st, run.num_rounds, val[FEDERATED], st.arms[FEDERATED])
+    # 3. Select every arm's model by the same rule and fix its operating points on
+    # training-site validation data only. One message per site validates the last global
+    # model (not yet validated); single-site models were validated as they were trained.
+    val = validate_models(grid, run, run.num_rounds + 1, {FEDERATED: st.arms[FEDERATED]},
+                          {FEDERATED: list(train_nodes)}, run.norm)
+    _validated(st, run.num_rounds, val[FEDERATED], st.arms[FEDERATED], run.selection)
     _write_metrics_csv(run_dir, st)
-    log.info("round %d global: mean val AUC %s at %d sites; best global model: round %s",
-             run.num_rounds, _auc(val[FEDERATED]["mean"]), len(val[FEDERATED]["sites"]),
-             st.best.get("round", "none (no estimable AUC); the last is used"))
-    final = dict(last)
-    if st.best:
-        final[FEDERATED] = st.best["weights"]
-        val[FEDERATED] = {"sites": st.best["sites"], "pos": st.best["pos"],
-                          "neg": st.best["neg"], "mean": st.best["mean_val_auc"]}
-    thresholds = fix_thresholds(run, val)
+    arm_names = [FEDERATED] + [single(v.site) for v in train_nodes.values()]
+    final, chosen, selected_val = {}, {}, {}
+    for arm in arm_names:
+        sel = st.selected.get(arm)
+        final[arm] = sel["weights"] if sel else st.arms[arm]
+        chosen[arm] = sel["round"] if sel else run.num_rounds
+        selected_val[arm] = sel or _pooled()
+    log.info("selection (%s): %s", run.selection,
+             ", ".join(f"{a} round {chosen[a]}" + ("" if a in st.selected else
+                                                   " (no estimable AUC; last round)")
+                       for a in arm_names))
+    thresholds = fix_thresholds(run, selected_val)
     log.info("thresholds fixed on training-site validation data (%s, target %.2f; %.1f s "
              "into the run)", run.threshold_method, run.threshold_target, time.time() - started)
 
-    # 4. External validation at every held-out node: one model per message (scores stay at
-    # the site), then one statistics message naming every model, with the thresholds.
-    site_results = external_validation(grid, run, run_name, final, thresholds, held_out, norm)
+    # 4. Internal validation: every training site, every selected model, its test split.
+    internal = internal_validation(grid, run, final, train_nodes, primary)
+    log.info("internal validation done at %d training site(s) (%.1f s into the run)",
+             len(internal["clustering"]), time.time() - started)
+
+    # 5. External validation at every held-out node: one model per message (scores stay at
+    # the site), then one statistics message naming every model, with the thresholds. Extra
+    # models (not trained here) come after the arms: secondary analysis only.
+    models = {**final, **extra}
+    norms = {**{a: run.norm for a in final}, **extra_norms}
+    thresholds.update({name: {} for name in extra if name not in thresholds})
+    site_results = external_validation(grid, run, run_name, models, norms, thresholds,
+                                       held_out, primary, arm_names[1:])
     evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)
     log.info("external validation done at %d held-out site(s) (%.1f s into the run)",
              len(site_results), time.time() - started)
 
-    # 5. Verdict and report.
+    # 6. Verdict and report.
     failed = {}
     for f in st.failures:
         failed.setdefault(f["arm"], f)
@@ -473,9 +580,13 @@ def main(grid: Grid, context: Context) -> None:
             "status": "incomplete" if last_fail and name != FEDERATED else "complete",
             "reason": (f"site {last_fail['site']} failed in round {last_fail['round']}: "
                        f"{last_fail['reason']}") if last_fail else None,
-            "best_round": st.best.get("round") if name == FEDERATED else run.num_rounds,
+            "selection": run.selection, "best_round": int(chosen[name]),
             "history": [h for h in st.history if h["arm"] == name],
         })
+    arms += [{"name": name, "kind": "extra", "site": None, "status": "complete",
+              "reason": None, "selection": "given", "best_round": None, "history": [],
+              "path": path}
+             for name, path in model_specs(run.extra_models, key="extra-models").items()]
     cohort = [{"site": v.site, "role": v.role, "n_images": v.n_images, "format": v.format,
                "prevalence": {lb: (p if p >= 0 else None)
                               for lb, p in zip(LABELS, v.prevalence, strict=True)}}
@@ -483,14 +594,18 @@ def main(grid: Grid, context: Context) -> None:
     privacy = [{"site": v.site, "epsilon": st.epsilon.get(v.site), "max_epsilon": v.max_epsilon,
                 "accountant": run.accountant if run.dp else None,
                 "delta": None} for v in train_nodes.values()] if run.dp else []
+    protocol = Protocol(primary_labels=primary, selection=run.selection, margin=run.h1_margin,
+                        alpha=run.alpha, correction=run.correction,
+                        primary_metric=run.primary_metric)
     results = build_results(
         cohort=cohort, arms=arms, evaluation=evaluation, federated=FEDERATED, privacy=privacy,
+        protocol=protocol, internal=internal,
         screening={"rejected": len(st.rejections), "rejections": st.rejections,
                    "failures": st.failures, "role_probe": role_probe},
         config={**as_flower(run), "thresholds": thresholds,
-                "validation_mean_auc": {k: v["mean"] for k, v in val.items()}},
-        fingerprints={r["site"]: r.get("fingerprint") for r in site_results},
-        correction=run.correction)
+                "validation_mean_auc": {k: v["mean_val_auc"] if "mean_val_auc" in v
+                                        else v.get("mean") for k, v in selected_val.items()}},
+        fingerprints={r["site"]: r.get("fingerprint") for r in site_results})
     results["provenance"]["seeds"] = {"seed": run.seed}
     results["provenance"]["seconds"] = round(time.time() - started, 1)
     rpath, hpath = write_report(results, run_dir)

@@ -19,8 +19,8 @@ from common.evaluation.external import EvaluationOptions, evaluate_scores
 from common.evaluation.gradcam import gradcam
 from common.evaluation.metrics import ThresholdsRequired
 from common.evaluation.report import adjust_comparisons
-from common.evaluation.verdict import Protocol, primary_rows, primary_verdict, secondary_labels
 from common.evaluation.shift import SHIFTS, apply_shift
+from common.evaluation.verdict import Protocol, primary_rows, primary_verdict, secondary_labels
 from common.labels import LABELS
 from common.model import build_model, save_checkpoint
 

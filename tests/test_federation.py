@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
 from common.config import RunConfig, as_flower
-from common.model import build_model
+from common.labels import LABELS
+from common.model import build_model, save_checkpoint
 from common.simulate import simulate
 from common.synth import SynthOptions, generate
 from server.updates import UpdateStore
@@ -58,7 +61,10 @@ def flower_processes() -> list[str]:
 def run_a(small_cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     audit = out / "audit.jsonl"
-    code = simulate(small_cohort, {**CONFIG, "out-dir": str(out), "run-name": "a"},
+    torch.manual_seed(3)  # a model not trained in the run (GroupNorm: its norm travels too)
+    save_checkpoint(build_model(norm="group"), out / "outside.pt")
+    code = simulate(small_cohort, {**CONFIG, "out-dir": str(out), "run-name": "a",
+                                   "extra-models": f"outside={out / 'outside.pt'}"},
                     extra_env={"FEDCXR_AUDIT_LOG": str(audit)})
     assert code == 0
     return out / "a", audit
@@ -67,9 +73,38 @@ def run_a(small_cohort, tmp_path_factory):
 def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     run_dir, _ = run_a
     results = json.loads((run_dir / "results.json").read_text())
-    arms = {a["name"]: a for a in results["arms"]}
+    arms = {a["name"]: a for a in results["arms"] if a["kind"] != "extra"}
     assert set(arms) == {"federated", "single:site1", "single:site2"}
     assert all(a["status"] == "complete" for a in arms.values())
+    # One selection rule for every arm: each arm's best_round is the argmax of its own
+    # validation history (single-site arms: validated at their own site).
+    for arm in arms.values():
+        assert arm["selection"] == "best-val" and isinstance(arm["best_round"], int)
+        scored = [h for h in arm["history"] if h["val_auc"] is not None]
+        assert arm["best_round"] == max(scored, key=lambda h: h["val_auc"])["round"], arm
+    protocol = results["protocol"]
+    assert protocol["selection"] == "best-val" and protocol["clustered_by"] == "patient"
+    assert protocol["primary_metric"] == "macro-auc" and protocol["margin"] == 0.0
+    annotated = [lb for lb in LABELS if all(
+        c["prevalence"][lb] is not None for c in results["cohort"] if c["role"] == "train")]
+    assert protocol["primary_labels"] == annotated
+    # The primary family: held-out site x single-site model, never the extra model
+    primary = results["verdict"]["primary"]
+    assert {(r["site"], r["model_b"]) for r in primary} == {("site3", "single:site1"),
+                                                            ("site3", "single:site2")}
+    assert all(r["mdd"] > 0 and 0 <= r["p_adjusted"] <= 1 for r in primary)
+    assert results["verdict"]["status"] in ("supported", "contradicted", "inconclusive")
+    assert results["verdict"]["rule"].startswith("H1 is supported when")
+    assert results["clustering"][0]["clustered_by"] == "patient"
+    # Internal validation: every training site, every selected arm, on its test split
+    internal = {(r["site"], r["model"]) for r in results["internal"]}
+    assert internal == {(s, m) for s in ("site1", "site2") for m in arms}
+    drops = {(d["model"], d["label"]) for d in results["internal_external"]}
+    assert ("federated", "primary (macro-AUC)") in drops
+    # The extra model is evaluated beside the arms and compared as secondary analysis only
+    extra = [a for a in results["arms"] if a["kind"] == "extra"]
+    assert [a["name"] for a in extra] == ["outside"]
+    assert any(c["model_b"] == "outside" for c in results["comparisons"])
     history = arms["federated"]["history"]
     assert [h["round"] for h in history] == [1, 2]
     # Every global model was validated at both training sites: round 1's by the train
@@ -80,7 +115,7 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     assert results["provenance"]["config"]["validation_mean_auc"]["federated"] == \
         pytest.approx(best["val_auc"])
     models = {r["model"] for r in results["external"] if r["site"] == "site3"}
-    assert models == set(arms)
+    assert models == set(arms) | {"outside"}
     assert any(r["auc"] is not None for r in results["external"])
     assert results["comparisons"] and all("p_adjusted" in c for c in results["comparisons"])
     assert {c["model_a"] for c in results["comparisons"]} == {"federated"}
@@ -91,7 +126,7 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     assert {c["site"]: c["role"] for c in results["cohort"]} == {
         "site1": "train", "site2": "train", "site3": "evaluate"}
     thresholds = results["provenance"]["config"]["thresholds"]
-    assert set(thresholds) == set(arms) and thresholds["federated"]
+    assert set(thresholds) == set(arms) | {"outside"} and thresholds["federated"]
     assert (run_dir / "report.html").is_file()
     lines = (run_dir / "metrics.csv").read_text().strip().splitlines()
     assert len(lines) == 1 + 2 * 3
@@ -139,10 +174,13 @@ def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
                     for lst in _lists(body):
                         assert len(lst) not in site_sizes
                     text = rec["body"]["json"]
-                    assert "patient" not in text and ".dcm" not in text
+                    # no patient id (synthetic ids are site<k>-p<5 digits>), no id column,
+                    # no file name; "clustered_by": "patient" names a method, not a patient
+                    assert not re.search(r"-p\d{5}", text) and "patient_id" not in text
+                    assert ".dcm" not in text and ".png" not in text
     # The held-out site's per-image scores exist, on its own disk only.
     stored = sorted((small_cohort.parent / "site3" / ".fedcxr" / "external" / "a").glob("*.npy"))
-    assert [p.stem for p in stored] == ["federated", "single_site1", "single_site2"]
+    assert [p.stem for p in stored] == ["federated", "outside", "single_site1", "single_site2"]
     assert all(np.load(p).shape == (40, 14) for p in stored)
     assert not (run_dir / "updates").exists()  # the coordinator's spilled updates are removed
 
@@ -340,3 +378,24 @@ def test_single_site_arm_is_not_tested_on_labels_its_site_never_annotated():
     assert [c["label"] for c in out["comparisons"]] == ["Edema"]
     assert out["external"][0]["status"].startswith("not trained")
     assert out["external"][1]["status"] == "ok"
+
+
+def test_one_selection_rule_for_every_arm():
+    """best-val keeps each arm's best validated round (the earliest on a tie) with that
+    round's ROC counts; last keeps the last round whatever its AUC."""
+    from server.app import RunState, _consider
+
+    def val(mean, tag):
+        return {"mean": mean, "pos": np.array([tag]), "neg": np.array([tag]), "sites": ["s"]}
+
+    aucs = {"federated": [0.6, 0.8, 0.8, 0.7], "single:s1": [0.9, None, 0.5, 0.6]}
+    for rule, expected in (("best-val", {"federated": 2, "single:s1": 1}),
+                           ("last", {"federated": 4, "single:s1": 4})):
+        st = RunState()
+        for arm, series in aucs.items():
+            for rnd, mean in enumerate(series, start=1):
+                _consider(st, arm, rnd, val(mean, rnd), {"w": np.full(2, rnd)}, rule)
+        for arm, rnd in expected.items():
+            sel = st.selected[arm]
+            assert sel["round"] == rnd, (rule, arm)
+            assert sel["pos"][0] == rnd and sel["weights"]["w"][0] == rnd

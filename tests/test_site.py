@@ -119,3 +119,33 @@ def test_augmentation_is_small_and_seeded(cohort):
     b = augment_batch(x, torch.Generator().manual_seed(1))
     assert torch.equal(a, b) and a.shape == x.shape
     assert 0 < (a - x).abs().mean() < 0.15
+
+
+def test_partly_given_splits_never_put_a_patient_in_two_splits(tmp_path):
+    """Blank split rows follow their patient's given split; a patient given two splits is a
+    problem naming the lines, and every row of theirs lands in one split."""
+    import pandas as pd
+
+    from common.manifest import read_manifest
+
+    rows = ["path,patient_id,split,Effusion"]
+    for p in range(20):
+        for k in range(3):
+            split = ("train" if p % 2 else "test") if k == 0 else ""
+            rows.append(f"p{p}_{k}.png,P{p},{split},0")
+    rows.append("conflict_0.png,PX,train,1")
+    rows.append("conflict_1.png,PX,test,0")
+    rows.append("conflict_2.png,PX,,0")
+    (tmp_path / "manifest.csv").write_text("\n".join(rows) + "\n")
+    result = read_manifest(tmp_path / "manifest.csv", tmp_path, format="canonical")
+    index = result.rows
+    problems = [p for p in result.problems if p.code == "patient_in_two_splits"]
+    assert len(problems) == 1 and "PX" in problems[0].message
+    assert "line 62" in problems[0].message and "line 63" in problems[0].message
+    splits = assign_splits(index.reset_index(drop=True), seed=0)
+    per_patient = splits.groupby(index["patient_id"].to_numpy()).nunique()
+    assert (per_patient == 1).all(), per_patient[per_patient > 1]
+    # blank rows follow the given split, not the hash, even straight from a cache index
+    raw = pd.DataFrame({"patient_id": ["A", "A", "A", "B", "B"],
+                        "split": ["", "val", "", "test", "train"]})
+    assert assign_splits(raw).tolist() == ["val", "val", "val", "test", "test"]

@@ -147,8 +147,9 @@ class ClusterComponents:
     """Per-cluster structural components of k score vectors on one label.
 
     ``a`` and ``b`` are (k, clusters): A_i and B_i above (sums over the cluster's cases minus
-    the cluster's share of the AUC; zero for a cluster with no case of this label). ``m``, ``n``: positives and negatives; ``i10``, ``i01``,
-    ``i_all``: clusters with a positive, with a negative, all clusters.
+    the cluster's share of the AUC; zero for a cluster with no case of this label). ``m``,
+    ``n``: positives and negatives; ``i10``, ``i01``, ``i_all``: clusters with a positive,
+    with a negative, with any case of this label.
     """
 
     aucs: np.ndarray

@@ -239,7 +239,12 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
 def score_models(cache: SiteCache, models: dict[str, torch.nn.Module], batch_size: int = 64,
                  transform=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Labels (N, L) and each model's sigmoid scores (N, L) over the whole site."""
-    ds = CachedImages(cache)
+    return score_dataset(CachedImages(cache), models, batch_size, transform)
+
+
+def score_dataset(ds: CachedImages, models: dict[str, torch.nn.Module], batch_size: int = 64,
+                  transform=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labels (N, L) and each model's sigmoid scores (N, L) over ``ds`` (e.g. a split)."""
     loader = make_loader(ds, batch_size, shuffle=False)
     scores: dict[str, list[np.ndarray]] = {n: [] for n in models}
     for m in models.values():

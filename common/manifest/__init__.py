@@ -149,8 +149,10 @@ def _drop_duplicates(rows: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
 
 
 def _reconcile_splits(rows: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
-    """A patient in two given splits would leak between train and test: report it, and put
-    all of that patient's rows in the split of their first row."""
+    """No patient in two splits. A patient whose given splits differ would leak between
+    train and test: report it naming the rows, and put all their rows in the split of their
+    first row. A patient with some rows given and some blank: the blank rows take the split
+    the given rows have (a hash split could put them elsewhere)."""
     given = rows["split"].isin(SPLITS)
     bad_split = rows.index[(rows["split"] != "") & ~given]
     for i in bad_split:
@@ -160,17 +162,19 @@ def _reconcile_splits(rows: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
             int(i),
         )
     rows.loc[bad_split, "split"] = ""
-    per_patient = rows[given].groupby("patient_id")["split"]
-    for patient, splits in per_patient:
+    given = rows["split"].isin(SPLITS)
+    for patient, splits in rows[given].groupby("patient_id")["split"]:
         distinct = list(dict.fromkeys(splits))
         if len(distinct) > 1:
+            lines = ", ".join(f"{s} on line {int(i) + 2}"
+                              for s in distinct for i in splits.index[splits == s][:3])
             ctx.problem(
                 "patient_in_two_splits",
-                f"patient {patient} is in splits {', '.join(distinct)}; "
+                f"patient {patient} is in splits {', '.join(distinct)} ({lines}); "
                 f"all their rows are put in {distinct[0]!r}",
                 int(splits.index[0]),
             )
-            rows.loc[rows["patient_id"] == patient, "split"] = distinct[0]
+        rows.loc[rows["patient_id"] == patient, "split"] = distinct[0]
     return rows
 
 
