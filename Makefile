@@ -34,7 +34,7 @@ chromium:
 	fi
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check common server client tests benchmarks
+	$(VENV)/bin/ruff check cli common server client tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/data_throughput.py

@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 from train_throughput import plain_rate  # the same plain DenseNet-121 loop (benchmarks/)
 
-from client.site import SiteSource, run_prepare
 from common.data import CachedImages, augment_batch, make_loader
 from common.imaging import ImagingOptions
+from common.site import SiteSource, run_prepare
 from common.synth import SynthOptions, generate
 
 

@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client.site import SiteSource, ensure_cache
+from cli.simulate import simulate
 from common.data import split_datasets
 from common.model import build_model
 from common.records import pack, to_record
-from common.simulate import simulate
+from common.site import SiteSource, ensure_cache
 from common.synth import SynthOptions, generate
 from common.training import TrainConfig, local_train, validate
 

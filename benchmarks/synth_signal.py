@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from client.site import SiteSource, ensure_cache
 from common.data import CachedImages, augment_batch, make_loader, split_datasets
 from common.evaluation.delong import NotEstimable, auc_ci
 from common.labels import LABELS
+from common.site import SiteSource, ensure_cache
 from common.synth import SynthOptions, generate
 from common.training import masked_bce, pos_weight_from
 

@@ -1,7 +1,7 @@
 """Client mods: behaviour that wraps every handler, in Flower's own composable shape.
 
 ``role_mod`` enforces the node's role from its *own* config: a held-out (``evaluate``) node
-answers any train message with an error reply, whatever the server asks.
+answers any train message with an error reply (``Refusal.ROLE``), whatever the server asks.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import os
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from common import protocol as wire
 from common.config import NodeConfig, RunConfig, parse
 
-
-class RoleRefused(RuntimeError):
-    pass
+REFUSED_TO_TRAIN = ("this node's role is 'evaluate' (held-out site): it never trains on its "
+                    "data; the train message was refused")
 
 
 def node_role(context: Context) -> str:
@@ -28,11 +28,9 @@ def node_role(context: Context) -> str:
 
 def role_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     kind = message.metadata.message_type.split(".")[0]
-    if kind == "train" and node_role(context) != "train":
-        raise RoleRefused(
-            "this node's role is 'evaluate' (held-out site): it never trains on its data; "
-            "the train message was refused"
-        )
+    if kind == wire.TRAIN and node_role(context) != "train":
+        # An expected refusal: an error reply with our code, no traceback at the node.
+        return wire.refuse(message, wire.Refusal.ROLE, REFUSED_TO_TRAIN)
     return call_next(message, context)
 
 
@@ -40,12 +38,12 @@ def fault_mod(message: Message, context: Context, call_next: ClientAppCallable) 
     """Chaos hook for tests and drills: FEDCXR_FAULT="SITE:ROUND" makes that site's node fail
     every train message of that round, as a node that crashed mid-round would."""
     spec = os.environ.get("FEDCXR_FAULT", "")
-    if spec and message.metadata.message_type.startswith("train"):
+    if spec and message.metadata.message_type.startswith(wire.TRAIN):
         from client.node import open_site
 
         site, _, rnd = spec.partition(":")
         run = parse(RunConfig, dict(context.run_config), what="run config")
-        this_round = int(message.content["config"]["server-round"])
+        this_round = wire.server_round(message.content)
         if open_site(context.node_config, run).name == site and str(this_round) == rnd:
             raise RuntimeError(f"injected fault at {site} in round {rnd} (FEDCXR_FAULT)")
     return call_next(message, context)
@@ -72,4 +70,4 @@ def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCall
     return reply
 
 
-__all__ = ["NodeConfig", "RoleRefused", "fault_mod", "reply_audit_mod", "role_mod"]
+__all__ = ["NodeConfig", "fault_mod", "reply_audit_mod", "role_mod"]

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from client.site import SiteSource, default_cache_dir, ensure_cache
 from common.cache import SiteCache
 from common.config import NodeConfig, RunConfig, parse
 from common.data import CachedImages, split_datasets
 from common.errors import ConfigError
 from common.privacy import PrivacyLedger
+from common.site import SiteSource, default_cache_dir, ensure_cache
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from common import atomic
 from common.errors import FedcxrError
 from common.imaging import ImageRejected, ImagingOptions, load
 from common.labels import LABELS
@@ -110,12 +111,6 @@ def open_cache(root: Path) -> SiteCache:
     return SiteCache(root=root, images=images, index=index, meta=meta)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def prepare(
     rows: pd.DataFrame,
     cache_dir: Path,
@@ -168,24 +163,22 @@ def prepare(
     # From here on the folder is inconsistent until cache.json is rewritten last: remove it
     # first so a crash leaves "no cache" (rebuilt next time), never a wrong one.
     (cache_dir / "cache.json").unlink(missing_ok=True)
-    tmp_images = cache_dir / (name + ".tmp")
     if usable:
-        out = np.memmap(tmp_images, dtype=np_dtype, mode="w+",
-                        shape=(len(usable), options.size, options.size))
-        for slot, i in enumerate(usable):
-            if i in decoded:
-                out[slot] = decoded[i]
-                stats.decoded += 1
-            else:
-                out[slot] = old.images[old_slots[rows.at[i, "fingerprint"]]]
-                stats.reused += 1
-        out.flush()
-        del out
-        os.replace(tmp_images, cache_dir / name)
+        with atomic.atomic_path(cache_dir / name) as tmp_images:
+            out = np.memmap(tmp_images, dtype=np_dtype, mode="w+",
+                            shape=(len(usable), options.size, options.size))
+            for slot, i in enumerate(usable):
+                if i in decoded:
+                    out[slot] = decoded[i]
+                    stats.decoded += 1
+                else:
+                    out[slot] = old.images[old_slots[rows.at[i, "fingerprint"]]]
+                    stats.reused += 1
+            out.flush()
+            del out
     index = rows.iloc[usable].reset_index(drop=True)
-    index_tmp = cache_dir / "index.csv.tmp"
-    index.to_csv(index_tmp, index=False)
-    os.replace(index_tmp, cache_dir / "index.csv")
+    with atomic.atomic_path(cache_dir / "index.csv") as index_tmp:
+        index.to_csv(index_tmp, index=False)
     rejected = pd.DataFrame(
         [{"path": p.where, "code": p.code, "reason": p.message} for p in stats.rejected],
         columns=["path", "code", "reason"],
@@ -199,5 +192,5 @@ def prepare(
         "count": len(usable),
         "rejected": len(stats.rejected),
     }
-    _atomic_write_text(cache_dir / "cache.json", json.dumps(meta, indent=2))
+    atomic.write_text(cache_dir / "cache.json", json.dumps(meta, indent=2))
     return open_cache(cache_dir), stats

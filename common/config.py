@@ -9,30 +9,40 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, fields
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from common.errors import ConfigError
-from common.evaluation.metrics import THRESHOLD_METHODS
+from common.evaluation.metrics import THRESHOLD_METHODS, ThresholdMethod
 from common.labels import LABELS
-from common.privacy import ACCOUNTANTS
+from common.privacy import ACCOUNTANTS, Accountant
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg")
-ROLES = ("train", "evaluate")
-SELECTIONS = ("best-val", "last")  # model selection rule, the same for every arm
-PRIMARY_METRICS = ("macro-auc",)
-CORRECTIONS = ("holm", "bh")
+# Enumerated config values, declared once as types; checked when a config is parsed.
+Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
+Role = Literal["train", "evaluate"]
+Selection = Literal["best-val", "last"]  # model selection rule, the same for every arm
+PrimaryMetric = Literal["macro-auc"]
+Correction = Literal["holm", "bh"]
+GradSampleMode = Literal["bk", "ghost", "hooks"]
+TransportDtype = Literal["float32", "float16"]
+STRATEGIES = get_args(Strategy)
+ROLES = get_args(Role)
 
-# Enumerated run-config values, checked when the config is parsed (before any training).
+# field -> allowed values, for every enumerated run-config field (before any training).
 CHOICES: dict[str, tuple[str, ...]] = {
     "strategy": STRATEGIES,
-    "grad_sample_mode": ("bk", "ghost", "hooks"),
-    "transport_dtype": ("float32", "float16"),
-    "correction": CORRECTIONS,
+    "grad_sample_mode": get_args(GradSampleMode),
+    "transport_dtype": get_args(TransportDtype),
+    "correction": get_args(Correction),
     "threshold_method": THRESHOLD_METHODS,
     "accountant": ACCOUNTANTS,
-    "selection": SELECTIONS,
-    "primary_metric": PRIMARY_METRICS,
+    "selection": get_args(Selection),
+    "primary_metric": get_args(PrimaryMetric),
 }
+
+
+def norm_for(dp: bool) -> str:
+    """The model's normalisation: GroupNorm under DP (Opacus needs it), else BatchNorm."""
+    return "group" if dp else "batch"
 
 
 def label_list(text: str, *, key: str) -> list[str]:
@@ -69,33 +79,34 @@ class RunConfig:
     image_size: int = 64
     batch_size: int = 16
     lr: float = 1e-3
-    strategy: str = "fedavg"
+    strategy: Strategy = "fedavg"
     proximal_mu: float = 0.0
     trim_fraction: float = 0.2
+    fedadam_eta: float = 0.01  # FedAdam's server learning rate
     seed: int = 0
     dp: bool = False
     target_epsilon: float = 8.0
     max_grad_norm: float = 1.0
-    accountant: str = "prv"
-    grad_sample_mode: str = "bk"  # DP per-image clipping: bk | ghost | hooks (speed only)
-    transport_dtype: str = "float32"
+    accountant: Accountant = "prv"
+    grad_sample_mode: GradSampleMode = "bk"  # DP per-image clipping (speed only)
+    transport_dtype: TransportDtype = "float32"
     resume_from: str = ""
     out_dir: str = "runs"
     run_name: str = ""
     cohort: str = ""  # simulation: cohort.toml mapping partition id -> site
     min_train_sites: int = 1
     screen_norm_factor: float = 10.0
-    threshold_method: str = "specificity"
+    threshold_method: ThresholdMethod = "specificity"
     threshold_target: float = 0.9
-    correction: str = "holm"
+    correction: Correction = "holm"
     shift: bool = False
     round_timeout: float = 900.0
     max_images_per_site: int = 0  # 0: all; a cap for smoke runs
     init_weights: str = ""  # coordinator-local DenseNet-121 weights (torchvision format)
     # The prespecified analysis (results.json "protocol"), fixed before training.
-    selection: str = "best-val"  # every arm: its best validation round, or the last round
+    selection: Selection = "best-val"  # every arm: its best validation round, or the last round
     primary_labels: str = ""  # comma-separated; "": labels annotated at every training site
-    primary_metric: str = "macro-auc"
+    primary_metric: PrimaryMetric = "macro-auc"
     h1_margin: float = 0.0  # federated must exceed each single-site model by more than this
     alpha: float = 0.05
     extra_models: str = ""  # name=path,... evaluated at held-out sites beside the arms
@@ -118,13 +129,12 @@ class RunConfig:
 
     @property
     def norm(self) -> str:
-        """The model's normalisation: GroupNorm under DP (Opacus), else BatchNorm."""
-        return "group" if self.dp else "batch"
+        return norm_for(self.dp)
 
 
 @dataclass(frozen=True)
 class NodeConfig:
-    role: str = "train"
+    role: Role = "train"
     site_name: str = ""
     data_path: str = ""
     manifest: str = ""

@@ -193,10 +193,14 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         self._module.autograd_grad_sample_hooks = []
         self.autograd_grad_sample_hooks = self._module.autograd_grad_sample_hooks
         self.bk_layers = _trainable_layers(self._module)  # what clipped_backward visits
+        self._names = {layer: name for name, layer in self._module.named_modules()}
+        self._seen: set[nn.Module] = set()  # layers captured in the current forward pass
         for layer in self.bk_layers:
             setattr(layer, _BK_ON, True)
             self.autograd_grad_sample_hooks.append(
                 layer.register_forward_hook(self._capture))
+        self.autograd_grad_sample_hooks.append(
+            self._module.register_forward_pre_hook(lambda *_: self._seen.clear()))
         self._scale_mean = loss_reduction == "mean"
         self.enable_hooks()
 
@@ -204,6 +208,14 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         if not (self.hooks_enabled and layer.training and torch.is_grad_enabled()
                 and output.requires_grad):
             return
+        # A layer applied twice in one pass has two inputs and two output gradients; the
+        # parts kept here hold one of each, so its clipped gradient would be wrong.
+        if layer in self._seen:
+            raise RuntimeError(
+                f"book-keeping clipping: layer {self._names.get(layer, type(layer).__name__)} "
+                "is used twice in one forward pass, which it cannot clip correctly; use "
+                "grad-sample-mode=hooks for this model")
+        self._seen.add(layer)
         x = inputs[0].detach()
         norm_fn = self.NORM_SAMPLERS[type(layer)]
 

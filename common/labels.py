@@ -26,7 +26,6 @@ LABELS: tuple[str, ...] = (
     "Pleural_Thickening",
     "Hernia",
 )
-NUM_LABELS = len(LABELS)
 LABEL_INDEX = {name: i for i, name in enumerate(LABELS)}
 
 NO_FINDING = "No Finding"
@@ -97,7 +96,6 @@ PADCHEST_SYNONYMS: dict[str, str] = {
     "hiatal hernia": "Hernia",
     "hernia": "Hernia",
 }
-PADCHEST_NORMAL = {"normal"}
 
 
 class UncertainPolicy(StrEnum):

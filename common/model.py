@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 
+from common.atomic import atomic_path
 from common.errors import FedcxrError
 from common.labels import LABELS
 
@@ -175,10 +176,9 @@ def save_checkpoint(model: CxrDenseNet, path: Path, **extra) -> Path:
     """Our own checkpoint: weights + the config needed to rebuild the model."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save({"format": CHECKPOINT_FORMAT, "config": model.config(),
-                "state_dict": model.state_dict(), **extra}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, "config": model.config(),
+                    "state_dict": model.state_dict(), **extra}, tmp)
     return path
 
 

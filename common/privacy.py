@@ -17,10 +17,12 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 from common.errors import FedcxrError
 
-ACCOUNTANTS = ("prv", "rdp")
+Accountant = Literal["prv", "rdp"]
+ACCOUNTANTS = get_args(Accountant)
 
 
 class BudgetExceeded(FedcxrError):

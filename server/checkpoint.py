@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.atomic import atomic_path
 from common.errors import FedcxrError
 
 FORMAT = "fedcxr-server-checkpoint/1"
@@ -46,11 +47,8 @@ def save(state: dict, run_dir: Path, round: int) -> Path:
         "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
         "python": random.getstate()}}
     path = ckpt_dir / f"round-{round:03d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(payload, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    with atomic_path(path, fsync=True) as tmp:
+        torch.save(payload, tmp)
     latest = ckpt_dir / "latest.pt.tmp"
     latest.unlink(missing_ok=True)
     os.link(path, latest)  # the same bytes, no second write

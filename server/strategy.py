@@ -31,7 +31,7 @@ def make_strategy(run: RunConfig, n_train: int) -> Strategy:
     if run.strategy == "fedprox":
         return FedProx(proximal_mu=run.proximal_mu, **common)
     if run.strategy == "fedadam":
-        return FedAdam(eta=1e-2, eta_l=run.lr, **common)
+        return FedAdam(eta=run.fedadam_eta, eta_l=run.lr, **common)
     if run.strategy == "fedmedian":
         return FedMedian(**common)
     return FedTrimmedAvg(beta=run.trim_fraction, **common)

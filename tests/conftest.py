@@ -40,3 +40,12 @@ def write_test_dicom(path: Path, img: np.ndarray | None = None, *, held_out: boo
     acq = HELD_OUT_ACQUISITIONS[0] if held_out else TRAIN_ACQUISITIONS[2]
     write_dicom(path, img, dicom_facts(i, **kw), acq)
     return path
+
+
+@pytest.fixture()
+def task_identity():
+    """Messages built outside a Flower runtime need a run and task id."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield

@@ -14,7 +14,7 @@ import pytest
 import torch
 from scipy.stats import norm
 
-from common.cli import main
+from cli.main import main
 from common.evaluation.external import EvaluationOptions, evaluate_scores
 from common.evaluation.gradcam import gradcam
 from common.evaluation.metrics import ThresholdsRequired
@@ -213,3 +213,21 @@ def test_evaluate_rejects_bad_thresholds(cohort, tmp_path, capsys):
     code = main(["evaluate", "--model", str(tmp_path / "m.pt"), "--site", str(cohort / "site4"),
                  "--thresholds", str(tmp_path / "t.json"), "--out", str(tmp_path / "o")])
     assert code == 2 and "Dragon" in capsys.readouterr().err
+
+
+def test_report_template_escapes_names_and_shows_the_primary_endpoint(evaluated):
+    """A hostile site or model name is text on the page, never markup; the primary rows,
+    the rule and the internal-vs-external section are rendered from results.json."""
+    from markupsafe import escape
+
+    from common.evaluation.report import render_html
+
+    results = json.loads((evaluated / "results.json").read_text())
+    results["cohort"][0]["site"] = "<script>alert(1)</script>"
+    results["internal_external"] = [{"model": "federated", "label": "primary (macro-AUC)",
+                                     "internal_auc": 0.9, "external_auc": 0.7, "drop": 0.2}]
+    page = render_html(results)
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert str(escape(results["verdict"]["rule"])) in page
+    assert "Primary endpoint" in page and "single:site1" in page
+    assert "0.900 → 0.700 (-0.200)" in page

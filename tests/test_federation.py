@@ -17,23 +17,14 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
+from cli.simulate import simulate
 from common.config import RunConfig, as_flower
 from common.labels import LABELS
 from common.model import build_model, save_checkpoint
-from common.simulate import simulate
 from common.synth import SynthOptions, generate
 from server.updates import UpdateStore
 
 CONFIG = {"num-rounds": 2, "image-size": 32, "batch-size": 16}
-
-
-@pytest.fixture()
-def task_identity():
-    """Messages built outside a Flower runtime need a run and task id."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +186,7 @@ def test_killed_and_resumed_run_ends_with_the_same_weights(run_a, small_cohort, 
     reference, _ = run_a
     out = tmp_path / "killed"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "common.cli", "simulate", "--cohort", str(small_cohort),
+        [sys.executable, "-m", "cli.main", "simulate", "--cohort", str(small_cohort),
          "--run-config", " ".join(f"{k}={v}" for k, v in CONFIG.items()),
          "--run-config", f"out-dir={out} run-name=k"],
         start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -268,7 +259,7 @@ def test_dp_run_spends_from_each_sites_ledger(small_cohort, tmp_path):
 
 def test_held_out_node_refuses_to_train(small_cohort, task_identity):
     from client.app import app
-    from client.mods import RoleRefused
+    from common import protocol as wire
 
     run_config = {**as_flower(RunConfig()), **CONFIG, "cohort": str(small_cohort)}
     held_out = Context(run_id=1, node_id=7, node_config={"partition-id": 2, "num-partitions": 3},
@@ -276,8 +267,8 @@ def test_held_out_node_refuses_to_train(small_cohort, task_identity):
     msg = Message(RecordDict({"config": ConfigRecord({"arm": "federated",
                                                       "server-round": 1})}),
                   dst_node_id=7, message_type="train")
-    with pytest.raises(RoleRefused, match="never trains"):
-        app(msg, held_out)
+    reply = app(msg, held_out)  # an error reply with our code, not an exception
+    assert wire.refusal(reply) is wire.Refusal.ROLE and "never trains" in reply.error.reason
 
 
 def _reply(node: int, arrays: dict[str, np.ndarray], examples: int = 10) -> Message:
@@ -365,11 +356,13 @@ def test_aggregation_from_disk_in_key_groups_equals_flower_on_all_replies(make, 
 
 
 def test_single_site_arm_is_not_tested_on_labels_its_site_never_annotated():
+    from common.protocol import SiteFacts
     from server.app import Node, exclude_unlabelled
 
     prevalence = [0.1] * 14
     prevalence[10] = -1.0  # Emphysema unknown at site2 (CheXpert-style labeller)
-    nodes = {1: Node(1, "train", "site2", 10, 20, prevalence, "chexpert", -1, 10)}
+    facts = SiteFacts("train", "site2", "chexpert", 10, 5, 5, 20, prevalence, -1, -1, 10)
+    nodes = {1: Node(1, facts)}
     ev = {"external": [{"model": "single:site2", "label": "Emphysema", "status": "ok"},
                        {"model": "single:site2", "label": "Edema", "status": "ok"}],
           "comparisons": [{"model_b": "single:site2", "label": "Emphysema"},
@@ -383,10 +376,11 @@ def test_single_site_arm_is_not_tested_on_labels_its_site_never_annotated():
 def test_one_selection_rule_for_every_arm():
     """best-val keeps each arm's best validated round (the earliest on a tie) with that
     round's ROC counts; last keeps the last round whatever its AUC."""
-    from server.app import RunState, _consider
+    from server.app import PooledValidation, RunState, _consider
 
     def val(mean, tag):
-        return {"mean": mean, "pos": np.array([tag]), "neg": np.array([tag]), "sites": ["s"]}
+        return PooledValidation(["s"], [] if mean is None else [mean], np.array([tag]),
+                                np.array([tag]))
 
     aucs = {"federated": [0.6, 0.8, 0.8, 0.7], "single:s1": [0.9, None, 0.5, 0.6]}
     for rule, expected in (("best-val", {"federated": 2, "single:s1": 1}),

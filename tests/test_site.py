@@ -9,11 +9,11 @@ import numpy as np
 import pydicom
 import pytest
 
-from client.site import SiteSource, check, run_prepare
+from cli.main import main
 from common.cache import open_cache
-from common.cli import main
 from common.data import CachedImages, assign_splits, augment_batch, split_datasets
 from common.imaging import ImagingOptions
+from common.site import SiteSource, check, run_prepare
 from tests.conftest import write_test_dicom
 
 GOOD = 6

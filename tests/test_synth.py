@@ -7,9 +7,9 @@ import tomllib
 
 import numpy as np
 
-from client.site import SiteSource, check
 from common.imaging import ImagingOptions
 from common.labels import LABELS
+from common.site import SiteSource, check
 from common.synth import SynthOptions, generate
 from common.synth.cohort import plan_site, render_plan
 from common.synth.phantom import render

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 
-from client.site import SiteSource, ensure_cache
 from common.data import split_datasets
 from common.model import build_model
 from common.privacy import (
@@ -21,6 +20,7 @@ from common.privacy import (
     Spend,
     compose_epsilon,
 )
+from common.site import SiteSource, ensure_cache
 from common.training import (
     DPPlan,
     TrainConfig,
@@ -174,7 +174,7 @@ def test_ledger_survives_a_kill_mid_round_and_never_undercounts(cohort, tmp_path
     ledger_path = tmp_path / "ledger.jsonl"
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from client.site import SiteSource, ensure_cache
+        from common.site import SiteSource, ensure_cache
         from common.data import split_datasets
         from common.model import build_model
         from common.privacy import DPConfig, PrivacyLedger
@@ -335,3 +335,35 @@ def test_merged_ledger_history_gives_the_same_epsilon():
         acc.history = [s.as_history() for s in spends if s.steps]
         assert compose_epsilon(spends, 1e-5, kind) == pytest.approx(
             float(acc.get_epsilon(delta=1e-5)), rel=1e-6)
+
+
+def test_bookkeeping_refuses_a_layer_used_twice_in_one_pass():
+    """A shared layer would be clipped wrongly (one input and one output gradient kept);
+    bk mode must refuse it, and still train a model whose layers each run once."""
+    from common.dp_grad_sample import BookkeepingPrivacyEngine, register
+
+    register()
+
+    class Shared(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.fc(x)))
+
+    def private(model):
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(torch.randn(8, 4), torch.randn(8, 4)), batch_size=8)
+        gsm, _, _, _ = BookkeepingPrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=loader, noise_multiplier=0.0, max_grad_norm=1.0,
+            poisson_sampling=False, grad_sample_mode="ghost")
+        return gsm
+
+    with pytest.raises(RuntimeError, match="fc is used twice"):
+        private(Shared())(torch.randn(8, 4, requires_grad=True))
+    once = private(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(),
+                                       torch.nn.Linear(4, 4)))
+    for _ in range(2):  # every pass starts afresh
+        once(torch.randn(8, 4, requires_grad=True))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from scipy.stats import norm
 
+from common.atomic import atomic_path, write_text
 from common.cache import SiteCache
 from common.data import CachedImages, make_loader
 from common.evaluation import readers as reader_mod
@@ -324,10 +325,9 @@ class ScoreStore:
     def save(self, name: str, scores: np.ndarray, shift_rows: list[dict]) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         stem = self._stem(name)
-        tmp = stem.with_suffix(".tmp.npy")
-        np.save(tmp, scores)
-        tmp.replace(stem.with_suffix(".npy"))
-        stem.with_suffix(".shift.json").write_text(json.dumps(shift_rows))
+        with atomic_path(stem.with_suffix(".npy")) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, scores)
+        write_text(stem.with_suffix(".shift.json"), json.dumps(shift_rows))
 
     def load(self, names: list[str]) -> tuple[dict[str, np.ndarray], list[dict]]:
         missing = [n for n in names if not self._stem(n).with_suffix(".npy").exists()]

@@ -9,12 +9,16 @@ sites and chooses the operating point. The external evaluator only ever receives
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import numpy as np
-from scipy.stats import norm
+from sklearn.metrics import brier_score_loss
+from statsmodels.stats.multitest import multipletests
+from statsmodels.stats.proportion import proportion_confint
 
 GRID = np.linspace(0.0, 1.0, 1001)  # threshold grid on predicted probability
-THRESHOLD_METHODS = ("specificity", "sensitivity", "youden", "max_f1")
+ThresholdMethod = Literal["specificity", "sensitivity", "youden", "max_f1"]
+THRESHOLD_METHODS = get_args(ThresholdMethod)
 
 
 class ThresholdsRequired(ValueError):
@@ -22,15 +26,11 @@ class ThresholdsRequired(ValueError):
 
 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for k successes out of n."""
+    """Wilson score interval for k successes out of n (statsmodels' ``proportion_confint``)."""
     if n == 0:
         return (float("nan"), float("nan"))
-    z = norm.ppf(0.5 + level / 2)
-    p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return float(max(0.0, centre - half)), float(min(1.0, centre + half))
+    low, high = proportion_confint(k, n, alpha=1 - level, method="wilson")
+    return float(max(0.0, low)), float(min(1.0, high))
 
 
 @dataclass(frozen=True)
@@ -145,41 +145,34 @@ def ece(y_true, y_prob, bins: int = 15) -> float:
 
 
 def brier(y_true, y_prob) -> float:
+    """Brier score over the known labels (scikit-learn's ``brier_score_loss``)."""
     y = np.asarray(y_true, dtype=float)
     p = np.asarray(y_prob, dtype=float)
     keep = ~np.isnan(y)
-    return float(np.mean((p[keep] - y[keep]) ** 2)) if keep.any() else float("nan")
+    return float(brier_score_loss(y[keep], p[keep])) if keep.any() else float("nan")
+
+
+METHODS = {"holm": "holm", "bh": "fdr_bh", "fdr": "fdr_bh", "benjamini-hochberg": "fdr_bh"}
+
+
+def adjust(p_values, method: str = "holm") -> np.ndarray:
+    """Multiplicity-adjusted p-values (statsmodels' ``multipletests``); NaN entries stay NaN
+    and are not counted in the family."""
+    if method not in METHODS:
+        raise ValueError(f"multiplicity correction {method!r}; use holm or bh")
+    p = np.asarray(p_values, dtype=float)
+    out = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = multipletests(p[ok], method=METHODS[method])[1]
+    return out
 
 
 def holm(p_values) -> np.ndarray:
-    """Holm step-down adjusted p-values (NaN entries stay NaN and are not counted)."""
-    p = np.asarray(p_values, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    order = ok[np.argsort(p[ok], kind="stable")]
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (m - rank) * p[i]))
-        out[i] = running
-    return out
+    """Holm step-down adjusted p-values."""
+    return adjust(p_values, "holm")
 
 
 def benjamini_hochberg(p_values) -> np.ndarray:
     """Benjamini-Hochberg step-up adjusted p-values (false discovery rate)."""
-    p = np.asarray(p_values, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
-    m = len(ok)
-    order = ok[np.argsort(p[ok], kind="stable")]
-    adjusted = np.minimum.accumulate((m / np.arange(m, 0, -1)) * p[order[::-1]])
-    out[order[::-1]] = np.minimum(adjusted, 1.0)
-    return out
-
-
-def adjust(p_values, method: str = "holm") -> np.ndarray:
-    if method == "holm":
-        return holm(p_values)
-    if method in {"bh", "fdr", "benjamini-hochberg"}:
-        return benjamini_hochberg(p_values)
-    raise ValueError(f"multiplicity correction {method!r}; use holm or bh")
+    return adjust(p_values, "bh")

@@ -13,6 +13,8 @@ import re
 
 import numpy as np
 import pandas as pd
+from sklearn.metrics import cohen_kappa_score
+from statsmodels.stats.inter_rater import fleiss_kappa as statsmodels_fleiss_kappa
 
 from common.evaluation.metrics import at_threshold
 
@@ -36,28 +38,27 @@ def reference_standard(frame: pd.DataFrame, label: str) -> np.ndarray:
 
 
 def cohen_kappa(a, b) -> float:
-    """Cohen's kappa for two raters' binary calls (rows with a missing call are dropped)."""
+    """Cohen's kappa for two raters' binary calls (scikit-learn's ``cohen_kappa_score``;
+    rows with a missing call are dropped). NaN when chance agreement is perfect."""
     a, b = np.asarray(a, float), np.asarray(b, float)
     ok = ~(np.isnan(a) | np.isnan(b))
     a, b = a[ok], b[ok]
-    if len(a) == 0:
+    if len(a) == 0 or (len(np.unique(a)) == 1 and np.array_equal(a, b)):
         return float("nan")
-    po = np.mean(a == b)
-    pe = np.mean(a) * np.mean(b) + np.mean(1 - a) * np.mean(1 - b)
-    return float((po - pe) / (1 - pe)) if pe < 1 else float("nan")
+    return float(cohen_kappa_score(a, b))
 
 
 def fleiss_kappa(counts) -> float:
-    """Fleiss' kappa from an (items x categories) table of how many raters chose each."""
+    """Fleiss' kappa from an (items x categories) table of how many raters chose each
+    (statsmodels' ``fleiss_kappa``)."""
     counts = np.asarray(counts, dtype=float)
     n = counts.sum(axis=1)
     if not np.all(n == n[0]) or n[0] < 2:
         raise ValueError("Fleiss' kappa needs the same number (>= 2) of ratings per item")
-    r = n[0]
     p_j = counts.sum(axis=0) / counts.sum()
-    p_i = (np.sum(counts**2, axis=1) - r) / (r * (r - 1))
-    p_bar, pe = p_i.mean(), np.sum(p_j**2)
-    return float((p_bar - pe) / (1 - pe)) if pe < 1 else float("nan")
+    if np.sum(p_j**2) >= 1:
+        return float("nan")
+    return float(statsmodels_fleiss_kappa(counts, method="fleiss"))
 
 
 def model_sensitivity_at_specificity(y, score, specificity: float) -> tuple[float, float]:

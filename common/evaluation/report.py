@@ -33,16 +33,20 @@
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from markupsafe import Markup
 
+from common.atomic import write_text
 from common.evaluation.metrics import adjust
+from common.evaluation.report_template import TEMPLATE
 from common.evaluation.verdict import (
     ALPHA,
     Protocol,
@@ -53,6 +57,8 @@ from common.evaluation.verdict import (
 from common.labels import LABELS
 
 SCHEMA_VERSION = "2"
+FIGURE_LABELS = 6  # labels per row of ROC / calibration figures (the page stays readable)
+SUBGROUP_ROWS = 400  # subgroup table rows shown (results.json keeps them all)
 
 
 def code_version() -> str:
@@ -170,24 +176,21 @@ def _clean(obj):
 def write_results(results: dict, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_clean(results), indent=1, default=_json_default,
-                              allow_nan=False))
-    tmp.replace(path)
-    return path
+    return write_text(path, json.dumps(_clean(results), indent=1, default=_json_default,
+                                       allow_nan=False))
 
 
 # ---------------------------------------------------------------- HTML rendering
 
 
-def _figure_tag(fig) -> str:
+def _figure_tag(fig) -> Markup:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode()
-    return f'<img alt="figure" src="data:image/png;base64,{data}">'
+    return Markup(f'<img alt="figure" src="data:image/png;base64,{data}">')
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -195,16 +198,24 @@ def _fmt(v, digits: int = 3) -> str:
         return "–"
     if isinstance(v, float):
         return f"{v:.{digits}f}"
-    return html.escape(str(v))
+    return str(v)
 
 
-def _table(headers: list[str], rows: list[list], row_class=None) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-    body = []
-    for i, r in enumerate(rows):
-        cls = f' class="{row_class(i)}"' if row_class and row_class(i) else ""
-        body.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+@dataclass(frozen=True)
+class Row:
+    cells: list
+    cls: str = ""
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: list[str]
+    rows: list[Row]
+
+
+def _table(headers: list[str], rows: list[list], row_class=None) -> Table:
+    return Table(headers, [Row(r, (row_class(i) or "") if row_class else "")
+                           for i, r in enumerate(rows)])
 
 
 def _labels_with_results(results: dict) -> list[str]:
@@ -217,7 +228,8 @@ def _training_curves(results: dict) -> str:
 
     arms = [a for a in results["arms"] if a.get("history")]
     if not arms:
-        return "<p>No training history (models were given, not trained in this run).</p>"
+        return Markup("<p>No training history (models were given, not trained in this "
+                      "run).</p>")
     fig, ax = plt.subplots(figsize=(6, 3.2))
     for arm in arms:
         hist = [h for h in arm["history"] if h.get("val_auc") is not None]
@@ -233,7 +245,7 @@ def _training_curves(results: dict) -> str:
 def _roc_figure(results: dict, site: str, labels: list[str]) -> str:
     import matplotlib.pyplot as plt
 
-    labels = labels[:6]
+    labels = labels[:FIGURE_LABELS]
     if not labels:
         return ""
     fig, axes = plt.subplots(1, len(labels), figsize=(2.6 * len(labels), 2.8), squeeze=False)
@@ -258,7 +270,7 @@ def _calibration_figure(results: dict, site: str, model: str, labels: list[str])
     import matplotlib.pyplot as plt
 
     rows = [r for r in results["calibration"] if r["site"] == site and r["model"] == model
-            and r["label"] in labels[:6]]
+            and r["label"] in labels[:FIGURE_LABELS]]
     if not rows:
         return ""
     fig, axes = plt.subplots(1, len(rows), figsize=(2.4 * len(rows), 2.6), squeeze=False)
@@ -279,7 +291,7 @@ def _shift_figure(results: dict) -> str:
 
     rows = [r for r in results.get("shift", []) if r.get("mean_auc") is not None]
     if not rows:
-        return "<p>Device-shift analysis was not run.</p>"
+        return Markup("<p>Device-shift analysis was not run.</p>")
     kinds = sorted({r["shift"] for r in rows})
     fig, axes = plt.subplots(1, len(kinds), figsize=(2.6 * len(kinds), 2.6), squeeze=False)
     for ax, kind in zip(axes[0], kinds, strict=True):
@@ -299,7 +311,7 @@ def _privacy_figure(results: dict) -> str:
 
     rows = [r for r in results.get("privacy", []) if r.get("epsilon") is not None]
     if not rows:
-        return "<p>No differential privacy in this run (ε not applicable).</p>"
+        return Markup("<p>No differential privacy in this run (ε not applicable).</p>")
     fig, ax = plt.subplots(figsize=(4, 2.4))
     ax.bar([r["site"] for r in rows], [r["epsilon"] for r in rows])
     for i, r in enumerate(rows):
@@ -321,138 +333,132 @@ tr.gap td{background:#fde2e2} .sig{font-weight:bold}
 
 
 def render_html(results: dict) -> str:
+    """report.html from results.json (the Jinja2 template in ``report_template``)."""
     v = results["verdict"]
-    labels = _labels_with_results(results)
-    sites = sorted({r["site"] for r in results["external"]})
     alpha = v.get("alpha", ALPHA)
+    labels = _labels_with_results(results)
     protocol = results.get("protocol", {})
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-             f"<title>fedcxr report</title><style>{CSS}</style></head><body>",
-             "<h1>fedcxr: external validation report</h1>",
-             f"<p class='verdict {v['status'].split()[0]}'>{html.escape(v['overall'])}</p>",
-             f"<p><b>Rule (prespecified):</b> {html.escape(v.get('rule', ''))}</p>"]
-    if protocol:
-        parts.append("<p><b>Protocol:</b> " + html.escape(", ".join(
-            f"{k}={', '.join(x) if isinstance(x, list) else x}" for k, x in protocol.items()))
-            + "</p>")
-    clustering = results.get("clustering", [])
-    by_image = [c["site"] for c in clustering if c["clustered_by"] == "image"]
-    if by_image:
-        parts.append("<p>No patient ids at " + html.escape(", ".join(by_image)) + ": CIs and "
-                     "tests there are clustered by image (images assumed independent).</p>")
-    if v.get("primary"):
-        parts.append("<h2>Primary endpoint</h2>")
-        parts.append(_table(
+    context = {
+        "css": Markup(CSS), "verdict": v, "verdict_class": v["status"].split()[0],
+        "alpha": alpha, "secondary": [x["sentence"] for x in v.get("labels", [])],
+        "protocol": ", ".join(f"{k}={', '.join(x) if isinstance(x, list) else x}"
+                              for k, x in protocol.items()),
+        "by_image": [c["site"] for c in results.get("clustering", [])
+                     if c["clustered_by"] == "image"],
+        "primary": _table(
             ["site", "A", "B", "macro-AUC A", "macro-AUC B", "diff (95% CI)", "p",
              "adjusted p", "minimal detectable difference"],
-            [[_fmt(r["site"]), _fmt(r["model_a"]), _fmt(r["model_b"]), _fmt(r["auc_a"]),
-              _fmt(r["auc_b"]),
+            [[r["site"], r["model_a"], r["model_b"], _fmt(r["auc_a"]), _fmt(r["auc_b"]),
               f"{r['diff']:+.3f} ({r['diff_low']:+.3f}, {r['diff_high']:+.3f})",
               _fmt(r["p_value"], 4), _fmt(r["p_adjusted"], 4), _fmt(r.get("mdd"))]
-             for r in v["primary"]]))
-    parts.append("<h2>Secondary: per label</h2><p>Its own multiplicity family; it does not "
-                 "decide the verdict.</p>")
-    parts.append("<ul>" + "".join(f"<li>{html.escape(x['sentence'])}</li>"
-                                  for x in v.get("labels", [])) + "</ul>")
-    parts.append("<h2>Cohort</h2>")
-    parts.append(_table(["site", "role", "images", "format"] + [lb[:6] for lb in LABELS],
-                        [[_fmt(c["site"]), _fmt(c.get("role")), _fmt(c.get("n_images")),
-                          _fmt(c.get("format"))]
-                         + [_fmt((c.get("prevalence") or {}).get(lb), 2) for lb in LABELS]
-                         for c in results["cohort"]]))
-    parts += ["<h2>Training</h2>", _training_curves(results)]
-    arms = results["arms"]
-    if arms:
-        parts.append(_table(["arm", "kind", "site", "status", "reason"],
-                            [[_fmt(a["name"]), _fmt(a.get("kind")), _fmt(a.get("site")),
-                              _fmt(a.get("status")), _fmt(a.get("reason"))] for a in arms]))
-    parts.append(f"<h2>External AUC (95% CI, clustered by patient)</h2><p>* adjusted p &lt; "
-                 f"{alpha} against the first model (secondary family); thresholds were fixed "
-                 "on training-site validation data.</p>")
-    sig = {(c["site"], c["label"], c["model_b"]): c for c in results["comparisons"]}
-    for site in sites:
-        models = list(dict.fromkeys(r["model"] for r in results["external"] if r["site"] == site))
-        rows = []
-        for label in labels:
-            row = [label]
-            for m in models:
-                r = next((e for e in results["external"] if e["site"] == site and
-                          e["label"] == label and e["model"] == m), None)
-                if r is None or r.get("auc") is None:
-                    row.append("not estimable")
-                    continue
-                if str(r.get("status", "")).startswith("not trained"):
-                    row.append("not trained on label")
-                    continue
-                if r.get("ci_low") is None:
-                    row.append(f"{r['auc']:.3f} (no CI)")
-                    continue
-                c = sig.get((site, label, m))
-                mark = "*" if c and c["p_adjusted"] < alpha else ""
-                row.append(f"<span class='{'sig' if mark else ''}'>{r['auc']:.3f}{mark}</span>"
-                           f" ({r['ci_low']:.2f}–{r['ci_high']:.2f})")
-            rows.append(row)
-        parts += [f"<h3>{html.escape(site)}</h3>", _table(["label"] + models, rows),
-                  _roc_figure(results, site, labels)]
-        if models:
-            parts.append(f"<h4>Calibration of {html.escape(models[0])}</h4>")
-            parts.append(_calibration_figure(results, site, models[0], labels))
-    drops = results.get("internal_external", [])
-    if drops:
-        parts.append("<h2>Internal vs external</h2><p>Mean AUC on the training sites' own "
-                     "test splits minus mean AUC at the held-out sites, per model.</p>")
-        models = list(dict.fromkeys(d["model"] for d in drops))
-        rows_d = []
-        for label in [PRIMARY] + labels:
-            row = [label]
-            for m in models:
-                d = next((x for x in drops if x["model"] == m and x["label"] == label), None)
-                row.append("–" if d is None else f"{d['internal_auc']:.3f} → "
-                           f"{d['external_auc']:.3f} ({-d['drop']:+.3f})")
-            rows_d.append(row)
-        parts.append(_table(["label"] + models, rows_d))
-    parts.append("<h2>Paired tests (clustered DeLong)</h2>")
-    parts.append(_table(
-        ["site", "label", "A", "B", "AUC A", "AUC B", "diff (95% CI)", "z", "p", "adjusted p"],
-        [[_fmt(c["site"]), _fmt(c["label"]), _fmt(c["model_a"]), _fmt(c["model_b"]),
-          _fmt(c["auc_a"]), _fmt(c["auc_b"]),
-          f"{c['diff']:+.3f} ({c['diff_low']:+.3f}, {c['diff_high']:+.3f})", _fmt(c["z"], 2),
-          _fmt(c["p"], 4), _fmt(c["p_adjusted"], 4)] for c in results["comparisons"]]))
-    parts.append("<h2>Subgroups</h2><p>Rows in red: AUC more than 0.05 below the best "
-                 "subgroup of the same attribute.</p>")
-    sub = [s for s in results["subgroups"] if s["model"] == (v.get("federated") or "")] or \
-        results["subgroups"]
-    sub = sub[:400]
-    parts.append(_table(
-        ["site", "model", "label", "attribute", "group", "n", "prevalence", "AUC", "sens",
-         "spec", "gap", "status"],
-        [[_fmt(s["site"]), _fmt(s["model"]), _fmt(s["label"]), _fmt(s["attribute"]),
-          _fmt(s["group"]), _fmt(s["n"]), _fmt(s.get("prevalence"), 2), _fmt(s.get("auc")),
-          _fmt(s.get("sensitivity"), 2), _fmt(s.get("specificity"), 2), _fmt(s.get("gap")),
-          _fmt(s["status"])] for s in sub],
-        row_class=lambda i: "gap" if (sub[i].get("gap") or 0) > 0.05 else ""))
-    if results["readers"]:
-        parts.append("<h2>Readers</h2>")
-        parts.append(_table(
+             for r in v.get("primary", [])]) if v.get("primary") else None,
+        "cohort": _table(["site", "role", "images", "format"] + [lb[:6] for lb in LABELS],
+                         [[_fmt(c["site"]), _fmt(c.get("role")), _fmt(c.get("n_images")),
+                           _fmt(c.get("format"))]
+                          + [_fmt((c.get("prevalence") or {}).get(lb), 2) for lb in LABELS]
+                          for c in results["cohort"]]),
+        "training_figure": _training_curves(results),
+        "arms": _table(["arm", "kind", "site", "status", "selected round", "reason"],
+                       [[_fmt(a["name"]), _fmt(a.get("kind")), _fmt(a.get("site")),
+                         _fmt(a.get("status")), _fmt(a.get("best_round")),
+                         _fmt(a.get("reason"))] for a in results["arms"]])
+        if results["arms"] else None,
+        "sites": [_site_section(results, site, labels, alpha) for site in
+                  sorted({r["site"] for r in results["external"]})],
+        "drops": _drops_table(results, labels),
+        "comparisons": _table(
+            ["site", "label", "A", "B", "AUC A", "AUC B", "diff (95% CI)", "z", "p",
+             "adjusted p"],
+            [[c["site"], c["label"], c["model_a"], c["model_b"], _fmt(c["auc_a"]),
+              _fmt(c["auc_b"]),
+              f"{c['diff']:+.3f} ({c['diff_low']:+.3f}, {c['diff_high']:+.3f})",
+              _fmt(c["z"], 2), _fmt(c["p"], 4), _fmt(c["p_adjusted"], 4)]
+             for c in results["comparisons"]]),
+        "subgroups": _subgroup_table(results, v),
+        "readers": _table(
             ["site", "label", "reference", "readers", "Fleiss κ", "reader", "sens", "spec",
              "model sensitivity at reader's specificity"],
-            [[_fmt(s["site"]), _fmt(s["label"]), _fmt(s["reference"]), _fmt(s["readers"]),
+            [[s["site"], s["label"], _fmt(s["reference"]), _fmt(s["readers"]),
               _fmt(s.get("fleiss_kappa")), _fmt(p["reader"]), _fmt(p["sensitivity"], 2),
               _fmt(p["specificity"], 2),
-              ", ".join(f"{html.escape(m)} {_fmt(x['sensitivity'], 2)}"
-                        for m, x in p["models"].items())]
-             for s in results["readers"] for p in s["reader_points"]]))
-    parts += ["<h2>Simulated device shift</h2>", _shift_figure(results),
-              "<h2>Privacy</h2>", _privacy_figure(results)]
-    if results.get("privacy"):
-        parts.append(_table(["site", "ε", "δ", "max ε", "accountant"],
-                            [[_fmt(p["site"]), _fmt(p.get("epsilon"), 2), _fmt(p.get("delta"), 6),
-                              _fmt(p.get("max_epsilon"), 2), _fmt(p.get("accountant"))]
-                             for p in results["privacy"]]))
-    prov = results.get("provenance", {})
-    parts.append("<h2>Provenance</h2><pre>" + html.escape(json.dumps(prov, indent=1)) + "</pre>")
-    parts.append("</body></html>")
-    return "\n".join(parts)
+              ", ".join(f"{m} {_fmt(x['sensitivity'], 2)}" for m, x in p["models"].items())]
+             for s in results["readers"] for p in s["reader_points"]])
+        if results["readers"] else None,
+        "shift_figure": _shift_figure(results),
+        "privacy_figure": _privacy_figure(results),
+        "privacy": _table(["site", "ε", "δ", "max ε", "accountant"],
+                          [[p["site"], _fmt(p.get("epsilon"), 2), _fmt(p.get("delta"), 6),
+                            _fmt(p.get("max_epsilon"), 2), _fmt(p.get("accountant"))]
+                           for p in results["privacy"]]) if results.get("privacy") else None,
+        "provenance": json.dumps(results.get("provenance", {}), indent=1),
+    }
+    return _environment().from_string(TEMPLATE).render(**context)
+
+
+@functools.cache
+def _environment():
+    from jinja2 import Environment
+
+    return Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
+
+
+def _site_section(results: dict, site: str, labels: list[str], alpha: float) -> dict:
+    """One held-out site: AUC table (with significance marks), ROC and calibration figures."""
+    sig = {(c["site"], c["label"], c["model_b"]): c for c in results["comparisons"]}
+    models = list(dict.fromkeys(r["model"] for r in results["external"] if r["site"] == site))
+    rows = []
+    for label in labels:
+        row = [label]
+        for m in models:
+            r = next((e for e in results["external"] if e["site"] == site and
+                      e["label"] == label and e["model"] == m), None)
+            if r is None or r.get("auc") is None:
+                row.append("not estimable")
+            elif str(r.get("status", "")).startswith("not trained"):
+                row.append("not trained on label")
+            elif r.get("ci_low") is None:
+                row.append(f"{r['auc']:.3f} (no CI)")
+            else:
+                c = sig.get((site, label, m))
+                mark = "*" if c and c["p_adjusted"] < alpha else ""
+                row.append(Markup("<span class='{}'>{:.3f}{}</span> ({:.2f}–{:.2f})").format(
+                    "sig" if mark else "", r["auc"], mark, r["ci_low"], r["ci_high"]))
+        rows.append(row)
+    return {"name": site, "aucs": _table(["label"] + models, rows),
+            "roc_figure": _roc_figure(results, site, labels),
+            "calibration_model": models[0] if models else None,
+            "calibration_figure": _calibration_figure(results, site, models[0], labels)
+            if models else ""}
+
+
+def _drops_table(results: dict, labels: list[str]) -> Table | None:
+    drops = results.get("internal_external", [])
+    if not drops:
+        return None
+    models = list(dict.fromkeys(d["model"] for d in drops))
+    rows = []
+    for label in [PRIMARY] + labels:
+        row = [label]
+        for m in models:
+            d = next((x for x in drops if x["model"] == m and x["label"] == label), None)
+            row.append("–" if d is None else f"{d['internal_auc']:.3f} → "
+                       f"{d['external_auc']:.3f} ({-d['drop']:+.3f})")
+        rows.append(row)
+    return _table(["label"] + models, rows)
+
+
+def _subgroup_table(results: dict, v: dict) -> Table:
+    sub = [s for s in results["subgroups"] if s["model"] == (v.get("federated") or "")] or \
+        results["subgroups"]
+    sub = sub[:SUBGROUP_ROWS]
+    return _table(
+        ["site", "model", "label", "attribute", "group", "n", "prevalence", "AUC", "sens",
+         "spec", "gap", "status"],
+        [[s["site"], s["model"], s["label"], _fmt(s["attribute"]), _fmt(s["group"]),
+          _fmt(s["n"]), _fmt(s.get("prevalence"), 2), _fmt(s.get("auc")),
+          _fmt(s.get("sensitivity"), 2), _fmt(s.get("specificity"), 2), _fmt(s.get("gap")),
+          _fmt(s["status"])] for s in sub],
+        row_class=lambda i: "gap" if (sub[i].get("gap") or 0) > 0.05 else "")
 
 
 def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:

@@ -83,7 +83,6 @@ class Adapter:
     signature: frozenset[str]
     read: Callable[[pd.DataFrame, ReadContext], pd.DataFrame]
     description: str = ""
-    manifest_glob: tuple[str, ...] = ("*.csv",)
     any_of: frozenset[str] = frozenset()  # at least one of these must be present too
 
     def missing(self, columns: set[str]) -> list[str]:

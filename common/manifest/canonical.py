@@ -67,5 +67,4 @@ ADAPTER = Adapter(
     signature=frozenset({"path", "patient_id"}),
     read=read,
     description="fedcxr canonical CSV (path, patient_id, label columns)",
-    manifest_glob=("manifest.csv", "*.csv"),
 )

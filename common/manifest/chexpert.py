@@ -71,5 +71,4 @@ ADAPTER = Adapter(
     signature=frozenset({"Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", "Pleural Effusion"}),
     read=read,
     description="CheXpert train.csv / valid.csv",
-    manifest_glob=("train.csv", "valid.csv"),
 )

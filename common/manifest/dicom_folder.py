@@ -71,5 +71,4 @@ ADAPTER = Adapter(
     any_of=frozenset({"SOPInstanceUID", "file"}),
     read=read,
     description="DICOM folder + sidecar labels CSV keyed by SOPInstanceUID or file",
-    manifest_glob=("labels.csv", "*.csv"),
 )

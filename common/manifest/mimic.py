@@ -61,5 +61,4 @@ ADAPTER = Adapter(
     signature=frozenset({"dicom_id", "subject_id", "study_id", "ViewPosition"}),
     read=read,
     description="MIMIC-CXR-JPG metadata + chexpert labels",
-    manifest_glob=("*metadata*.csv",),
 )

@@ -59,5 +59,4 @@ ADAPTER = Adapter(
     ),
     read=read,
     description="NIH ChestX-ray14 Data_Entry_2017.csv",
-    manifest_glob=("Data_Entry*.csv",),
 )

@@ -8,7 +8,7 @@ import math
 
 import pandas as pd
 
-from common.labels import LABELS, PADCHEST_NORMAL, PADCHEST_SYNONYMS
+from common.labels import LABELS, PADCHEST_SYNONYMS
 from common.manifest.base import (
     Adapter,
     ReadContext,
@@ -46,11 +46,10 @@ def read(table: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
         else:
             # PadChest reports every finding it sees: unlisted canonical labels are negative.
             labels = {name: 0.0 for name in LABELS}
+            # (a PadChest finding with no ChestX-ray14 counterpart is simply not a label)
             for f in (str(f).strip().lower() for f in findings):
                 if f in PADCHEST_SYNONYMS:
                     labels[PADCHEST_SYNONYMS[f]] = 1.0
-                elif f and f not in PADCHEST_NORMAL:
-                    pass  # a PadChest finding with no ChestX-ray14 counterpart
         image_id = str(values["ImageID"]).strip()
         records.append(
             {
@@ -77,5 +76,4 @@ ADAPTER = Adapter(
     ),
     read=read,
     description="PadChest PADCHEST_chest_x_ray_images_labels_160K.csv",
-    manifest_glob=("PADCHEST*.csv",),
 )

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from common.simulate import submit_and_wait
+from cli.simulate import submit_and_wait
 from common.synth import SynthOptions, generate
 from tests.e2e.compose import ROOT, Cluster, load_services, sweep, wait_for
 

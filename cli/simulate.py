@@ -167,7 +167,7 @@ def submit_and_wait(project: Path, connection: str, run_config_file: Path, env: 
     # (server/wait_run.py): cheaper than a `flwr ls` process per poll.
     follower = subprocess.Popen([_bin("flwr"), "log", run_id, connection, "--stream"],
                                 env=env, cwd=project, start_new_session=True) if show_log else None
-    waiter = subprocess.Popen([sys.executable, "-m", "server.wait_run", connection, run_id,
+    waiter = subprocess.Popen([sys.executable, "-m", "cli.wait_run", connection, run_id,
                                "--timeout", str(timeout)], env=env, cwd=project,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)

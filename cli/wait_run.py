@@ -1,6 +1,6 @@
 """Wait until a Flower run has finished, asking the SuperLink's Control API once a second.
 
-    python -m server.wait_run CONNECTION RUN_ID [--interval 1] [--timeout 3600]
+    python -m cli.wait_run CONNECTION RUN_ID [--interval 1] [--timeout 3600]
 
 Prints the final status (``finished:completed``, ``finished:failed``, ...) and exits 0, or
 exits 1 on timeout. The connection is read from ``$FLWR_HOME/config.toml`` with the ``flwr``

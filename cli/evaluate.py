@@ -47,12 +47,12 @@ def load_thresholds(path: Path, names: list[str]) -> dict[str, dict[str, float]]
 def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
-    from client.site import SiteSource, ensure_cache
     from common.config import label_list
     from common.evaluation.external import EvaluationOptions, combine_sites, evaluate_site
     from common.evaluation.report import build_results, write_report
     from common.evaluation.verdict import Protocol
     from common.model import load_checkpoint
+    from common.site import SiteSource, ensure_cache
 
     paths = _models(args.model)
     extra = _models(args.extra_model or [])

@@ -11,11 +11,12 @@ from common.errors import FedcxrError
 
 
 def cmd_train_local(args: argparse.Namespace) -> int:
-    from client.site import SiteSource, ensure_cache
+    from common.config import norm_for
     from common.data import split_datasets
     from common.model import build_model, save_checkpoint
     from common.privacy import DPConfig, PrivacyLedger
     from common.progress import progress_bar
+    from common.site import SiteSource, ensure_cache
     from common.training import DPPlan, TrainConfig, local_train, validate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -34,7 +35,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         dp = DPPlan(config, PrivacyLedger(ledger_path, site=site.name,
                                           accountant=args.accountant), run_id="train-local",
                     arm="local")
-    model = build_model(norm="group" if args.dp else "batch", init_weights=args.init_weights)
+    model = build_model(norm=norm_for(args.dp), init_weights=args.init_weights)
     if args.dp:
         print("DP on: the model uses GroupNorm (BatchNorm cannot give per-sample gradients)")
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,

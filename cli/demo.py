@@ -30,9 +30,9 @@ PRESETS = {
 def cmd_demo(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from client.site import SiteSource, check, run_prepare, write_check
+    from cli.simulate import simulate
     from common.imaging import ImagingOptions
-    from common.simulate import simulate
+    from common.site import SiteSource, check, run_prepare, write_check
     from common.synth import SynthOptions, generate
 
     console = Console()

@@ -15,7 +15,7 @@ from common.errors import FedcxrError
 
 
 def _site_source(args: argparse.Namespace):
-    from client.site import SiteSource
+    from common.site import SiteSource
 
     return SiteSource(
         data_dir=Path(args.data_dir),
@@ -28,8 +28,8 @@ def _site_source(args: argparse.Namespace):
 def cmd_site_check(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from client.site import check, render_check, write_check
     from common.imaging import ImagingOptions
+    from common.site import check, render_check, write_check
 
     options = ImagingOptions(size=64, min_side=args.min_side,
                              include_laterals=args.include_laterals)
@@ -47,8 +47,8 @@ def cmd_site_check(args: argparse.Namespace) -> int:
 def cmd_site_prepare(args: argparse.Namespace) -> int:
     import json
 
-    from client.site import run_prepare
     from common.imaging import ImagingOptions
+    from common.site import run_prepare
 
     options = ImagingOptions(size=args.image_size, min_side=args.min_side,
                              include_laterals=args.include_laterals)
@@ -98,8 +98,8 @@ def _registrars():
     """Subcommands defined next to their implementations."""
     from importlib import import_module
 
-    for module in ("common.synth.cli", "common.demo", "common.evaluation.cli",
-                   "common.train_local", "common.simulate"):
+    for module in ("cli.synth", "cli.demo", "cli.evaluate",
+                   "cli.train_local", "cli.simulate"):
         try:
             yield import_module(module).register
         except ModuleNotFoundError as exc:

@@ -1,0 +1,58 @@
+"""The report.html page as a Jinja2 template (kept in a module, so it travels in the
+Flower app bundle with the code that renders it). Self-contained: styles inline, figures as
+data URIs, no scripts. ``report.render_html`` builds the context."""
+
+TEMPLATE = r"""<!DOCTYPE html>
+{%- macro table(t) -%}
+<table><thead><tr>{% for h in t.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>
+{%- for row in t.rows %}<tr{% if row.cls %} class="{{ row.cls }}"{% endif %}>
+{%- for cell in row.cells %}<td>{{ cell }}</td>{% endfor %}</tr>{% endfor -%}
+</tbody></table>
+{%- endmacro -%}
+<html lang="en"><head><meta charset="utf-8"><title>fedcxr report</title>
+<style>{{ css }}</style></head><body>
+<h1>fedcxr: external validation report</h1>
+<p class="verdict {{ verdict_class }}">{{ verdict.overall }}</p>
+<p><b>Rule (prespecified):</b> {{ verdict.rule }}</p>
+{% if protocol %}<p><b>Protocol:</b> {{ protocol }}</p>{% endif %}
+{% if by_image %}<p>No patient ids at {{ by_image | join(", ") }}: CIs and tests there are
+clustered by image (images assumed independent).</p>{% endif %}
+{% if primary %}<h2>Primary endpoint</h2>
+{{ table(primary) }}{% endif %}
+<h2>Secondary: per label</h2>
+<p>Its own multiplicity family; it does not decide the verdict.</p>
+<ul>{% for s in secondary %}<li>{{ s }}</li>{% endfor %}</ul>
+<h2>Cohort</h2>
+{{ table(cohort) }}
+<h2>Training</h2>
+{{ training_figure }}
+{% if arms %}{{ table(arms) }}{% endif %}
+<h2>External AUC (95% CI, clustered by patient)</h2>
+<p>* adjusted p &lt; {{ alpha }} against the first model (secondary family); thresholds were
+fixed on training-site validation data.</p>
+{% for site in sites %}<h3>{{ site.name }}</h3>
+{{ table(site.aucs) }}
+{{ site.roc_figure }}
+{% if site.calibration_model %}<h4>Calibration of {{ site.calibration_model }}</h4>
+{{ site.calibration_figure }}{% endif %}
+{% endfor %}
+{% if drops %}<h2>Internal vs external</h2>
+<p>Mean AUC on the training sites' own test splits, then at the held-out sites (and the
+change), per model.</p>
+{{ table(drops) }}{% endif %}
+<h2>Paired tests (clustered DeLong)</h2>
+{{ table(comparisons) }}
+<h2>Subgroups</h2>
+<p>Rows in red: AUC more than 0.05 below the best subgroup of the same attribute.</p>
+{{ table(subgroups) }}
+{% if readers %}<h2>Readers</h2>
+{{ table(readers) }}{% endif %}
+<h2>Simulated device shift</h2>
+{{ shift_figure }}
+<h2>Privacy</h2>
+{{ privacy_figure }}
+{% if privacy %}{{ table(privacy) }}{% endif %}
+<h2>Provenance</h2>
+<pre>{{ provenance }}</pre>
+</body></html>
+"""

@@ -1,0 +1,87 @@
+"""The Flower and Opacus internals fedcxr relies on, pinned: an upgrade of either that moves
+one of them fails here, by name, rather than somewhere in a federation run.
+
+Where each is used: ``server/strategy.py`` (TrainNodesGrid forwards every Grid method;
+strategy state = FedOpt's ``current_arrays`` / ``m_t`` / ``v_t``), ``server/updates.py``
+(quiets the ``flwr`` logger during per-slice aggregation), ``common/dp_grad_sample.py``
+(PrivacyEngine ``_prepare_model`` / ``_prepare_optimizer`` overrides; ``p._norm_sample``
+read by ``get_clipping_coef``; the optimizer's ``summed_grad``), ``common/privacy.py``
+(the accountant's ``history``), tests (Message metadata ``_src_node_id``)."""
+
+from __future__ import annotations
+
+import inspect
+
+import flwr
+import opacus
+
+
+def test_pinned_versions():
+    """The versions these pins were read from; a new version must pass the rest again."""
+    assert flwr.__version__ == "1.41.0"
+    assert opacus.__version__ == "1.6.0"
+
+
+def test_train_nodes_grid_forwards_every_grid_method():
+    from flwr.serverapp import Grid
+
+    from server.strategy import TrainNodesGrid
+
+    abstract = set(Grid.__abstractmethods__)
+    assert abstract == {"set_run", "run", "create_message", "get_node_ids", "push_messages",
+                        "pull_messages", "send_and_receive"}
+    assert abstract <= set(vars(TrainNodesGrid))
+    for name in abstract - {"run"}:
+        ours = inspect.signature(getattr(TrainNodesGrid, name)).parameters
+        theirs = inspect.signature(getattr(Grid, name)).parameters
+        assert list(ours) == list(theirs), name
+
+
+def test_fedopt_state_is_the_three_attributes_we_checkpoint():
+    from flwr.serverapp.strategy import FedAdam
+
+    from server.strategy import STATE_KEYS
+
+    strategy = FedAdam()
+    for key in STATE_KEYS:
+        assert hasattr(strategy, key), key
+    assert "self.m_t" in inspect.getsource(type(strategy).__mro__[1])
+
+
+def test_flower_logs_through_the_flwr_logger():
+    from flwr.common.logger import FLOWER_LOGGER
+
+    assert FLOWER_LOGGER.name == "flwr"
+
+
+def test_message_metadata_keeps_the_source_node_in_src_node_id():
+    from flwr.app import Metadata
+
+    assert "_src_node_id" in inspect.getsource(Metadata.__init__)
+
+
+def test_opacus_privacy_engine_hooks_we_override():
+    from opacus import PrivacyEngine
+
+    model = inspect.signature(PrivacyEngine._prepare_model).parameters
+    assert list(model) == ["self", "module", "batch_first", "max_grad_norm", "loss_reduction",
+                           "grad_sample_mode", "wrap_model"]
+    optimizer = inspect.signature(PrivacyEngine._prepare_optimizer).parameters
+    assert {"optimizer", "noise_multiplier", "max_grad_norm", "expected_batch_size",
+            "grad_sample_mode", "kwargs"} <= set(optimizer)
+
+
+def test_opacus_reads_norm_sample_and_sums_into_summed_grad():
+    from opacus.grad_sample import GradSampleModuleFastGradientClipping
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    assert "param._norm_sample" in inspect.getsource(
+        GradSampleModuleFastGradientClipping.get_norm_sample)
+    assert "summed_grad" in inspect.getsource(DPOptimizerFastGradientClipping.accumulate)
+
+
+def test_opacus_accountants_keep_a_history_list():
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+    for accountant in (PRVAccountant(), RDPAccountant()):
+        assert accountant.history == []
