@@ -22,6 +22,11 @@ Three things, each registered into Opacus (``register``) rather than replacing i
    accountant counts the step, exactly as after its own second pass.
 
 Anything these functions do not cover falls back to Opacus' own functions.
+
+This is the one module that reaches into Opacus' internals: the PrivacyEngine's
+``_prepare_model`` / ``_prepare_optimizer``, ``p._norm_sample`` (read by
+``get_clipping_coef``), the optimizer's ``summed_grad`` and the accountants' ``history``
+(``accountant_with_history``); ``tests/test_framework_internals.py`` pins each of them.
 """
 
 from __future__ import annotations
@@ -327,3 +332,11 @@ def register() -> None:
     register_norm_sampler(nn.Conv2d)(conv2d_norm_sample)
     register_norm_sampler(nn.GroupNorm)(group_norm_norm_sample)
     register_norm_sampler(nn.Linear)(linear_norm_sample)
+
+
+def accountant_with_history(accountant, history: list[tuple[float, float, int]]):
+    """An Opacus accountant holding ``history`` (noise multiplier, sample rate, steps): the
+    accountants have no public way to be given a composed history, so it is set here, with
+    the other Opacus internals (pinned in tests/test_framework_internals.py)."""
+    accountant.history = list(history)
+    return accountant

@@ -88,8 +88,10 @@ def _compose(history: tuple[tuple[tuple[float, float], int], ...], delta: float,
              accountant: str) -> float:
     if not history:
         return 0.0
-    acc = make_accountant(accountant)
-    acc.history = [(noise, rate, steps) for (noise, rate), steps in history]
+    from common.dp_grad_sample import accountant_with_history
+
+    acc = accountant_with_history(make_accountant(accountant),
+                                  [(noise, rate, steps) for (noise, rate), steps in history])
     return float(acc.get_epsilon(delta=delta))
 
 

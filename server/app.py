@@ -24,7 +24,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -45,18 +45,22 @@ from common.model import build_model, load_checkpoint
 from common.records import pack, record_arrays, to_record, unpack
 from server import checkpoint
 from server.exchange import send, stream_replies
+from server.state import (
+    FEDERATED,
+    Failure,
+    HistoryRow,
+    PooledValidation,
+    RunState,
+    SelectedModel,
+    single,
+)
 from server.strategy import TrainNodesGrid, make_strategy, restore_strategy_state, strategy_state
 from server.updates import UpdateStore
 
 log = logging.getLogger("flwr")
 app = ServerApp()
-FEDERATED = "federated"
 # Message group ids of the phases after training (rounds are 1..num-rounds).
 PHASE_AFTER_TRAINING = {"select": 1, "internal": 2, "external": 3}
-
-
-def single(site: str) -> str:
-    return f"single:{site}"
 
 
 @dataclass(frozen=True)
@@ -73,45 +77,6 @@ class Node:
     @property
     def site(self) -> str:
         return self.facts.site
-
-
-@dataclass
-class PooledValidation:
-    """One model's validation summed over the training sites that validated it."""
-
-    sites: list[str] = field(default_factory=list)
-    aucs: list[float] = field(default_factory=list)
-    pos: np.ndarray | None = None
-    neg: np.ndarray | None = None
-
-    def add(self, site: str, v: wire.ValidationSummary) -> None:
-        self.sites.append(site)
-        if v.mean_auc is not None:
-            self.aucs.append(v.mean_auc)
-        pos = np.array([v.pos_ge[lb] for lb in LABELS], dtype=np.int64)
-        neg = np.array([v.neg_ge[lb] for lb in LABELS], dtype=np.int64)
-        self.pos = pos if self.pos is None else self.pos + pos
-        self.neg = neg if self.neg is None else self.neg + neg
-
-    @property
-    def mean(self) -> float | None:
-        return float(np.mean(self.aucs)) if self.aucs else None
-
-
-@dataclass
-class RunState:
-    """Everything a resumed run needs (``server.checkpoint`` saves it after every round)."""
-
-    round: int = 0
-    arms: dict[str, dict] = field(default_factory=dict)  # name -> state dict (numpy)
-    # arm -> its selected model so far (selection rule of the run config): round,
-    # mean_val_auc, pos, neg (pooled validation ROC counts, for thresholds), sites, weights
-    selected: dict[str, dict] = field(default_factory=dict)
-    strategy: dict = field(default_factory=dict)
-    history: list[dict] = field(default_factory=list)
-    rejections: list[dict] = field(default_factory=list)
-    failures: list[dict] = field(default_factory=list)
-    epsilon: dict[str, float] = field(default_factory=dict)
 
 
 def _msg(content: RecordDict, node: int, kind: str, group: int) -> Message:
@@ -214,7 +179,7 @@ def open_run(run: RunConfig, context: Context) -> tuple[str, Path, RunState]:
     if run.resume_from:
         saved = checkpoint.load(run.resume_from)
         run_name = saved["run_name"]
-        st = RunState(**_upgrade(saved["state"]))
+        st = saved["state"]
         log.info("resume: continuing %s after round %d (%s)", run_name, st.round, saved["path"])
     else:
         run_name = run.run_name or f"run-{context.run_id}"
@@ -222,16 +187,6 @@ def open_run(run: RunConfig, context: Context) -> tuple[str, Path, RunState]:
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("fedcxr: run %s -> %s", run_name, run_dir.resolve())
     return run_name, run_dir, st
-
-
-def _upgrade(state: dict) -> dict:
-    """A checkpoint written before every arm had a selected model kept only the best global
-    model (``best``); it is the federated arm's selection."""
-    state = dict(state)
-    best = state.pop("best", None)
-    if best is not None and "selected" not in state:
-        state["selected"] = {FEDERATED: best} if best else {}
-    return state
 
 
 def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node]):
@@ -266,11 +221,10 @@ def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
         st.round = rnd
         st.strategy = strategy_state(strategy)
         saving = time.monotonic()
-        path = checkpoint.save({"run_name": run_name, "config": as_flower(run),
-                                "state": st.__dict__}, run_dir, rnd)
+        path = checkpoint.save(run_name, as_flower(run), st, run_dir, rnd)
         done = time.monotonic()
         # The round's wall time, first message to checkpoint written.
-        _federated_row(st, rnd)["seconds"] = round(done - began, 2)
+        st.federated_row(rnd).seconds = round(done - began, 2)
         _write_metrics_csv(run_dir, st)
         log.info("round %d: checkpoint %s (%.1f s)", rnd, path.name, done - saving)
 
@@ -361,12 +315,11 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
             for arm in (FEDERATED, single(sites[n])):
                 if n not in answered.get(arm, set()):
                     reason = errors.get(n, "no reply before timeout")
-                    st.failures.append({"round": rnd, "arm": arm, "site": sites[n], "node": n,
-                                        "reason": reason})
+                    st.failures.append(Failure(rnd, arm, sites[n], n, reason))
                     log.warning("round %d: %s at %s failed: %s", rnd, arm, sites[n], reason)
         # Federated arm: screen, then aggregate with the Flower strategy.
         kept = store.screen(run.screen_norm_factor)
-        st.rejections += [r.__dict__ for r in store.rejected]
+        st.rejections += store.rejected
         if len(kept) >= max(run.min_train_sites, 1):
             new = store.aggregate(strategy)
             if new is not None:
@@ -387,16 +340,12 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
              time.monotonic() - started, replied - started)
 
 
-def _federated_row(st: RunState, rnd: int) -> dict:
-    return next(h for h in st.history if h["round"] == rnd and h["arm"] == FEDERATED)
-
-
 def _validated(st: RunState, rnd: int, val: PooledValidation, weights: dict[str, np.ndarray],
                rule: str) -> None:
     """Round ``rnd``'s global model (``weights``) was validated: fill its history row and
     consider it for selection."""
-    row = _federated_row(st, rnd)
-    row["val_auc"], row["sites_answered"] = val.mean, len(val.sites)
+    row = st.federated_row(rnd)
+    row.val_auc, row.sites_answered = val.mean, len(val.sites)
     _consider(st, FEDERATED, rnd, val, weights, rule)
 
 
@@ -408,31 +357,28 @@ def _consider(st: RunState, arm: str, rnd: int, val: PooledValidation,
     arm is validated at every training site, a single-site arm at its own site."""
     current = st.selected.get(arm)
     mean = val.mean
-    better = mean is not None and (current is None or current["mean_val_auc"] is None
-                                   or mean > current["mean_val_auc"])
+    better = mean is not None and (current is None or current.mean_val_auc is None
+                                   or mean > current.mean_val_auc)
     if rule == "last" or better:
-        st.selected[arm] = {"round": rnd, "mean_val_auc": mean, "pos": val.pos,
-                            "neg": val.neg, "sites": list(val.sites),
-                            "weights": {k: v.copy() for k, v in weights.items()}}
+        st.selected[arm] = SelectedModel(rnd, mean, val.pos, val.neg, list(val.sites),
+                                         {k: v.copy() for k, v in weights.items()})
 
 
 def _record_history(st: RunState, rnd: int, arm: str, metrics: list[dict], *,
                     mean_val: float | None, answered: int | None = None) -> None:
     losses = [m["loss"] for m in metrics]
     eps = [m["epsilon"] for m in metrics if m["epsilon"] >= 0]
-    st.history.append({"round": rnd, "arm": arm,
-                       "sites_answered": answered if answered is not None else len(metrics),
-                       "loss": float(np.mean(losses)) if losses else None,
-                       "val_auc": mean_val,
-                       "epsilon": max(eps) if eps else None})
+    st.history.append(HistoryRow(
+        round=rnd, arm=arm, sites_answered=answered if answered is not None else len(metrics),
+        loss=float(np.mean(losses)) if losses else None, val_auc=mean_val,
+        epsilon=max(eps) if eps else None))
 
 
 def _write_metrics_csv(run_dir: Path, st: RunState) -> None:
     with atomic_path(run_dir / "metrics.csv") as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["round", "arm", "sites_answered", "loss", "val_auc",
-                                           "epsilon", "seconds"])
+        w = csv.DictWriter(fh, fieldnames=[f.name for f in fields(HistoryRow)])
         w.writeheader()
-        w.writerows(st.history)
+        w.writerows(asdict(h) for h in st.history)
 
 
 # ---------------------------------------------------------------- phase 3: select
@@ -477,10 +423,10 @@ def select_arms(grid: Grid, run: RunConfig, st: RunState, train_nodes: dict[int,
     weights, rounds, aucs, thresholds = {}, {}, {}, {}
     for arm in arms:
         sel = st.selected.get(arm)
-        weights[arm] = sel["weights"] if sel else st.arms[arm]
-        rounds[arm] = sel["round"] if sel else run.num_rounds
-        aucs[arm] = sel["mean_val_auc"] if sel else None
-        thresholds[arm] = fix_thresholds(run, sel["pos"], sel["neg"]) if sel else {}
+        weights[arm] = sel.weights if sel else st.arms[arm]
+        rounds[arm] = sel.round if sel else run.num_rounds
+        aucs[arm] = sel.mean_val_auc if sel else None
+        thresholds[arm] = fix_thresholds(run, sel.pos, sel.neg) if sel else {}
     log.info("selection (%s): %s", run.selection,
              ", ".join(f"{a} round {rounds[a]}" + ("" if a in st.selected else
                                                    " (no estimable AUC; last round)")
@@ -575,9 +521,9 @@ def exclude_unlabelled(evaluation: dict, train_nodes: dict[int, Node]) -> dict:
 def arm_rows(run: RunConfig, st: RunState, selection: Selection) -> list[dict]:
     """results.json ``arms``: every trained arm (status, selection, history), then every
     extra model."""
-    failed: dict[str, dict] = {}
+    failed: dict[str, Failure] = {}
     for f in st.failures:
-        failed.setdefault(f["arm"], f)
+        failed.setdefault(f.arm, f)
     rows = []
     for name in selection.weights:
         last_fail = failed.get(name)
@@ -585,10 +531,10 @@ def arm_rows(run: RunConfig, st: RunState, selection: Selection) -> list[dict]:
             "name": name, "kind": "federated" if name == FEDERATED else "single-site",
             "site": None if name == FEDERATED else name.split(":", 1)[1],
             "status": "incomplete" if last_fail and name != FEDERATED else "complete",
-            "reason": (f"site {last_fail['site']} failed in round {last_fail['round']}: "
-                       f"{last_fail['reason']}") if last_fail else None,
+            "reason": (f"site {last_fail.site} failed in round {last_fail.round}: "
+                       f"{last_fail.reason}") if last_fail else None,
             "selection": run.selection, "best_round": int(selection.rounds[name]),
-            "history": [h for h in st.history if h["arm"] == name],
+            "history": [asdict(h) for h in st.history if h.arm == name],
         })
     rows += [{"name": name, "kind": "extra", "site": None, "status": "complete",
               "reason": None, "selection": "given", "best_round": None, "history": [],
@@ -657,8 +603,9 @@ def main(grid: Grid, context: Context) -> None:
     results = build_results(
         cohort=cohort, arms=arm_rows(run, st, selection), evaluation=evaluation,
         federated=FEDERATED, privacy=privacy, protocol=protocol, internal=internal,
-        screening={"rejected": len(st.rejections), "rejections": st.rejections,
-                   "failures": st.failures, "role_probe": role_probe},
+        screening={"rejected": len(st.rejections),
+                   "rejections": [asdict(r) for r in st.rejections],
+                   "failures": [asdict(f) for f in st.failures], "role_probe": role_probe},
         config={**as_flower(run), "thresholds": thresholds,
                 "validation_mean_auc": selection.validation_auc},
         fingerprints={r["site"]: r.get("fingerprint") for r in site_results})

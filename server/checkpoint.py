@@ -1,6 +1,6 @@
 """Atomic save / resume of the whole server state after every round.
 
-A checkpoint holds the round just finished, every arm's weights, the best global model so far,
+A checkpoint holds the round just finished, every arm's weights and selected model so far,
 the strategy's state (e.g. FedAdam moments), per-round history, rejections and failures, and
 the RNG states. It is written to a temporary file and renamed, so a crash leaves either the
 previous checkpoint or the new one, never half of one. Client-side training is seeded by
@@ -18,6 +18,7 @@ import torch
 
 from common.atomic import atomic_path
 from common.errors import FedcxrError
+from server.state import RunState
 
 FORMAT = "fedcxr-server-checkpoint/1"
 
@@ -37,13 +38,13 @@ def _convert(obj, kind: type, fn):
     return obj
 
 
-def save(state: dict, run_dir: Path, round: int) -> Path:
+def save(run_name: str, config: dict, state: RunState, run_dir: Path, round: int) -> Path:
+    """Checkpoint ``state`` after ``round`` (``round-NNN.pt`` and ``latest.pt``)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    if "state" in state:
-        state = {**state, "state": _convert(state["state"], np.ndarray,
-                                            lambda a: torch.from_numpy(np.ascontiguousarray(a)))}
-    payload = {"format": FORMAT, **state, "rng": {
+    plain = _convert(state.to_checkpoint(), np.ndarray,
+                     lambda a: torch.from_numpy(np.ascontiguousarray(a)))
+    payload = {"format": FORMAT, "run_name": run_name, "config": config, "state": plain, "rng": {
         "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
         "python": random.getstate()}}
     path = ckpt_dir / f"round-{round:03d}.pt"
@@ -73,8 +74,8 @@ def load(spec: str) -> dict:
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("format") != FORMAT:
         raise FedcxrError(f"{path}: not a fedcxr server checkpoint")
-    if "state" in state:
-        state["state"] = _convert(state["state"], torch.Tensor, torch.Tensor.numpy)
+    state["state"] = RunState.from_checkpoint(_convert(state["state"], torch.Tensor,
+                                                       torch.Tensor.numpy))
     rng = state.pop("rng")
     torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])

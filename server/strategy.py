@@ -5,12 +5,18 @@ update screening in front of aggregation.
 ``flwr.serverapp.strategy``. ``TrainNodesGrid`` lets a strategy's ``configure_train`` sample
 only the nodes whose *own* config says ``role=train``. Screening and aggregation of the
 updates themselves live in ``server.updates``.
+
+This is also the one module that reaches into Flower's internals: the Grid methods
+``TrainNodesGrid`` forwards, FedOpt's state attributes (``STATE_KEYS``) and the ``flwr``
+logger (``quiet_flower``); ``tests/test_framework_internals.py`` pins each of them, so a
+Flower upgrade that moves one fails there by name.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from contextlib import contextmanager
 
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
@@ -74,3 +80,16 @@ class TrainNodesGrid(Grid):
 
     def send_and_receive(self, messages, *, timeout=None):
         return self._grid.send_and_receive(messages, timeout=timeout)
+
+
+@contextmanager
+def quiet_flower():
+    """Flower's strategies log one line per aggregate call (on the ``flwr`` logger); per key
+    group of a sliced aggregation that is noise."""
+    logger = logging.getLogger("flwr")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

@@ -21,13 +21,15 @@ from __future__ import annotations
 
 import logging
 import shutil
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
+
+from server.strategy import quiet_flower
 
 log = logging.getLogger("flwr")
 
@@ -63,17 +65,6 @@ class SpilledUpdate:
                            shape=(size,)) if size else np.zeros(0, np.dtype(dt))
             out[f"{key}@{start}"] = mm[start:stop]
         return out
-
-
-@contextmanager
-def _quiet(logger: logging.Logger):
-    """Flower's strategies log one line per aggregate call; per key group that is noise."""
-    level = logger.level
-    logger.setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _reply(arrays: dict[str, np.ndarray], examples: float, node: int) -> Message:
@@ -187,7 +178,7 @@ class UpdateStore:
         combiner = strategy if coordinate_wise else FedAvg(min_available_nodes=1,
                                                             min_train_nodes=1)
         flat: dict[str, list[np.ndarray]] = {k: [] for k in layout}
-        with _quiet(log):
+        with quiet_flower():
             for group in self._groups(budget_bytes):
                 replies = [_reply(u.pieces(group), u.examples, u.node) for u in self.updates]
                 arrays, _ = combiner.aggregate_train(self.round, replies)
@@ -200,7 +191,7 @@ class UpdateStore:
         if coordinate_wise:
             return out
         total = sum(u.examples for u in self.updates)
-        with _quiet(log):  # Flower would log "Received 1 results": the mean, not the sites
+        with quiet_flower():  # Flower would log "Received 1 results": the mean, not the sites
             arrays, _ = strategy.aggregate_train(self.round, [_reply(out, total, 0)])
         return None if arrays is None else {k: v.numpy() for k, v in arrays.items()}
 

@@ -142,8 +142,9 @@ def _lists(obj):
 def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
     run_dir, audit = run_a
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
-    kinds = {e["type"] for e in entries}
-    assert kinds == {"query", "train", "evaluate"}  # (the refused role probe sends no reply)
+    kinds = {e["type"] for e in entries}  # (the refused role probe sends no reply)
+    assert kinds == {"query", "train", "evaluate.validate", "evaluate.internal",
+                     "evaluate.score", "evaluate.external"}
     state = build_model().state_dict()  # the run's models (BatchNorm: dp is off)
     sizes = {"float": [sum(v.numel() for v in state.values() if v.is_floating_point())],
              "int": [sum(v.numel() for v in state.values() if not v.is_floating_point())]}
@@ -179,7 +180,7 @@ def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
 def checkpoint_arms(path: Path) -> dict:
     from server import checkpoint
 
-    return checkpoint.load(str(path))["state"]["arms"]
+    return checkpoint.load(str(path))["state"].arms
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(run_a, small_cohort, tmp_path):
@@ -391,5 +392,32 @@ def test_one_selection_rule_for_every_arm():
                 _consider(st, arm, rnd, val(mean, rnd), {"w": np.full(2, rnd)}, rule)
         for arm, rnd in expected.items():
             sel = st.selected[arm]
-            assert sel["round"] == rnd, (rule, arm)
-            assert sel["pos"][0] == rnd and sel["weights"]["w"][0] == rnd
+            assert sel.round == rnd, (rule, arm)
+            assert sel.pos[0] == rnd and sel.weights["w"][0] == rnd
+
+
+def test_run_state_round_trips_through_a_checkpoint(tmp_path):
+    """Typed run state -> checkpoint file -> the same typed state (arrays by value), and a
+    checkpoint of the earlier shape (only the best global model) reads as the federated
+    arm's selection."""
+    from server import checkpoint
+    from server.state import Failure, HistoryRow, RunState, SelectedModel
+    from server.updates import Rejection
+
+    w = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    st = RunState(round=2, arms={"federated": w},
+                  selected={"single:s1": SelectedModel(1, 0.7, np.ones((14, 3), np.int64),
+                                                       np.zeros((14, 3), np.int64), ["s1"], w)},
+                  history=[HistoryRow(1, "federated", 2, 0.5, 0.6, None, 3.2)],
+                  rejections=[Rejection(1, 3, "s3", "non-finite values")],
+                  failures=[Failure(2, "single:s2", "s2", 4, "no reply")], epsilon={"s1": 1.5})
+    checkpoint.save("r", {"seed": 0}, st, tmp_path, 2)
+    back = checkpoint.load(str(tmp_path))["state"]
+    assert back.history == st.history and back.failures == st.failures
+    assert back.rejections == st.rejections and back.epsilon == st.epsilon
+    sel = back.selected["single:s1"]
+    assert sel.round == 1 and np.array_equal(sel.pos, st.selected["single:s1"].pos)
+    assert np.array_equal(back.arms["federated"]["a"], w["a"])
+    old = RunState.from_checkpoint({"round": 1, "best": {
+        "round": 1, "mean_val_auc": 0.6, "pos": None, "neg": None, "sites": [], "weights": w}})
+    assert old.selected["federated"].mean_val_auc == 0.6

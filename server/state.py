@@ -1,0 +1,118 @@
+"""The run state of the ServerApp: what a resumed run needs, as typed records.
+
+``RunState.to_checkpoint`` / ``from_checkpoint`` turn it into plain dicts, lists and arrays
+(``server.checkpoint`` saves those atomically after every round) and back; a checkpoint
+written before every arm had a selected model (it kept only the best global model, ``best``)
+is read as the federated arm's selection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from common import protocol as wire
+from common.labels import LABELS
+from server.updates import Rejection
+
+FEDERATED = "federated"
+
+
+def single(site: str) -> str:
+    return f"single:{site}"
+
+
+@dataclass
+class PooledValidation:
+    """One model's validation summed over the training sites that validated it."""
+
+    sites: list[str] = field(default_factory=list)
+    aucs: list[float] = field(default_factory=list)
+    pos: np.ndarray | None = None
+    neg: np.ndarray | None = None
+
+    def add(self, site: str, v: wire.ValidationSummary) -> None:
+        self.sites.append(site)
+        if v.mean_auc is not None:
+            self.aucs.append(v.mean_auc)
+        pos = np.array([v.pos_ge[lb] for lb in LABELS], dtype=np.int64)
+        neg = np.array([v.neg_ge[lb] for lb in LABELS], dtype=np.int64)
+        self.pos = pos if self.pos is None else self.pos + pos
+        self.neg = neg if self.neg is None else self.neg + neg
+
+    @property
+    def mean(self) -> float | None:
+        return float(np.mean(self.aucs)) if self.aucs else None
+
+
+@dataclass
+class SelectedModel:
+    """An arm's selected model so far: its round, validation and weights."""
+
+    round: int
+    mean_val_auc: float | None
+    pos: np.ndarray | None  # pooled validation ROC counts (for thresholds)
+    neg: np.ndarray | None
+    sites: list[str]
+    weights: dict[str, np.ndarray]
+
+
+@dataclass
+class HistoryRow:
+    """One arm in one round (a metrics.csv row)."""
+
+    round: int
+    arm: str
+    sites_answered: int
+    loss: float | None
+    val_auc: float | None
+    epsilon: float | None
+    seconds: float | None = None
+
+
+@dataclass
+class Failure:
+    """An (arm, site) that was asked to train in a round and did not answer with a result."""
+
+    round: int
+    arm: str
+    site: str
+    node: int
+    reason: str
+
+
+@dataclass
+class RunState:
+    round: int = 0
+    arms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    selected: dict[str, SelectedModel] = field(default_factory=dict)
+    strategy: dict = field(default_factory=dict)
+    history: list[HistoryRow] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    epsilon: dict[str, float] = field(default_factory=dict)
+
+    def federated_row(self, rnd: int) -> HistoryRow:
+        return next(h for h in self.history if h.round == rnd and h.arm == FEDERATED)
+
+    def to_checkpoint(self) -> dict:
+        """Plain dicts, lists and arrays (no copy of any array)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["selected"] = {arm: dict(vars(s)) for arm, s in self.selected.items()}
+        for key in ("history", "rejections", "failures"):
+            out[key] = [asdict(x) for x in out[key]]
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> RunState:
+        state = dict(state)
+        best = state.pop("best", None)
+        if best is not None and "selected" not in state:
+            state["selected"] = {FEDERATED: best} if best else {}
+        state["selected"] = {arm: SelectedModel(**s)
+                             for arm, s in state.get("selected", {}).items()}
+        state["history"] = [HistoryRow(**h) for h in state.get("history", [])]
+        state["rejections"] = [Rejection(**r) for r in state.get("rejections", [])]
+        state["failures"] = [Failure(**f) for f in state.get("failures", [])]
+        return cls(**state)
