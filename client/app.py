@@ -29,7 +29,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.mods import fault_mod, reply_audit_mod, role_mod
+from client.mods import fault_mod, only_at, reply_audit_mod, role_mod
 from client.node import open_site, prevalence
 from common import protocol as wire
 from common.config import RunConfig, parse
@@ -150,19 +150,9 @@ def train(msg: Message, context: Context) -> Message:
     return Message(wire.TrainReply(site.name, first, single, received).encode(), reply_to=msg)
 
 
-def _refuse_unless(msg: Message, site, role: str, what: str) -> Message | None:
-    if site.role == role:
-        return None
-    return wire.refuse(msg, wire.Refusal.WRONG_ROLE,
-                       f"site {site.name} has role {site.role!r}: {what}")
-
-
-@app.evaluate("validate")
+@app.evaluate("validate", mods=[only_at("train")])
 def validate_models(msg: Message, context: Context) -> Message:
     run, site = _setup(context)
-    if refused := _refuse_unless(msg, site, "train", "validation runs on training sites' "
-                                                     "validation splits only"):
-        return refused
     request = wire.ValidateRequest.decode(msg.content)
     val_ds = site.splits(run)["val"]
     return Message(wire.ValidateReply(site.name, {
@@ -170,14 +160,11 @@ def validate_models(msg: Message, context: Context) -> Message:
         for name, rec in request.models.items()}).encode(), reply_to=msg)
 
 
-@app.evaluate("internal")
+@app.evaluate("internal", mods=[only_at("train")])
 def internal(msg: Message, context: Context) -> Message:
     """A selected model on this training site's own test split (the internal side of the
     internal-to-external drop): aggregate AUCs only, clustered by patient."""
     run, site = _setup(context)
-    if refused := _refuse_unless(msg, site, "train", "internal validation runs only at "
-                                                     "training sites"):
-        return refused
     request = wire.InternalRequest.decode(msg.content)
     test = site.splits(run)["test"]
     labels, scores = score_dataset(test, {request.name: _model(request.arrays, request.norm)},
@@ -193,13 +180,10 @@ def _external_store(site, run_name: str) -> ScoreStore:
     return ScoreStore(site.state_dir / "external" / run_name)
 
 
-@app.evaluate("score")
+@app.evaluate("score", mods=[only_at("evaluate")])
 def score(msg: Message, context: Context) -> Message:
     """Score one model on the whole held-out site; its scores stay on this disk."""
     run, site = _setup(context)
-    if refused := _refuse_unless(msg, site, "evaluate", "external validation runs only at "
-                                                        "held-out (evaluate) sites"):
-        return refused
     request = wire.ScoreRequest.decode(msg.content)
     n = score_into_store(site.cache(run.image_size), request.name,
                          _model(request.arrays, request.norm),
@@ -209,13 +193,10 @@ def score(msg: Message, context: Context) -> Message:
     return Message(wire.ScoreReply(site.name, request.name, n).encode(), reply_to=msg)
 
 
-@app.evaluate("external")
+@app.evaluate("external", mods=[only_at("evaluate")])
 def external(msg: Message, context: Context) -> Message:
     """Statistics over every scored model, at the thresholds sent: aggregate values only."""
     run, site = _setup(context)
-    if refused := _refuse_unless(msg, site, "evaluate", "external validation runs only at "
-                                                        "held-out (evaluate) sites"):
-        return refused
     request = wire.ExternalRequest.decode(msg.content)
     cache = site.cache(run.image_size)
     options = EvaluationOptions(shift=run.shift, primary_labels=request.primary,

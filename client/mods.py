@@ -34,6 +34,22 @@ def role_mod(message: Message, context: Context, call_next: ClientAppCallable) -
     return call_next(message, context)
 
 
+def only_at(role: str):
+    """A handler mod: the action runs only at nodes whose own config has ``role``; any other
+    node answers ``Refusal.WRONG_ROLE`` (validation and internal validation need a
+    training site's splits, scoring and external statistics a held-out site's data)."""
+
+    def mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        actual = node_role(context)
+        if actual != role:
+            return wire.refuse(message, wire.Refusal.WRONG_ROLE,
+                               f"{message.metadata.message_type} runs only at {role} nodes; "
+                               f"this node's role is {actual!r}")
+        return call_next(message, context)
+
+    return mod
+
+
 def fault_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Chaos hook for tests and drills: FEDCXR_FAULT="SITE:ROUND" makes that site's node fail
     every train message of that round, as a node that crashed mid-round would."""
@@ -70,4 +86,4 @@ def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCall
     return reply
 
 
-__all__ = ["NodeConfig", "fault_mod", "reply_audit_mod", "role_mod"]
+__all__ = ["NodeConfig", "fault_mod", "only_at", "reply_audit_mod", "role_mod"]

@@ -272,6 +272,31 @@ def test_held_out_node_refuses_to_train(small_cohort, task_identity):
     assert wire.refusal(reply) is wire.Refusal.ROLE and "never trains" in reply.error.reason
 
 
+def test_evaluate_actions_run_only_at_their_role(small_cohort, task_identity):
+    """External statistics asked of a training node, or validation of a held-out one: a
+    WRONG_ROLE refusal before the handler runs, never data read for the wrong purpose."""
+    from client.app import app
+    from common import protocol as wire
+
+    run_config = {**as_flower(RunConfig()), **CONFIG, "cohort": str(small_cohort)}
+
+    def node(partition: int) -> Context:
+        return Context(run_id=1, node_id=5, node_config={"partition-id": partition,
+                                                         "num-partitions": 3},
+                       state=RecordDict(), run_config=run_config)
+
+    external = Message(wire.ExternalRequest("r", ["federated"], {"federated": {}}, [],
+                                            []).encode(), dst_node_id=5,
+                       message_type=wire.EXTERNAL)
+    reply = app(external, node(0))  # site1 trains
+    assert wire.refusal(reply) is wire.Refusal.WRONG_ROLE and "evaluate nodes" in \
+        reply.error.reason
+    validate = Message(wire.ValidateRequest({}, "batch").encode(), dst_node_id=5,
+                       message_type=wire.VALIDATE)
+    assert wire.refusal(app(validate, node(2))) is wire.Refusal.WRONG_ROLE  # site3 held out
+    assert wire.refusal(app(validate, node(0))) is None  # and a training node answers
+
+
 def _reply(node: int, arrays: dict[str, np.ndarray], examples: int = 10) -> Message:
     msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
                               "metrics": MetricRecord({"num-examples": examples})}),
