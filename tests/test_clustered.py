@@ -9,6 +9,8 @@ from scipy.stats import norm
 
 from common.evaluation.delong import (
     auc_ci,
+    cluster_codes,
+    cluster_components,
     clustered_auc,
     clustered_paired_test,
     macro_auc,
@@ -150,9 +152,17 @@ def test_macro_auc_is_the_mean_and_its_variance_matches_simulation():
         return y, s[None], cl
 
     y, s, cl = cohort()
+    y[:40, 1] = np.nan  # a label unknown for some images
     m = macro_auc(y, s, cl)
     per_label = [clustered_auc(y[:, k], s[0, :, k], cl).auc for k in range(3)]
     assert m.aucs[0] == pytest.approx(np.mean(per_label), abs=1e-12)
+    # the evaluator's path: components computed once per label, reused for the macro-AUC
+    codes = cluster_codes(cl, len(y))
+    comps = {k: cluster_components(y[:, k], s[:, :, k], codes, int(codes.max()) + 1)
+             for k in range(3)}
+    reused = macro_auc(y, None, cl, components=comps)
+    assert reused.aucs == pytest.approx(m.aucs) and reused.covariance == pytest.approx(
+        m.covariance, rel=1e-12)
     estimates, variances = [], []
     for _ in range(400):
         y, s, cl = cohort()

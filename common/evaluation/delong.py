@@ -160,6 +160,7 @@ class ClusterComponents:
     i10: int
     i01: int
     i_all: int
+    present: np.ndarray  # (clusters,) bool: clusters with a known value of this label
 
     def covariance(self) -> np.ndarray:
         """(k, k) Obuchowski covariance of the k AUCs (NaN without two clusters of each)."""
@@ -203,8 +204,9 @@ def cluster_components(y_true, scores, codes: np.ndarray, n_clusters: int
     n_i = np.bincount(cneg, minlength=n_clusters)
     a = _cluster_sums(v10, cpos, n_clusters) - aucs[:, None] * m_i[None, :]
     b = _cluster_sums(v01, cneg, n_clusters) - aucs[:, None] * n_i[None, :]
+    present = (m_i + n_i) > 0
     return ClusterComponents(aucs, a, b, m, n, int((m_i > 0).sum()), int((n_i > 0).sum()),
-                             int(((m_i + n_i) > 0).sum()))
+                             int(present.sum()), present)
 
 
 def _cluster_sums(values: np.ndarray, codes: np.ndarray, n_clusters: int) -> np.ndarray:
@@ -268,22 +270,30 @@ class MacroAuc:
 
 
 def macro_auc(y_true: np.ndarray, scores: np.ndarray, clusters,
-              labels: list[int] | None = None) -> MacroAuc:
+              labels: list[int] | None = None,
+              components: dict[int, ClusterComponents | None] | None = None) -> MacroAuc:
     """Macro-AUC of k models over label columns ``labels``, patient-clustered.
 
     ``y_true`` is (N, L) with NaN for unknown; ``scores`` is (k, N, L). Labels that are not
     estimable here (no positive or negative, or fewer than 2 clusters of either) are left
     out; ``MacroAuc.labels`` says which were used. Raises NotEstimable when none is left.
+    ``components`` (label column -> its components, None when not estimable) reuses what a
+    per-label pass already computed with the same clusters.
     """
     y = np.asarray(y_true, dtype=float)
-    s = np.asarray(scores, dtype=float)
     codes = cluster_codes(clusters, len(y))
     n_clusters = int(codes.max()) + 1 if len(codes) else 0
     used, aucs, sq_a, sq_b, x_a, x_b = [], [], [], [], [], []
     known = np.zeros(n_clusters, dtype=bool)
     for lab in labels if labels is not None else range(y.shape[1]):
         try:
-            comp = cluster_components(y[:, lab], s[:, :, lab], codes, n_clusters)
+            if components is not None:
+                comp = components[lab]
+                if comp is None:
+                    continue
+            else:
+                comp = cluster_components(y[:, lab], np.asarray(scores, float)[:, :, lab],
+                                          codes, n_clusters)
             c10, c01 = comp.small_sample_factors()
         except NotEstimable:
             continue
@@ -293,7 +303,7 @@ def macro_auc(y_true: np.ndarray, scores: np.ndarray, clusters,
         x_b.append(comp.b / comp.n)
         sq_a.append(c10 * x_a[-1])
         sq_b.append(c01 * x_b[-1])
-        known |= np.bincount(codes[~np.isnan(y[:, lab])], minlength=n_clusters) > 0
+        known |= comp.present
     if not used:
         raise NotEstimable("no label is estimable: no macro-AUC")
     a, b = np.mean(sq_a, axis=0), np.mean(sq_b, axis=0)

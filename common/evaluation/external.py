@@ -107,14 +107,16 @@ def _components(y: np.ndarray, stacked: np.ndarray, codes: np.ndarray
 
 def primary_endpoint(labels: np.ndarray, scores: dict[str, np.ndarray], clusters,
                      primary: list[str], pairs: list[tuple[str, str]], *, site: str,
-                     level: float = 0.95) -> dict[str, list[dict]]:
+                     level: float = 0.95, components: dict | None = None
+                     ) -> dict[str, list[dict]]:
     """The primary endpoint at one site: each model's macro-AUC over the primary labels with
     its clustered CI, and the paired differences of ``pairs`` (aggregate only). Labels not
     estimable at this site are left out of the macro-AUC (``labels`` names those used)."""
     names = list(scores)
     cols = [LABELS.index(lb) for lb in primary]
     try:
-        m = macro_auc(labels, np.stack([scores[n] for n in names]), clusters, cols)
+        m = macro_auc(labels, None if components else np.stack([scores[n] for n in names]),
+                      clusters, cols, components)
     except NotEstimable:
         return {"primary_auc": [], "primary": []}
     zcrit = norm.ppf(0.5 + level / 2)
@@ -145,15 +147,17 @@ def internal_validation(labels: np.ndarray, scores: dict[str, np.ndarray], meta,
     codes = cluster_codes(clusters, len(labels))
     names = list(scores)
     zcrit = norm.ppf(0.5 + level / 2)
-    rows = []
+    rows, components = [], {}
     for k, label in enumerate(LABELS):
         y = labels[:, k]
-        comp = _components(y, np.stack([scores[n][:, k] for n in names]), codes)
+        comp = components[k] = _components(y, np.stack([scores[n][:, k] for n in names]),
+                                           codes)
         for r in auc_rows(site, names, label, comp, int(np.nansum(y == 1)),
                           int(np.nansum(y == 0)), zcrit):
             r.pop("variance", None)
             rows.append(r)
-    endpoint = primary_endpoint(labels, scores, clusters, primary, [], site=site, level=level)
+    endpoint = primary_endpoint(labels, scores, clusters, primary, [], site=site, level=level,
+                                components=components)
     return {"site": site, "n_images": int(len(labels)), "clustered_by": clustered_by,
             "internal": rows, "internal_primary": endpoint["primary_auc"]}
 
@@ -182,18 +186,13 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
     out = {"site": site, "n_images": int(len(labels)), "clustered_by": clustered_by,
            "external": [], "comparisons": [], "operating_points": [], "calibration": [],
            "roc": [], "subgroups": [], "readers": []}
-    if options.primary_labels:
-        against = (options.primary_against if options.primary_against is not None
-                   else names[1:])
-        out.update(primary_endpoint(labels, scores, clusters, options.primary_labels,
-                                    [(names[0], b) for b in against], site=site,
-                                    level=options.level))
+    components = {}
     for k, label in enumerate(LABELS):
         y = labels[:, k]
         n_pos = int(np.nansum(y == 1))
         n_neg = int(np.nansum(y == 0))
         stacked = np.stack([scores[n][:, k] for n in names])
-        comp = _components(y, stacked, codes)
+        comp = components[k] = _components(y, stacked, codes)
         out["external"] += auc_rows(site, names, label, comp, n_pos, n_neg, zcrit)
         if comp is None:
             continue
@@ -234,6 +233,12 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
             study = reader_mod.reader_study(meta, label, {n: scores[n][:, k] for n in names})
             if study:
                 out["readers"].append({"site": site, **study})
+    if options.primary_labels:
+        against = (options.primary_against if options.primary_against is not None
+                   else names[1:])
+        out.update(primary_endpoint(labels, scores, clusters, options.primary_labels,
+                                    [(names[0], b) for b in against], site=site,
+                                    level=options.level, components=components))
     return out
 
 
