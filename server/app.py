@@ -565,6 +565,7 @@ def main(grid: Grid, context: Context) -> None:
 
     # 2. Train, interleaved, checkpoint every round.
     strategy = prepare_arms(run, st, train_nodes)
+    nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
     train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir)
 
     # 3. Select every arm by one rule; operating points from training-site validation only.
@@ -589,6 +590,16 @@ def main(grid: Grid, context: Context) -> None:
              len(site_results), time.time() - started)
 
     # 6. Verdict and report.
+    report(run, st, selection, nodes, evaluation, internal, site_results, primary,
+           thresholds, role_probe, run_dir, started)
+
+
+def report(run: RunConfig, st: RunState, selection: Selection, nodes: dict[int, Node],
+           evaluation: dict, internal: dict, site_results: list[dict], primary: list[str],
+           thresholds: dict, role_probe: list[dict], run_dir: Path, started: float) -> None:
+    """Phase 6: results.json (the verdict decided by ``common.evaluation.verdict``) and
+    report.html."""
+    train_nodes = [v for v in nodes.values() if v.role == "train"]
     cohort = [{"site": v.site, "role": v.role, "n_images": v.facts.n_images,
                "format": v.facts.format,
                "prevalence": {lb: (p if p >= 0 else None)
@@ -596,7 +607,7 @@ def main(grid: Grid, context: Context) -> None:
               for v in sorted(nodes.values(), key=lambda v: v.site)]
     privacy = [{"site": v.site, "epsilon": st.epsilon.get(v.site),
                 "max_epsilon": v.facts.max_epsilon, "accountant": run.accountant,
-                "delta": None} for v in train_nodes.values()] if run.dp else []
+                "delta": None} for v in train_nodes] if run.dp else []
     protocol = Protocol(primary_labels=primary, selection=run.selection, margin=run.h1_margin,
                         alpha=run.alpha, correction=run.correction,
                         primary_metric=run.primary_metric)

@@ -1,5 +1,7 @@
 """DeLong AUC variance, confidence intervals and paired tests, by the fast midrank algorithm
-of Sun & Xu (2014): O(n log n) per score vector instead of DeLong's O(m n).
+of Sun & Xu (2014): O(n log n) per score vector instead of DeLong's O(m n); and the same
+patient-clustered (Obuchowski 1997). One computation serves both: DeLong is the clustered
+one with every image its own cluster.
 
 Higher scores mean "more positive". Matches R's pROC (``ci.auc`` and ``roc.test`` with
 ``method="delong"``): the CI is AUC +/- z * sd clipped to [0, 1]; the paired test's Z is the
@@ -38,35 +40,13 @@ class PairedTest:
     diff_upper: float
 
 
-def _split(y_true: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Scores as (k, n) with positives first; drops NaN labels. Raises NotEstimable."""
-    y = np.asarray(y_true, dtype=float)
-    s = np.atleast_2d(np.asarray(scores, dtype=float))
-    keep = ~np.isnan(y)
-    y, s = y[keep], s[:, keep]
-    pos = y == 1
-    m, n = int(pos.sum()), int((~pos).sum())
-    if m == 0 or n == 0:
-        raise NotEstimable(f"{m} positives and {n} negatives: AUC is not estimable")
-    return np.concatenate([s[:, pos], s[:, ~pos]], axis=1), np.array([m, n])
-
-
 def delong_components(y_true, scores) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """AUCs (k,) and their DeLong covariance (k, k) for k score vectors on the same cases."""
-    ordered, (m, n) = _split(y_true, scores)
-    x, yneg = ordered[:, :m], ordered[:, m:]
-    tx = rankdata(x, axis=1)
-    ty = rankdata(yneg, axis=1)
-    tz = rankdata(ordered, axis=1)
-    aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
-    v10 = (tz[:, :m] - tx) / n  # structural components of positives
-    v01 = 1.0 - (tz[:, m:] - ty) / m  # ... and of negatives
-    k = ordered.shape[0]
-    if m < 2 or n < 2:  # a covariance needs two cases of each class
-        return aucs, np.full((k, k), np.nan), m, n
-    s10 = np.atleast_2d(np.cov(v10))
-    s01 = np.atleast_2d(np.cov(v01))
-    return aucs, s10 / m + s01 / n, m, n
+    """AUCs (k,) and their DeLong covariance (k, k) for k score vectors on the same cases:
+    the clustered computation below with every case its own cluster (one implementation,
+    checked against pROC). The covariance is NaN without two cases of each class."""
+    y = np.asarray(y_true, dtype=float)
+    comp = cluster_components(y, scores, np.arange(len(y)), len(y))
+    return comp.aucs, comp.covariance(), comp.m, comp.n
 
 
 def auc_ci(y_true, y_score, level: float = 0.95) -> AucCI:
