@@ -162,17 +162,18 @@ def validate_models(msg: Message, context: Context) -> Message:
 
 @app.evaluate("internal", mods=[only_at("train")])
 def internal(msg: Message, context: Context) -> Message:
-    """A selected model on this training site's own test split (the internal side of the
+    """The selected models on this training site's own test split (the internal side of the
     internal-to-external drop): aggregate AUCs only, clustered by patient."""
     run, site = _setup(context)
     request = wire.InternalRequest.decode(msg.content)
     test = site.splits(run)["test"]
-    labels, scores = score_dataset(test, {request.name: _model(request.arrays, request.norm)},
-                                   run.batch_size)
+    labels, scores = score_dataset(
+        test, {name: _model(rec, request.norm) for name, rec in request.models.items()},
+        run.batch_size)
     result = internal_validation(labels, scores, test.cache.index.iloc[test.rows],
                                  site=site.name, primary=request.primary)
-    log.info("site %s: internal validation of %s on %d test images", site.name, request.name,
-             len(labels))
+    log.info("site %s: internal validation of %d models on %d test images", site.name,
+             len(scores), len(labels))
     return Message(wire.StatisticsReply(result).encode(), reply_to=msg)
 
 

@@ -340,22 +340,22 @@ class ValidateReply:
 
 @dataclass(frozen=True)
 class InternalRequest:
-    """Evaluate one selected model on the training site's own test split."""
+    """Evaluate every selected model on the training site's own test split (one message
+    per site: each message starts a ClientApp process in deployment, and the models are
+    scored in one pass over the split)."""
 
-    name: str
-    arrays: ArrayRecord
+    models: dict[str, ArrayRecord]
     norm: str
     primary: list[str]
 
     def encode(self) -> RecordDict:
-        return RecordDict({MODEL + self.name: self.arrays, CONFIG: ConfigRecord(
+        return RecordDict({**_models(self.models), CONFIG: ConfigRecord(
             {"norm": self.norm, "primary": _json(self.primary)})})
 
     @classmethod
     def decode(cls, content: RecordDict) -> InternalRequest:
-        ((name, arrays),) = _models_in(content).items()
         c = content[CONFIG]
-        return cls(name, arrays, str(c["norm"]), json.loads(str(c["primary"])))
+        return cls(_models_in(content), str(c["norm"]), json.loads(str(c["primary"])))
 
 
 @dataclass(frozen=True)

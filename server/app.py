@@ -448,27 +448,23 @@ def fix_thresholds(run: RunConfig, pos: np.ndarray | None, neg: np.ndarray | Non
 
 def internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict],
                         train_nodes: dict[int, Node], primary: list[str]) -> dict:
-    """Every training site evaluates every selected model on its own test split, one model
-    per message (aggregate AUCs only): the internal side of the internal-to-external drop."""
+    """Every training site evaluates every selected model on its own test split, in one
+    message per site (aggregate AUCs only): the internal side of the internal-to-external
+    drop."""
+    request = wire.InternalRequest({name: _record(w, run) for name, w in models.items()},
+                                   run.norm, primary).encode()
     group = run.num_rounds + PHASE_AFTER_TRAINING["internal"]
-    results: dict[int, dict] = {}
-    for name, weights in models.items():
-        request = wire.InternalRequest(name, _record(weights, run), run.norm, primary).encode()
-        for r in send(grid, [_msg(request, n, wire.INTERNAL, group) for n in train_nodes],
-                      run.round_timeout):
+    results = []
+    for r in send(grid, [_msg(request, n, wire.INTERNAL, group) for n in train_nodes],
+                  run.round_timeout):
+        if r.has_error():
             node = r.metadata.src_node_id
-            if r.has_error():
-                log.warning("internal validation of %s at %s failed: %s", name,
-                            train_nodes[node].site if node in train_nodes else node,
-                            r.error.reason)
-                continue
-            part = wire.StatisticsReply.decode(r.content).results
-            if node in results:
-                for key in ("internal", "internal_primary"):
-                    results[node][key] += part[key]
-            else:
-                results[node] = part
-    return combine_sites(list(results.values()))
+            log.warning("internal validation at %s failed: %s",
+                        train_nodes[node].site if node in train_nodes else node,
+                        r.error.reason)
+            continue
+        results.append(wire.StatisticsReply.decode(r.content).results)
+    return combine_sites(results)
 
 
 def external_validation(grid: Grid, run: RunConfig, run_name: str, models: dict[str, dict],
