@@ -261,6 +261,7 @@ def macro_auc(y_true: np.ndarray, scores: np.ndarray, clusters,
     per-label pass already computed with the same clusters.
     """
     y = np.asarray(y_true, dtype=float)
+    s = None if components is not None else np.asarray(scores, dtype=float)
     codes = cluster_codes(clusters, len(y))
     n_clusters = int(codes.max()) + 1 if len(codes) else 0
     used, aucs, sq_a, sq_b, x_a, x_b = [], [], [], [], [], []
@@ -272,8 +273,7 @@ def macro_auc(y_true: np.ndarray, scores: np.ndarray, clusters,
                 if comp is None:
                     continue
             else:
-                comp = cluster_components(y[:, lab], np.asarray(scores, float)[:, :, lab],
-                                          codes, n_clusters)
+                comp = cluster_components(y[:, lab], s[:, :, lab], codes, n_clusters)
             c10, c01 = comp.small_sample_factors()
         except NotEstimable:
             continue
