@@ -59,7 +59,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     clash = set(paths) & set(extra)
     if clash:
         raise FedcxrError(f"--extra-model: {', '.join(sorted(clash))} is also a --model")
-    primary_against = list(paths)[1:]
+    first, *others = list(paths)
+    primary_pairs = [(first, b) for b in others]
     paths = {**paths, **extra}
     thresholds = load_thresholds(Path(args.thresholds), list(paths))
     models = {name: load_checkpoint(p) for name, p in paths.items()}
@@ -78,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         alpha=args.alpha, correction=args.correction)
     options = EvaluationOptions(shift=not args.no_shift,
                                 gradcam_dir=out / "gradcam" if args.gradcam else None,
-                                primary_labels=primary, primary_against=primary_against)
+                                primary_labels=primary, primary_pairs=primary_pairs)
     evaluation = combine_sites([evaluate_site(cache, models, thresholds, site=site_dir.name,
                                               options=options)])
     cohort = [{"site": site_dir.name, "role": "evaluate", "n_images": len(labels),

@@ -110,6 +110,7 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
                   "init-args-num-gpus=0")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
            "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # no GPU: Ray's future default, no warning
            "FEDCXR_SITE_THREADS": str(max(1, cpus_per_site)), **(extra_env or {})}
     # SuperLink spawns flower-superexec by name: the venv's bin must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -202,6 +203,72 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
+def run_experiment(cohort: Path, config: dict, *, pooled_reference: bool = False,
+                   cpus_per_site: int = 1, quiet: bool = False,
+                   say=print) -> Path:
+    """One simulated experiment (with the centralised reference trained first when asked);
+    returns its run folder. Raises FedcxrError when the run did not complete."""
+    import logging
+
+    from cli.reference import train_reference
+    from common.config import RunConfig, parse
+
+    config = dict(config)
+    config.setdefault("run-name", time.strftime("sim-%Y%m%d-%H%M%S"))
+    run_dir = Path(config.get("out-dir", "runs")).resolve() / config["run-name"]
+    if pooled_reference:
+        run = parse(RunConfig, config, what="--run-config")
+        logging.getLogger("common.training").setLevel(logging.WARNING)
+        say(f"training the centralised reference (simulation only) on the union of the "
+            f"training sites' train splits ({run.num_rounds} rounds x {run.local_epochs} "
+            f"epoch(s), selection {run.selection})")
+        ref = train_reference(cohort, run, run_dir / "centralised-reference.pt",
+                              progress=(lambda line: None) if quiet else
+                              (lambda line: say(f"  {line}")))
+        say(f"  selected round {ref.selected_round} of {run.num_rounds} ({ref.n_train} train "
+            f"images, {ref.seconds:.0f} s)")
+        config["centralised-reference"] = str(ref.path)
+    code = simulate(cohort, config, cpus_per_site=cpus_per_site, quiet=quiet)
+    if code != 0:
+        raise FedcxrError(f"the run {config['run-name']} did not complete; see the log above")
+    return run_dir
+
+
+def run_replicates(cohort: Path, config: dict, k: int, *, pooled_reference: bool,
+                   cpus_per_site: int = 1, quiet: bool = False, say=print) -> Path:
+    """K replicates (seeds seed, seed+1, ...) under ``<out-dir>/<run-name>/replicate-<i>``,
+    then ``replicates.json`` and ``replicates.html`` beside them."""
+    import json
+
+    from common.evaluation.replicates import aggregate, sentence
+    from common.evaluation.report import write_replicates
+
+    name = config.get("run-name") or time.strftime("sim-%Y%m%d-%H%M%S")
+    root = Path(config.get("out-dir", "runs")).resolve() / name
+    base_seed = int(config.get("seed", 0))
+    done = []
+    for i in range(k):
+        seed = base_seed + i
+        say(f"replicate {i + 1}/{k} (seed {seed})")
+        try:
+            run_dir = run_experiment(cohort, {**config, "seed": seed, "out-dir": str(root),
+                                              "run-name": f"replicate-{i + 1}"},
+                                     pooled_reference=pooled_reference,
+                                     cpus_per_site=cpus_per_site, quiet=quiet, say=say)
+        except FedcxrError as exc:
+            say(f"replicate {i + 1} failed: {exc}; the others go on")
+            continue
+        done.append((seed, json.loads((run_dir / "results.json").read_text())))
+    if not done:
+        raise FedcxrError(f"no replicate of {name} completed; see the log above")
+    summary = aggregate(done)
+    summary["runs"] = [f"replicate-{i + 1}" for i in range(k)]
+    json_path, html_path = write_replicates(summary, root)
+    say(sentence(summary))
+    say(f"replicates: {json_path} ; report section: {html_path}")
+    return root
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from common.config import RunConfig, parse
 
@@ -211,9 +278,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, terminate)
     overrides = parse_overrides(args.run_config)
     parse(RunConfig, overrides, what="--run-config")  # unknown keys fail here, not in Ray
-    code = simulate(Path(args.cohort), overrides, cpus_per_site=args.cpus_per_site)
-    if code != 0:
-        raise FedcxrError("the run did not complete; see the log above")
+    if "centralised-reference" in overrides:
+        raise FedcxrError("--run-config centralised-reference is set by --pooled-reference; "
+                          "use that flag")
+    if args.replicates < 1:
+        raise FedcxrError("--replicates must be at least 1")
+    cohort = Path(args.cohort)
+    if args.replicates > 1:
+        run_replicates(cohort, overrides, args.replicates, pooled_reference=args.pooled_reference,
+                       cpus_per_site=args.cpus_per_site)
+    else:
+        run_experiment(cohort, overrides, pooled_reference=args.pooled_reference,
+                       cpus_per_site=args.cpus_per_site)
     return 0
 
 
@@ -222,6 +298,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cohort", required=True, help="cohort.toml written by `fedcxr synth`")
     p.add_argument("--run-config", action="append", default=[], metavar="KEY=VALUE ...",
                    help="run config overrides, e.g. 'num-rounds=3 image-size=64'")
+    p.add_argument("--pooled-reference", action="store_true",
+                   help="also train a centralised reference on the union of the training "
+                   "sites' train splits (simulation only), compared at the held-out sites")
+    p.add_argument("--replicates", type=int, default=1, metavar="K",
+                   help="run the experiment K times with seeds seed..seed+K-1 and write "
+                   "replicates.json / replicates.html beside the runs")
     p.add_argument("--cpus-per-site", type=int, default=1,
                    help="CPU cores per virtual site (default 1: sites train in parallel)")
     p.set_defaults(func=cmd_simulate)

@@ -30,6 +30,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         sites=args.sites, held_out=args.held_out, images_per_site=args.images_per_site,
         size=args.size, seed=args.seed, shortcut=args.shortcut, readers=args.readers,
         label_noise=_label_noise(args.label_noise), laterals=args.laterals, enrich=args.enrich,
+        scenario=args.scenario or "",
     )
     if args.size < 32:
         raise FedcxrError("--size must be at least 32 px")
@@ -39,12 +40,19 @@ def cmd_synth(args: argparse.Namespace) -> int:
             cohort = generate(Path(args.out_dir), opts, progress=update)
     except ValueError as exc:
         raise FedcxrError(str(exc)) from exc
-    total = opts.sites * opts.images_per_site
+    import tomllib
+
+    written = tomllib.loads(cohort.read_text())
+    total = sum(site["images"] for site in written["site"])
     print(f"wrote {total} images in {time.perf_counter() - start:.1f} s; cohort file: {cohort}")
+    if opts.scenario:
+        print(f"scenario {opts.scenario}: {written['truth']}")
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from common.synth.scenarios import SCENARIOS
+
     p = sub.add_parser("synth", help="write a synthetic multi-site CXR cohort")
     p.add_argument("out_dir")
     p.add_argument("--sites", type=int, default=5)
@@ -58,6 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--label-noise", action="append", default=[], metavar="SITE=FRACTION",
                    help="the site's labeller misses this fraction of positives")
     p.add_argument("--laterals", action="store_true", help="also write lateral views")
+    p.add_argument("--scenario", choices=sorted(SCENARIOS),
+                   help="a cohort with a known answer (its truth is written to cohort.toml): "
+                   + "; ".join(f"{s.name}: {s.expected}" for s in SCENARIOS.values()))
     p.add_argument("--enrich", type=float, default=2.0,
                    help="multiply published prevalences (default 2, capped at 0.6)")
     p.set_defaults(func=cmd_synth)

@@ -201,7 +201,7 @@ def external(msg: Message, context: Context) -> Message:
     request = wire.ExternalRequest.decode(msg.content)
     cache = site.cache(run.image_size)
     options = EvaluationOptions(shift=run.shift, primary_labels=request.primary,
-                                primary_against=request.primary_against)
+                                primary_pairs=request.primary_pairs)
     result = evaluate_stored(cache, _external_store(site, request.run_name), request.models,
                              request.thresholds, site=site.name, options=options)
     result["fingerprint"] = cache.fingerprint

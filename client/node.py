@@ -8,6 +8,7 @@ of the cohort file named in the run config. Opening a site is a memmap and a sma
 from __future__ import annotations
 
 import tomllib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,6 +96,8 @@ def open_site(node_config: dict, run: RunConfig) -> Site:
 
 
 def prevalence(labels: np.ndarray) -> list[float]:
-    with np.errstate(invalid="ignore"):
+    """Fraction positive per label; -1 where the site never annotates it (all blank)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-blank column is expected
         p = np.nanmean(labels, axis=0) if len(labels) else np.full(labels.shape[1], np.nan)
     return [float(x) if np.isfinite(x) else -1.0 for x in p]

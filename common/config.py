@@ -65,7 +65,7 @@ def model_specs(text: str, *, key: str) -> dict[str, str]:
         name, path = name.strip(), path.strip()
         if not sep or not name or not path:
             raise ConfigError(f"run config {key}: {spec!r} is not name=path")
-        if name in out or name == "federated" or name.startswith("single:"):
+        if name in out or name in ("federated", "centralised") or name.startswith("single:"):
             raise ConfigError(f"run config {key}: model name {name!r} is used twice or is an "
                               "arm's name; choose another")
         out[name] = path
@@ -110,6 +110,9 @@ class RunConfig:
     h1_margin: float = 0.0  # federated must exceed each single-site model by more than this
     alpha: float = 0.05
     extra_models: str = ""  # name=path,... evaluated at held-out sites beside the arms
+    # Simulation only: a model trained on the pooled training sites outside Flower
+    # (`fedcxr simulate --pooled-reference`), compared with every arm at held-out sites.
+    centralised_reference: str = ""
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():

@@ -397,27 +397,28 @@ class ScoreReply:
 @dataclass(frozen=True)
 class ExternalRequest:
     """The statistics of every scored model at a held-out site, at the thresholds sent: the
-    first model is compared with each other one (secondary), and with each of
-    ``primary_against`` on the primary endpoint over ``primary`` labels."""
+    first model is compared with each other one (secondary), and each (model_a, model_b) of
+    ``primary_pairs`` is compared on the primary endpoint over ``primary`` labels (the server
+    decides which of those pairs form the verdict's family)."""
 
     run_name: str
     models: list[str]
     thresholds: dict[str, dict[str, float]]
     primary: list[str]
-    primary_against: list[str]
+    primary_pairs: list[tuple[str, str]]
 
     def encode(self) -> RecordDict:
         return RecordDict({CONFIG: ConfigRecord({
             "run-name": self.run_name, "models": _json(self.models),
             "thresholds": _json(self.thresholds), "primary": _json(self.primary),
-            "primary-against": _json(self.primary_against)})})
+            "primary-pairs": _json([list(p) for p in self.primary_pairs])})})
 
     @classmethod
     def decode(cls, content: RecordDict) -> ExternalRequest:
         c = content[CONFIG]
         return cls(str(c["run-name"]), json.loads(str(c["models"])),
                    json.loads(str(c["thresholds"])), json.loads(str(c["primary"])),
-                   json.loads(str(c["primary-against"])))
+                   [(str(a), str(b)) for a, b in json.loads(str(c["primary-pairs"]))])
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,9 @@ Every message is built and read through ``common.protocol``.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, fields
@@ -43,9 +45,11 @@ from common.evaluation.verdict import Protocol
 from common.labels import LABELS
 from common.model import build_model, load_checkpoint
 from common.records import pack, record_arrays, to_record, unpack
+from common.training import arm_seed
 from server import checkpoint
 from server.exchange import send, stream_replies
 from server.state import (
+    CENTRALISED,
     FEDERATED,
     Failure,
     HistoryRow,
@@ -83,14 +87,8 @@ def _msg(content: RecordDict, node: int, kind: str, group: int) -> Message:
     return Message(content, dst_node_id=node, message_type=kind, group_id=str(group))
 
 
-# Seed mixing: distinct, fixed strides for the run seed and the round (primes, so runs,
-# rounds and arms do not collide for any realistic count), reduced to a torch seed.
-SEED_STRIDE, ROUND_STRIDE, SEED_SPACE = 1_000_003, 1009, 2**31
-
-
 def _seed(run: RunConfig, rnd: int, arm: str) -> int:
-    """Per (seed, round, arm): the same in a resumed run as in an uninterrupted one."""
-    return (run.seed * SEED_STRIDE + rnd * ROUND_STRIDE + sum(map(ord, arm))) % SEED_SPACE
+    return arm_seed(run.seed, rnd, arm)
 
 
 def _weights(state_dict) -> dict[str, np.ndarray]:
@@ -160,11 +158,14 @@ def resolve_primary_labels(run: RunConfig, train_nodes: dict[int, Node]) -> list
 
 
 def load_extra_models(run: RunConfig) -> tuple[dict[str, dict], dict[str, str]]:
-    """Models not trained in this run (``extra-models``, files on the coordinator's disk,
-    torchvision or fedcxr format): weights and norm of each, loaded before training so a bad
-    file fails the run at once."""
+    """Models not trained in this run (the centralised reference, then ``extra-models``;
+    files on the coordinator's disk, torchvision or fedcxr format): weights and norm of each,
+    loaded before training so a bad file fails the run at once."""
     weights, norms = {}, {}
-    for name, path in model_specs(run.extra_models, key="extra-models").items():
+    specs = model_specs(run.extra_models, key="extra-models")
+    if run.centralised_reference:
+        specs = {CENTRALISED: run.centralised_reference, **specs}
+    for name, path in specs.items():
         model = load_checkpoint(Path(path))
         weights[name], norms[name] = _weights(model.state_dict()), model.norm
     return weights, norms
@@ -467,9 +468,20 @@ def internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict],
     return combine_sites(results)
 
 
+def primary_pairs(arms: list[str], reference: dict) -> list[tuple[str, str]]:
+    """The primary endpoint's comparisons: the federated arm against each single-site arm
+    (the verdict's family), and with a centralised reference, the federated arm against it
+    and it against each single-site arm (the known-answer check; its own family)."""
+    singles = [a for a in arms if a != FEDERATED]
+    pairs = [(FEDERATED, s) for s in singles]
+    if reference:
+        pairs += [(FEDERATED, CENTRALISED)] + [(CENTRALISED, s) for s in singles]
+    return pairs
+
+
 def external_validation(grid: Grid, run: RunConfig, run_name: str, models: dict[str, dict],
                         norms: dict[str, str], thresholds: dict, held_out: dict[int, Node],
-                        primary: list[str], primary_against: list[str]) -> list[dict]:
+                        primary: list[str], pairs: list[tuple[str, str]]) -> list[dict]:
     """Every held-out node scores every model (one per message, scores kept at the site),
     then returns the statistics of all: per-label (secondary) and the primary endpoint."""
     group = run.num_rounds + PHASE_AFTER_TRAINING["external"]
@@ -485,7 +497,7 @@ def external_validation(grid: Grid, run: RunConfig, run_name: str, models: dict[
             elif node in scored:
                 scored[node].add(name)
     request = wire.ExternalRequest(run_name, list(models), thresholds, primary,
-                                   primary_against).encode()
+                                   pairs).encode()
     msgs = [_msg(request, n, wire.EXTERNAL, group) for n, names in scored.items()
             if names == set(models)]
     out = []
@@ -532,11 +544,29 @@ def arm_rows(run: RunConfig, st: RunState, selection: Selection) -> list[dict]:
             "selection": run.selection, "best_round": int(selection.rounds[name]),
             "history": [asdict(h) for h in st.history if h.arm == name],
         })
+    if run.centralised_reference:
+        rows.append(reference_row(Path(run.centralised_reference)))
     rows += [{"name": name, "kind": "extra", "site": None, "status": "complete",
               "reason": None, "selection": "given", "best_round": None, "history": [],
               "path": path}
              for name, path in model_specs(run.extra_models, key="extra-models").items()]
     return rows
+
+
+def reference_row(path: Path) -> dict:
+    """The centralised reference's ``arms`` row, from the record written beside its
+    weights (``<path>.json``: selection, selected round, history)."""
+    record: dict = {}
+    with contextlib.suppress(OSError, ValueError):
+        record = json.loads(Path(f"{path}.json").read_text())
+    return {"name": CENTRALISED, "kind": "centralised-reference", "site": None,
+            "label": record.get("label", "centralised (simulation only; impossible in a real "
+                                "federation)"),
+            "status": "complete", "reason": None, "selection": record.get("selection"),
+            "best_round": record.get("best_round"),
+            "history": [{"round": h["round"], "arm": CENTRALISED, "val_auc": h["val_mean_auc"],
+                         "loss": h["loss"]} for h in record.get("history", [])],
+            "sites": record.get("sites"), "path": str(path)}
 
 
 @app.main()
@@ -570,7 +600,9 @@ def main(grid: Grid, context: Context) -> None:
              "into the run)", run.threshold_method, run.threshold_target, time.time() - started)
 
     # 4. Internal validation: every training site, every selected model, its test split.
-    internal = internal_validation(grid, run, selection.weights, train_nodes, primary)
+    reference = {n: w for n, w in extra.items() if n == CENTRALISED}
+    internal = internal_validation(grid, run, {**selection.weights, **reference}, train_nodes,
+                                   primary)
     log.info("internal validation done at %d training site(s) (%.1f s into the run)",
              len(internal["clustering"]), time.time() - started)
 
@@ -580,7 +612,8 @@ def main(grid: Grid, context: Context) -> None:
     norms = {**{a: run.norm for a in selection.weights}, **extra_norms}
     thresholds = {**{name: {} for name in extra}, **selection.thresholds}
     site_results = external_validation(grid, run, run_name, models, norms, thresholds,
-                                       held_out, primary, list(selection.weights)[1:])
+                                       held_out, primary,
+                                       primary_pairs(list(selection.weights), reference))
     evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)
     log.info("external validation done at %d held-out site(s) (%.1f s into the run)",
              len(site_results), time.time() - started)

@@ -17,6 +17,7 @@ from common.labels import LABELS
 from server.updates import Rejection
 
 FEDERATED = "federated"
+CENTRALISED = "centralised"  # the centralised reference (simulation only; cli.reference)
 
 
 def single(site: str) -> str:

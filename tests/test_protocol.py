@@ -70,7 +70,7 @@ MESSAGES = [
     wire.ScoreReply("site5", "federated", 300),
     wire.ExternalRequest("run-a", ["federated", "single:x"],
                          {"federated": {"Effusion": 0.4}, "single:x": {}}, ["Effusion"],
-                         ["single:x"]),
+                         [("federated", "single:x"), ("centralised", "single:x")]),
     wire.StatisticsReply({"site": "site5", "external": [{"auc": 0.8}], "primary": []}),
 ]
 

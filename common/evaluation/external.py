@@ -58,8 +58,8 @@ class EvaluationOptions:
     min_subgroup: int = 30
     level: float = 0.95
     primary_labels: list[str] | None = None  # the primary endpoint's labels (macro-AUC)
-    primary_against: list[str] | None = None  # model_b of the primary comparisons (default:
-    # every model after the first)
+    primary_pairs: list[tuple[str, str]] | None = None  # (model_a, model_b) compared on the
+    # primary endpoint (default: the first model against every other one)
 
 
 def clusters_of(meta) -> tuple[np.ndarray | None, str]:
@@ -126,7 +126,8 @@ def primary_endpoint(labels: np.ndarray, scores: dict[str, np.ndarray], clusters
         sd = float(np.sqrt(max(m.covariance[i, i], 0)))
         aucs.append({"site": site, "model": name, "macro_auc": float(m.aucs[i]),
                      "ci_low": float(max(0.0, m.aucs[i] - zcrit * sd)),
-                     "ci_high": float(min(1.0, m.aucs[i] + zcrit * sd)), "labels": used,
+                     "ci_high": float(min(1.0, m.aucs[i] + zcrit * sd)), "sd": sd,
+                     "labels": used,
                      "n_clusters": m.n_clusters})
     index = {n: i for i, n in enumerate(names)}
     rows = []
@@ -234,10 +235,10 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
             if study:
                 out["readers"].append({"site": site, **study})
     if options.primary_labels:
-        against = (options.primary_against if options.primary_against is not None
-                   else names[1:])
+        pairs = (options.primary_pairs if options.primary_pairs is not None
+                 else [(names[0], b) for b in names[1:]])
         out.update(primary_endpoint(labels, scores, clusters, options.primary_labels,
-                                    [(names[0], b) for b in against], site=site,
+                                    pairs, site=site,
                                     level=options.level, components=components))
     return out
 

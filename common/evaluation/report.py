@@ -46,13 +46,15 @@ from markupsafe import Markup
 
 from common.atomic import write_text
 from common.evaluation.metrics import adjust
-from common.evaluation.report_template import TEMPLATE
+from common.evaluation.report_template import REPLICATES_TEMPLATE, TEMPLATE
 from common.evaluation.verdict import (
     ALPHA,
     Protocol,
     primary_rows,
     primary_verdict,
+    reference_check,
     secondary_labels,
+    split_primary,
 )
 from common.labels import LABELS
 
@@ -93,6 +95,12 @@ def internal_external_drop(internal: list[dict], internal_primary: list[dict],
                 acc.setdefault(key(r), []).append(r[value])
         return {k: float(np.mean(v)) for k, v in acc.items()}
 
+    def sd_of_mean(rows: list[dict], model: str) -> float | None:
+        sds = [r.get("sd") for r in rows if r["model"] == model]
+        if not sds or any(s is None or s <= 0 for s in sds):
+            return None  # a degenerate site (e.g. one positive): no honest interval
+        return float(np.sqrt(np.sum(np.square(sds))) / len(sds))
+
     out = []
     pairs = [(internal, external, "auc", lambda r: (r["model"], r["label"])),
              (internal_primary, primary_auc, "macro_auc", lambda r: (r["model"], PRIMARY))]
@@ -101,6 +109,16 @@ def internal_external_drop(internal: list[dict], internal_primary: list[dict],
         out += [{"model": m, "label": lb, "internal_auc": a[(m, lb)],
                  "external_auc": b[(m, lb)], "drop": a[(m, lb)] - b[(m, lb)]}
                 for (m, lb) in a if (m, lb) in b]
+    # The primary endpoint's drop with a 95% CI: internal and external data are disjoint
+    # images, so the variances of the two site means add.
+    for row in out:
+        if row["label"] != PRIMARY:
+            continue
+        s_in, s_out = sd_of_mean(internal_primary, row["model"]), sd_of_mean(primary_auc,
+                                                                             row["model"])
+        if s_in is not None and s_out is not None:
+            half = 1.959964 * float(np.hypot(s_in, s_out))
+            row["drop_low"], row["drop_high"] = row["drop"] - half, row["drop"] + half
     return out
 
 
@@ -114,12 +132,20 @@ def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, fed
     """results.json: the evaluator's tables, the primary endpoint's verdict (decided by
     ``common.evaluation.verdict``) and the secondary per-label family."""
     comparisons = adjust_comparisons(evaluation.get("comparisons", []), protocol.correction)
-    primary = primary_rows(evaluation.get("primary", []), alpha=protocol.alpha,
-                           margin=protocol.margin, correction=protocol.correction,
-                           power=protocol.power)
+    singles = [a["name"] for a in arms if a.get("kind") == "single-site"]
+    reference = next((a["name"] for a in arms if a.get("kind") == "centralised-reference"),
+                     None)
+    family, others = split_primary(evaluation.get("primary", []), reference)
+    primary = primary_rows(family, alpha=protocol.alpha, margin=protocol.margin,
+                           correction=protocol.correction, power=protocol.power)
     decided = primary_verdict(primary, protocol)
-    decided["labels"] = secondary_labels(comparisons, federated, protocol.alpha)
+    # The per-label family is about the federated model against the models a hospital could
+    # have: the centralised reference (simulation only) is shown, never counted there.
+    decided["labels"] = secondary_labels([c for c in comparisons if c["model_b"] != reference],
+                                         federated, protocol.alpha)
     decided["federated"] = federated
+    decided["reference"] = reference_check(others, protocol, reference, federated, singles) \
+        if reference else None
     internal = internal or {}
     return {
         "schema_version": SCHEMA_VERSION,
@@ -306,6 +332,58 @@ def _shift_figure(results: dict) -> str:
     return _figure_tag(fig)
 
 
+def _forest_figure(results: dict) -> str:
+    """The primary differences with their 95% CIs, per held-out site: the federated model
+    against each single-site model (the verdict's family, adjusted p beside each), against
+    the centralised reference, and the reference against each single-site model (the
+    known-answer check), with the margin line."""
+    import matplotlib.pyplot as plt
+
+    v = results["verdict"]
+    ref = v.get("reference") or {}
+    groups = [("federated vs single-site (verdict)", "#1f5fbf", v.get("primary", [])),
+              ("federated vs centralised", "#7a3db8", ref.get("federated_vs_reference", [])),
+              ("centralised vs single-site (known-answer check)", "#888888",
+               ref.get("against_single", []))]
+    rows = [(name, colour, r) for name, colour, rs in groups for r in rs]
+    if not rows:
+        return Markup("<p>No primary comparison was estimated.</p>")
+    fig, ax = plt.subplots(figsize=(7, 0.32 * len(rows) + 1.1))
+    ticks, seen = [], set()
+    for i, (name, colour, r) in enumerate(rows):
+        y = len(rows) - 1 - i
+        ax.errorbar(r["diff"], y, xerr=[[r["diff"] - r["diff_low"]], [r["diff_high"] - r["diff"]]],
+                    fmt="o", color=colour, ms=4, capsize=2, label=None if name in seen else name)
+        seen.add(name)
+        star = " *" if r.get("p_adjusted") is not None and r["p_adjusted"] < v.get("alpha", ALPHA) \
+            else ""
+        ticks.append((y, f"{r['site']}: {r['model_a']} − {r['model_b']}{star}"))
+    margin = (results.get("protocol") or {}).get("margin", 0.0) or 0.0
+    ax.axvline(0, color="black", lw=0.8)
+    if margin:
+        ax.axvline(margin, color="#b00020", ls="--", lw=1, label=f"margin {margin:g}")
+    ax.set_yticks([t[0] for t in ticks], [t[1] for t in ticks], fontsize=7)
+    ax.set_xlabel("difference in macro-AUC over the primary labels (95% CI, patient-clustered)",
+                  fontsize=8)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="x", alpha=0.3)
+    return _figure_tag(fig)
+
+
+def _arm_drops(results: dict) -> Table | None:
+    """Each arm's primary macro-AUC on the training sites' own test splits, at the held-out
+    sites, and the drop with its 95% CI."""
+    rows = [d for d in results.get("internal_external", []) if d["label"] == PRIMARY]
+    if not rows:
+        return None
+    return _table(["arm", "internal macro-AUC", "external macro-AUC", "drop (95% CI)"],
+                  [[d["model"], _fmt(d["internal_auc"]), _fmt(d["external_auc"]),
+                    f"{d['drop']:+.3f}" + (f" ({d['drop_low']:+.3f}, {d['drop_high']:+.3f})"
+                                           if d.get("drop_low") is not None else "")]
+                   for d in rows])
+
+
 def _privacy_figure(results: dict) -> str:
     import matplotlib.pyplot as plt
 
@@ -340,6 +418,9 @@ def render_html(results: dict) -> str:
     protocol = results.get("protocol", {})
     context = {
         "css": Markup(CSS), "verdict": v, "verdict_class": v["status"].split()[0],
+        "forest_figure": _forest_figure(results), "arm_drops": _arm_drops(results),
+        "reference": (v.get("reference") or {}).get("sentence"),
+        "replicates": results.get("replicates"),
         "alpha": alpha, "secondary": [x["sentence"] for x in v.get("labels", [])],
         "protocol": ", ".join(f"{k}={', '.join(x) if isinstance(x, list) else x}"
                               for k, x in protocol.items()),
@@ -459,6 +540,36 @@ def _subgroup_table(results: dict, v: dict) -> Table:
           _fmt(s.get("sensitivity"), 2), _fmt(s.get("specificity"), 2), _fmt(s.get("gap")),
           _fmt(s["status"])] for s in sub],
         row_class=lambda i: "gap" if (sub[i].get("gap") or 0) > 0.05 else "")
+
+
+def write_replicates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
+    """replicates.json and replicates.html (the replicates section) into ``out_dir``."""
+    from common.evaluation.replicates import sentence
+
+    out_dir = Path(out_dir)
+    jpath = write_results(summary, out_dir / "replicates.json")
+    runs = _table(["replicate", "seed", "verdict", "mean primary difference",
+                   "centralised beats every single-site model"],
+                  [[name, r["seed"], r["status"], _fmt(r["mean_primary_diff"]),
+                    _fmt(r["pooling_helps"])]
+                   for name, r in zip(summary.get("runs", []) or
+                                      [str(i + 1) for i in range(len(summary["replicates"]))],
+                                      summary["replicates"], strict=False)])
+
+    def interval(low, high) -> str:
+        return "–" if low is None else f"{low:+.3f} to {high:+.3f}"
+
+    comparisons = _table(
+        ["site", "A", "B", "mean diff", "t-interval across replicates", "sd between",
+         "mean within-run 95% CI", "per replicate"],
+        [[c["site"], c["model_a"], c["model_b"], f"{c['mean_diff']:+.3f}",
+          interval(c["t_low"], c["t_high"]), _fmt(c["sd_between"]),
+          interval(c["within_low"], c["within_high"]),
+          " ".join(f"{d:+.3f}" for d in c["diffs"])] for c in summary["comparisons"]])
+    hpath = write_text(out_dir / "replicates.html", _environment().from_string(
+        REPLICATES_TEMPLATE).render(css=Markup(CSS), sentence=sentence(summary), runs=runs,
+                                    comparisons=comparisons))
+    return jpath, hpath
 
 
 def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:

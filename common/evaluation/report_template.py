@@ -13,6 +13,10 @@ TEMPLATE = r"""<!DOCTYPE html>
 <style>{{ css }}</style></head><body>
 <h1>fedcxr: external validation report</h1>
 <p class="verdict {{ verdict_class }}">{{ verdict.overall }}</p>
+{% if reference %}<p>{{ reference }}</p>{% endif %}
+{{ forest_figure }}
+{% if arm_drops %}<p><b>Internal vs external, per arm</b> (primary macro-AUC):</p>
+{{ table(arm_drops) }}{% endif %}
 <p><b>Rule (prespecified):</b> {{ verdict.rule }}</p>
 {% if protocol %}<p><b>Protocol:</b> {{ protocol }}</p>{% endif %}
 {% if by_image %}<p>No patient ids at {{ by_image | join(", ") }}: CIs and tests there are
@@ -54,5 +58,26 @@ change), per model.</p>
 {% if privacy %}{{ table(privacy) }}{% endif %}
 <h2>Provenance</h2>
 <pre>{{ provenance }}</pre>
+</body></html>
+"""
+
+REPLICATES_TEMPLATE = r"""<!DOCTYPE html>
+{%- macro table(t) -%}
+<table><thead><tr>{% for h in t.headers %}<th>{{ h }}</th>{% endfor %}</tr></thead><tbody>
+{%- for row in t.rows %}<tr>{% for cell in row.cells %}<td>{{ cell }}</td>{% endfor %}</tr>
+{%- endfor -%}
+</tbody></table>
+{%- endmacro -%}
+<html lang="en"><head><meta charset="utf-8"><title>fedcxr replicates</title>
+<style>{{ css }}</style></head><body>
+<h1>fedcxr: replicates</h1>
+<p class="verdict">{{ sentence }}</p>
+<p>The same experiment trained again under each seed (model initialisation and training
+order). The t-interval across replicates measures training variance; the within-run CI
+(each run's report) measures held-out data variance.</p>
+<h2>Verdict per replicate</h2>
+{{ table(runs) }}
+<h2>Primary differences across replicates</h2>
+{{ table(comparisons) }}
 </body></html>
 """

@@ -116,6 +116,41 @@ def primary_verdict(rows: list[dict], protocol: Protocol) -> dict:
     return {**base, "status": status, "overall": sentence}
 
 
+def split_primary(rows: list[dict], reference: str | None) -> tuple[list[dict], list[dict]]:
+    """(the verdict's family: every primary comparison without the centralised reference,
+    i.e. federated vs each single-site model; the reference's comparisons)."""
+    theirs = [r for r in rows if reference in (r["model_a"], r["model_b"])]
+    return [r for r in rows if r not in theirs], theirs
+
+
+def reference_check(rows: list[dict], protocol: Protocol, reference: str, federated: str,
+                    singles: list[str]) -> dict | None:
+    """The known-answer check of a centralised reference (simulation only): does a model
+    trained on the pooled training sites beat every single-site model at every held-out site
+    on the primary endpoint (the verdict's rule, its own Holm family)? If it does not,
+    pooling does not help on this cohort, and a federated "supported" is not expected.
+    Also the federated arm against the reference (how much federation gives up)."""
+    against = [r for r in rows if r["model_a"] == reference and r["model_b"] in singles]
+    versus = [r for r in rows if r["model_a"] == federated and r["model_b"] == reference]
+    if not (against or versus):
+        return None
+    tested = primary_rows(against, alpha=protocol.alpha, margin=protocol.margin,
+                          correction=protocol.correction, power=protocol.power)
+    wins = [r for r in tested if r["p_adjusted"] < protocol.alpha and r["diff"] > protocol.margin]
+    helps = bool(tested) and len(wins) == len(tested)
+    sentence = (f"Centralised reference (simulation only): it beat every single-site model in "
+                f"{len(wins)} of {len(tested)} comparisons; pooling the training sites "
+                f"{'helps' if helps else 'was not shown to help'} at the held-out sites.")
+    if versus:
+        gap = float(np.mean([r["diff"] for r in versus]))
+        sentence += f" Federated minus centralised macro-AUC: {gap:+.3f} (mean over sites)."
+    return {"model": reference, "pooling_helps": helps, "sentence": sentence,
+            "against_single": tested,
+            "federated_vs_reference": primary_rows(versus, alpha=protocol.alpha,
+                                                   margin=0.0, correction=protocol.correction,
+                                                   power=protocol.power)}
+
+
 def secondary_labels(comparisons: list[dict], federated: str, alpha: float = ALPHA
                      ) -> list[dict]:
     """Per-label secondary analysis: for each label, how many comparisons of the federated

@@ -28,6 +28,7 @@ from common.synth.profiles import (
     sample_labels,
     site_profiles,
 )
+from common.synth.scenarios import scenario, with_defaults
 from common.synth.writers import DicomFacts, write_dicom, write_jpeg, write_png
 
 MANIFEST = {"nih": "Data_Entry_2017.csv", "chexpert": "train.csv", "dicom": "manifest.csv"}
@@ -51,6 +52,9 @@ class SynthOptions:
     label_noise: dict[str, float] = field(default_factory=dict)  # site -> missed fraction
     laterals: bool = False
     enrich: float = 2.0  # multiplies published prevalences so 500 images hold enough positives
+    scenario: str = ""  # a known-answer scenario (common.synth.scenarios); "": the default mix
+    severity: tuple[float, float] = (0.15, 1.0)  # findings' strength, subtle ... obvious
+    conspicuity: float = 1.0  # multiplies the opacity drawn findings add (phantom.render)
 
 
 @dataclass
@@ -76,6 +80,7 @@ class ImagePlan:
     profile: SiteProfile
     size: int
     uids: tuple[str, str, str]
+    conspicuity: float = 1.0
 
 
 def _uid(seed: int, *parts: object) -> str:
@@ -98,16 +103,33 @@ def _shortcut(spec: str | None, profiles: list[SiteProfile]) -> tuple[str, str] 
     return site, label
 
 
-def plan_site(site_index: int, profile: SiteProfile, opts: SynthOptions) -> list[ImagePlan]:
+def cohort_profiles(opts: SynthOptions) -> list[SiteProfile]:
+    """Who the sites are: the scenario's, or the default mix of public-dataset profiles."""
+    if opts.scenario:
+        return scenario(opts.scenario).profiles(opts.sites, opts.held_out)
+    return site_profiles(opts.sites, opts.held_out)
+
+
+def site_images(opts: SynthOptions, profiles: list[SiteProfile]) -> dict[str, int]:
+    """Images per site: ``images-per-site`` everywhere, or as the scenario sizes its sites."""
+    if not opts.scenario:
+        return {p.name: opts.images_per_site for p in profiles}
+    s = scenario(opts.scenario)
+    return {p.name: s.images(p, opts.images_per_site, i) for i, p in enumerate(profiles)}
+
+
+def plan_site(site_index: int, profile: SiteProfile, opts: SynthOptions,
+              site_size: int | None = None) -> list[ImagePlan]:
     rng = np.random.default_rng([opts.seed, site_index, 1])
+    site_size = opts.images_per_site if site_size is None else site_size
     intercepts = intercepts_for(profile, opts.enrich, opts.seed)
-    shortcut = _shortcut(opts.shortcut, site_profiles(opts.sites, opts.held_out))
+    shortcut = _shortcut(opts.shortcut, cohort_profiles(opts))
     noise = opts.label_noise.get(profile.name, 0.0)
     n_readers = opts.readers if profile.role == "evaluate" else 0  # readers: held-out only
     reader_skill = [(rng.uniform(0.70, 0.92), rng.uniform(0.85, 0.97)) for _ in range(n_readers)]
     plans: list[ImagePlan] = []
     patient = 0
-    while len(plans) < opts.images_per_site:
+    while len(plans) < site_size:
         patient += 1
         sex = "M" if rng.random() < 0.52 else "F"
         age = float(np.clip(rng.normal(profile.mean_age, 17), 1, 95))
@@ -115,7 +137,7 @@ def plan_site(site_index: int, profile: SiteProfile, opts: SynthOptions) -> list
         sickness = rng.standard_normal()
         n_images = 1 + int(rng.poisson(0.35))
         for follow_up in range(n_images):
-            if len(plans) >= opts.images_per_site:
+            if len(plans) >= site_size:
                 break
             i = len(plans)
             ap_p = np.clip(profile.ap_fraction + 0.15 * sickness, 0.02, 0.98)
@@ -127,7 +149,7 @@ def plan_site(site_index: int, profile: SiteProfile, opts: SynthOptions) -> list
             for name in LABELS:
                 if truth[name]:
                     findings[name] = Finding(
-                        severity=float(rng.uniform(0.15, 1.0)),
+                        severity=float(rng.uniform(*opts.severity)),
                         side=int(rng.choice((-1, 1))),
                         x=float(rng.uniform(0.15, 0.85)),
                         y=float(rng.uniform(0.1, 0.9)),
@@ -157,7 +179,7 @@ def plan_site(site_index: int, profile: SiteProfile, opts: SynthOptions) -> list
                 sex=sex, age=round(age + follow_up * 0.5, 1), view=view, anatomy=anat,
                 findings=findings, truth=truth, reported=reported, shortcut_token=token,
                 readers=readers, seed=(opts.seed, site_index, i, 2), profile=profile,
-                size=opts.size,
+                size=opts.size, conspicuity=opts.conspicuity,
                 uids=(_uid(opts.seed, site_index, patient, follow_up, "study"),
                       _uid(opts.seed, site_index, patient, follow_up, "series"),
                       _uid(opts.seed, site_index, i, "sop")),
@@ -195,7 +217,8 @@ def _report(rng, profile: SiteProfile, truth: dict[str, int], findings, noise: f
 
 def render_plan(plan: ImagePlan) -> np.ndarray:
     rng = np.random.default_rng(plan.seed)
-    density = render(plan.anatomy, plan.findings, plan.size, rng, view=plan.view).image
+    density = render(plan.anatomy, plan.findings, plan.size, rng, view=plan.view,
+                     conspicuity=plan.conspicuity).image
     return acquire(density, plan.profile.acquisition, rng, shortcut_token=plan.shortcut_token)
 
 
@@ -289,11 +312,21 @@ def write_cohort_toml(out: Path, opts: SynthOptions, profiles: list[SiteProfile]
                       counts: dict[str, dict]) -> Path:
     lines = ["# Synthetic multi-site CXR cohort written by `fedcxr synth`.",
              "# A test bed for the pipeline and the H1 protocol; not evidence about patients.",
-             "", "[generator]"]
+             ""]
+    if opts.scenario:
+        s = scenario(opts.scenario)
+        lines += [f"scenario = {toml_value(s.name)}",
+                  f"truth = {toml_value(s.truth)}",
+                  f"expected-verdict = {toml_value(s.expected)}",
+                  "primary-labels = [" + ", ".join(map(toml_value, s.primary_labels)) + "]",
+                  ""]
+    lines.append("[generator]")
     for key in ("sites", "held_out", "images_per_site", "size", "seed", "readers", "enrich",
                 "laterals"):
         lines.append(f"{key.replace('_', '-')} = {toml_value(getattr(opts, key))}")
     lines.append(f"shortcut = {toml_value(opts.shortcut or '')}")
+    lines.append(f"severity = [{opts.severity[0]!r}, {opts.severity[1]!r}]")
+    lines.append(f"conspicuity = {opts.conspicuity!r}")
     for p in profiles:
         lines += ["", "[[site]]",
                   f"name = {toml_value(p.name)}",
@@ -316,13 +349,17 @@ def write_cohort_toml(out: Path, opts: SynthOptions, profiles: list[SiteProfile]
 def generate(out: Path, opts: SynthOptions, progress=None) -> Path:
     """Write the cohort under ``out``; returns the path of cohort.toml."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    profiles = site_profiles(opts.sites, opts.held_out)
+    if opts.scenario:
+        opts = with_defaults(opts, opts.scenario)
+    profiles = cohort_profiles(opts)
     _shortcut(opts.shortcut, profiles)  # validate before any work
     for site in opts.label_noise:
         if site not in {p.name for p in profiles}:
             raise ValueError(f"--label-noise names unknown site {site!r}")
-    plans_by_site = {p.name: plan_site(i, p, opts) for i, p in enumerate(profiles)}
+    out.mkdir(parents=True, exist_ok=True)
+    sizes = site_images(opts, profiles)
+    plans_by_site = {p.name: plan_site(i, p, opts, sizes[p.name])
+                     for i, p in enumerate(profiles)}
     jobs = [(plan, out / p.name) for p in profiles for plan in plans_by_site[p.name]]
     for _ in parallel_map(write_plan, jobs, progress=progress):
         pass
