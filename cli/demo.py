@@ -15,6 +15,8 @@ import time
 import tomllib
 from pathlib import Path
 
+from common.errors import FedcxrError
+
 PRESETS = {
     # 2 CPU cores, within 10 minutes including the cohort (README: "How fedcxr decides H1").
     # No simulated device-shift analysis here: it scores every model under every shift at
@@ -59,8 +61,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     size = preset["run"]["image-size"]
     cohort_dir = Path(args.cohort)
     cohort_file = cohort_dir / "cohort.toml"
+    if cohort_file.exists():
+        written = tomllib.loads(cohort_file.read_text()).get("scenario")
+        if written != args.scenario:
+            what = f"for scenario {written!r}" if written else "without a scenario (older fedcxr)"
+            raise FedcxrError(f"{cohort_file}: written {what}, not {args.scenario!r}; delete "
+                              f"{cohort_dir} or pass --cohort NEW_FOLDER")
     if not cohort_file.exists():
-        console.print(f"[bold]1/3[/] writing a synthetic cohort to {cohort_dir}")
+        console.print(f"[bold]1/3[/] writing the {args.scenario!r} scenario to {cohort_dir}")
         generate(cohort_dir, SynthOptions(images_per_site=preset["images_per_site"],
                                           size=preset["size"], seed=args.seed,
                                           scenario=args.scenario, readers=3))

@@ -155,3 +155,13 @@ def test_a_verdict_matches_a_scenarios_truth_only_as_stated():
     assert not matches_truth("not supported", "supported")
     assert matches_truth("not supported", "inconclusive")
     assert matches_truth("not supported", "contradicted")
+
+
+def test_demo_refuses_a_cohort_of_another_scenario_with_what_to_do(tmp_path, capsys):
+    from cli.main import main
+
+    (tmp_path / "cohort.toml").write_text('[generator]\nsites = 5\n')
+    assert main(["demo", "--cohort", str(tmp_path), "--out-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "without a scenario" in err and "pass --cohort NEW_FOLDER" in err
+    assert not (tmp_path / "r").exists()
