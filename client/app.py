@@ -77,12 +77,12 @@ def query(msg: Message, context: Context) -> Message:
         ledger = site.ledger(run.accountant)
         delta = DPConfig(accountant=run.accountant).delta_for(len(splits["train"]))
         spent = ledger.epsilon(delta)
-        left = max(site.config.max_epsilon - spent, 0.0)
+        left = max(site.config.budget - spent, 0.0)
     facts = wire.SiteFacts(
         role=site.role, site=site.name, format=site.source.format or "",
         n_train=len(splits["train"]), n_val=len(splits["val"]), n_test=len(splits["test"]),
         n_images=len(labels), prevalence=prevalence(labels), epsilon_spent=spent,
-        epsilon_left=left, max_epsilon=site.config.max_epsilon)
+        epsilon_left=left, max_epsilon=site.config.budget)
     return Message(facts.encode(), reply_to=msg)
 
 
@@ -104,7 +104,7 @@ def _train_arm(run: RunConfig, site, splits, request: wire.TrainRequest, task: w
     dp = None
     if run.dp:
         dp = DPPlan(DPConfig(target_epsilon=run.target_epsilon,
-                             max_epsilon=site.config.max_epsilon,
+                             max_epsilon=site.config.budget,
                              max_grad_norm=run.max_grad_norm, accountant=run.accountant,
                              grad_sample_mode=run.grad_sample_mode),
                     site.ledger(run.accountant), run_id=request.run_name, arm=task.arm,
@@ -134,6 +134,15 @@ def train(msg: Message, context: Context) -> Message:
     message starts a process), trained one after the other and reported separately."""
     began = time.monotonic()
     run, site = _setup(context)
+    if site.config.requires_dp and not run.dp:
+        # The site's own config decides: a budget set there means DP or nothing, whatever the
+        # run config says. Refused before any data is read.
+        log.warning("site %s: refused a train message without DP (node config max-epsilon=%g)",
+                    site.name, site.config.max_epsilon)
+        return wire.refuse(msg, wire.Refusal.DP_REQUIRED,
+                           f"site {site.name} trains only under differential privacy (its node "
+                           f"config sets max-epsilon={site.config.max_epsilon:g}); this run has "
+                           "dp=false: run with dp=true")
     request = wire.TrainRequest.decode(msg.content)
     splits = site.splits(run)
     first, received, first_val = _train_arm(run, site, splits, request, request.first,

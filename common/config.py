@@ -8,6 +8,7 @@ and snake_case here.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Literal, TypeVar, get_args
 
@@ -135,6 +136,9 @@ class RunConfig:
         return norm_for(self.dp)
 
 
+DEFAULT_MAX_EPSILON = 10.0
+
+
 @dataclass(frozen=True)
 class NodeConfig:
     role: Role = "train"
@@ -144,7 +148,10 @@ class NodeConfig:
     format: str = ""
     cache_path: str = ""
     ledger_path: str = ""
-    max_epsilon: float = 10.0
+    # The site's own privacy budget. Set, it is a promise the coordinator cannot loosen:
+    # the node trains only under DP (a train message of a run with dp=false is refused) and
+    # never past it. Unset: DP runs spend up to DEFAULT_MAX_EPSILON.
+    max_epsilon: float | None = None
     # set by Flower's simulation engine
     partition_id: int = -1
     num_partitions: int = 0
@@ -152,6 +159,19 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ConfigError(f"node config role={self.role!r}: use train or evaluate")
+        if self.max_epsilon is not None and not (math.isfinite(self.max_epsilon)
+                                                 and self.max_epsilon > 0):
+            raise ConfigError(f"node config max-epsilon={self.max_epsilon!r}: use a finite "
+                              "positive number (the site's privacy budget)")
+
+    @property
+    def requires_dp(self) -> bool:
+        return self.max_epsilon is not None
+
+    @property
+    def budget(self) -> float:
+        """The ε this site allows in total under DP."""
+        return DEFAULT_MAX_EPSILON if self.max_epsilon is None else self.max_epsilon
 
 
 T = TypeVar("T")
@@ -169,9 +189,9 @@ def parse(cls: type[T], raw: dict[str, Any], *, what: str) -> T:
         kind = known[name].type
         try:
             if kind in ("bool", bool):
-                if isinstance(value, str):
-                    value = value.strip().lower() in ("1", "true", "yes")
-                values[name] = bool(value)
+                values[name] = _boolean(value)
+            elif kind == "float | None":
+                values[name] = None if value is None or value == "" else float(value)
             elif kind in ("int", int):
                 values[name] = int(value)
             elif kind in ("float", float):
@@ -179,8 +199,22 @@ def parse(cls: type[T], raw: dict[str, Any], *, what: str) -> T:
             else:
                 values[name] = str(value)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"{what}: key {key!r} = {value!r} is not a {kind}") from exc
+            hint = "; use true or false" if kind in ("bool", bool) else ""
+            raise ConfigError(f"{what}: key {key!r} = {value!r} is not a {kind}{hint}") from exc
     return cls(**values)
+
+
+def _boolean(value: Any) -> bool:
+    """true/false (TOML), 1/0, or the strings true/false/1/0/yes/no; anything else (``"on"``,
+    a typo) is an error, never a silent false."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0",
+                                                            "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise ValueError(f"{value!r} is not a boolean")
 
 
 def toml_value(v: Any) -> str:

@@ -446,3 +446,48 @@ def test_run_state_round_trips_through_a_checkpoint(tmp_path):
     old = RunState.from_checkpoint({"round": 1, "best": {
         "round": 1, "mean_val_auc": 0.6, "pos": None, "neg": None, "sites": [], "weights": w}})
     assert old.selected["federated"].mean_val_auc == 0.6
+
+
+def test_a_site_budget_means_dp_or_nothing_whatever_the_coordinator_says(small_cohort,
+                                                                          task_identity):
+    """A training node whose own config sets max-epsilon refuses a train message of a run
+    with dp=false (the coordinator cannot switch DP off), before any data is read."""
+    from client.app import app
+    from common import protocol as wire
+
+    run_config = {**as_flower(RunConfig()), **CONFIG, "cohort": str(small_cohort)}
+    site = Context(run_id=1, node_id=7, node_config={
+        "partition-id": 0, "num-partitions": 3, "data-path": str(small_cohort.parent / "nope"),
+        "max-epsilon": 0.01}, state=RecordDict(), run_config=run_config)
+    msg = Message(RecordDict({"config": ConfigRecord({"arm": "federated",
+                                                      "server-round": 1})}),
+                  dst_node_id=7, message_type="train")
+    reply = app(msg, site)  # the data path does not even exist: nothing was read
+    assert wire.refusal(reply) is wire.Refusal.DP_REQUIRED
+    assert "max-epsilon=0.01" in reply.error.reason and "dp=true" in reply.error.reason
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"max-epsilon": float("nan")}, "finite positive"),
+    ({"max-epsilon": 0}, "finite positive"),
+    ({"max-epsilon": "inf"}, "finite positive"),
+])
+def test_a_site_budget_must_be_finite_and_positive(raw, message):
+    from common.config import NodeConfig, parse
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        parse(NodeConfig, raw, what="node config")
+    assert parse(NodeConfig, {}, what="node config").requires_dp is False
+    assert parse(NodeConfig, {"max-epsilon": "8"}, what="node config").budget == 8.0
+
+
+@pytest.mark.parametrize("value", ["on", "ture", "", 2])
+def test_a_boolean_that_is_not_one_is_an_error_not_false(value):
+    from common.config import RunConfig, parse
+    from common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'dp'.*use true or false"):
+        parse(RunConfig, {"dp": value}, what="run config")
+    assert parse(RunConfig, {"dp": "true"}, what="run config").dp is True
+    assert parse(RunConfig, {"dp": False}, what="run config").dp is False
