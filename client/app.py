@@ -43,9 +43,16 @@ from common.evaluation.external import (
 )
 from common.labels import LABELS
 from common.model import build_model
-from common.privacy import DPConfig
+from common.privacy import BudgetExceeded, DPConfig
 from common.records import from_record, to_record
-from common.training import DPPlan, TrainConfig, Validation, local_train, validate
+from common.training import (
+    DPPlan,
+    TrainConfig,
+    Validation,
+    local_train,
+    planned_spend,
+    validate,
+)
 
 log = logging.getLogger("flwr")
 app = ClientApp(mods=[reply_audit_mod, role_mod, fault_mod])
@@ -101,16 +108,8 @@ def _train_arm(run: RunConfig, site, splits, request: wire.TrainRequest, task: w
     rnd = request.server_round
     model = _model(task.arrays, request.norm)
     received = summary(validate(model, splits["val"])) if validate_first else None
-    dp = None
-    if run.dp:
-        dp = DPPlan(DPConfig(target_epsilon=run.target_epsilon,
-                             max_epsilon=site.config.budget,
-                             max_grad_norm=run.max_grad_norm, accountant=run.accountant,
-                             grad_sample_mode=run.grad_sample_mode),
-                    site.ledger(run.accountant), run_id=request.run_name, arm=task.arm,
-                    round=rnd, planned_units=request.planned_units)
-    tc = TrainConfig(epochs=run.local_epochs, batch_size=run.batch_size, lr=run.lr,
-                     proximal_mu=mu, seed=task.seed)
+    dp = _dp_plan(run, site, request, task) if run.dp else None
+    tc = _train_config(run, task, mu)
     result = local_train(model, splits["train"], tc, dp=dp)
     val = validate(model, splits["val"])
     log.info("site %s arm %s round %d: %d images, loss %.4f, val AUC %s%s", site.name,
@@ -125,6 +124,31 @@ def _train_arm(run: RunConfig, site, splits, request: wire.TrainRequest, task: w
         epsilon=float(result.epsilon) if result.epsilon is not None else -1.0,
         val_mean_auc=val.mean_auc, val_auc=[val.auc[lb] for lb in LABELS])
     return arm, received, summary(val)
+
+
+def _dp_plan(run: RunConfig, site, request: wire.TrainRequest, task: wire.ArmTask) -> DPPlan:
+    return DPPlan(DPConfig(target_epsilon=run.target_epsilon, max_epsilon=site.config.budget,
+                           max_grad_norm=run.max_grad_norm, accountant=run.accountant,
+                           grad_sample_mode=run.grad_sample_mode),
+                  site.ledger(run.accountant), run_id=request.run_name, arm=task.arm,
+                  round=request.server_round, planned_units=request.planned_units)
+
+
+def _train_config(run: RunConfig, task: wire.ArmTask, mu: float) -> TrainConfig:
+    return TrainConfig(epochs=run.local_epochs, batch_size=run.batch_size, lr=run.lr,
+                       proximal_mu=mu, seed=task.seed)
+
+
+def check_budget(run: RunConfig, site, request: wire.TrainRequest, n_train: int) -> None:
+    """Every arm this message would train, against the site's budget at once, before any
+    trains: a budget that covers the federated arm but not both never spends ε on a reply
+    that cannot leave (BudgetExceeded names what is left)."""
+    tasks = [t for t in (request.first, request.single) if t is not None]
+    plans = [_dp_plan(run, site, request, t) for t in tasks]
+    spends = [planned_spend(n_train, _train_config(run, t, 0.0), p)
+              for t, p in zip(tasks, plans, strict=True)]
+    plans[0].ledger.check([s for s, _ in spends], spends[0][1], site.config.budget,
+                          f"round {request.server_round} ({', '.join(t.arm for t in tasks)})")
 
 
 @app.train()
@@ -145,15 +169,22 @@ def train(msg: Message, context: Context) -> Message:
                            "dp=false: run with dp=true")
     request = wire.TrainRequest.decode(msg.content)
     splits = site.splits(run)
-    first, received, first_val = _train_arm(run, site, splits, request, request.first,
-                                            mu=request.proximal_mu,
-                                            validate_first=request.validate_received)
-    if request.report_val:  # a single-site arm sent on its own
-        first = replace(first, val=first_val)
-    single = None
-    if request.single is not None:
-        single, _, single_val = _train_arm(run, site, splits, request, request.single, mu=0.0)
-        single = replace(single, val=single_val)
+    try:
+        if run.dp:
+            check_budget(run, site, request, len(splits["train"]))
+        first, received, first_val = _train_arm(run, site, splits, request, request.first,
+                                                mu=request.proximal_mu,
+                                                validate_first=request.validate_received)
+        if request.report_val:  # a single-site arm sent on its own
+            first = replace(first, val=first_val)
+        single = None
+        if request.single is not None:
+            single, _, single_val = _train_arm(run, site, splits, request, request.single,
+                                               mu=0.0)
+            single = replace(single, val=single_val)
+    except BudgetExceeded as exc:
+        log.warning("site %s: %s", site.name, exc)
+        return wire.refuse(msg, wire.Refusal.BUDGET, str(exc))
     log.info("site %s round %s: train message handled in %.1f s", site.name,
              request.server_round, time.monotonic() - began)
     return Message(wire.TrainReply(site.name, first, single, received).encode(), reply_to=msg)

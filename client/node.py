@@ -85,7 +85,11 @@ def open_site(node_config: dict, run: RunConfig) -> Site:
     if config.partition_id >= 0 and not config.data_path:
         if not run.cohort:
             raise ConfigError("simulation needs run config key 'cohort' (path to cohort.toml)")
-        config = site_from_cohort(Path(run.cohort), config.partition_id)
+        from_cohort = site_from_cohort(Path(run.cohort), config.partition_id)
+        # What the node's own config sets (its ledger, cache, budget) wins over the cohort's.
+        own = {f.replace("-", "_") for f in node_config} - {"partition_id", "num_partitions"}
+        config = NodeConfig(**{**from_cohort.__dict__,
+                               **{k: v for k, v in config.__dict__.items() if k in own}})
     if not config.data_path:
         raise ConfigError("node config needs 'data-path' (the site's data folder)")
     name = config.site_name or Path(config.data_path).name

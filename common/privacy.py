@@ -146,16 +146,19 @@ class PrivacyLedger:
     def epsilon(self, delta: float) -> float:
         return compose_epsilon(self.spends(), delta, self.accountant)
 
-    def check(self, planned: Spend, delta: float, max_epsilon: float, what: str = "") -> float:
-        """ε after ``planned``; raises BudgetExceeded (before any training) past the max."""
+    def check(self, planned: Spend | list[Spend], delta: float, max_epsilon: float,
+              what: str = "") -> float:
+        """ε after ``planned`` (one unit, or every unit a message will train); raises
+        BudgetExceeded (before any training) past the max."""
+        units = planned if isinstance(planned, list) else [planned]
         spends = self.spends()
-        after = compose_epsilon(spends + [planned], delta, self.accountant)
+        after = compose_epsilon(spends + units, delta, self.accountant)
         if after > max_epsilon + 1e-9:
             before = compose_epsilon(spends, delta, self.accountant)
             raise BudgetExceeded(
                 f"privacy budget of site {self.site or self.path.parent.name} exceeded: "
-                f"{what or 'this training'} ({planned.steps} steps at noise "
-                f"{planned.noise_multiplier:.3f}, sample rate {planned.sample_rate:.4f}) would "
+                f"{what or 'this training'} ({sum(u.steps for u in units)} steps at noise "
+                f"{units[0].noise_multiplier:.3f}, sample rate {units[0].sample_rate:.4f}) would "
                 f"take ε from {before:.3f} to {after:.3f} (δ={delta:.2e}), above max-epsilon "
                 f"{max_epsilon:g}; {max(max_epsilon - before, 0):.3f} is left. Ledger: {self.path}"
             )

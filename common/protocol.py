@@ -62,6 +62,7 @@ class Refusal(IntEnum):
     ROLE = 4001  # a held-out node was asked to train: it never trains on its data
     WRONG_ROLE = 4002  # an evaluate action sent to a node of the other role
     DP_REQUIRED = 4003  # a train message without DP at a site whose node config sets a budget
+    BUDGET = 4004  # the arms of a train message would take the site past its max-epsilon
 
 
 def refuse(msg: Message, code: Refusal, reason: str) -> Message:

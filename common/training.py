@@ -116,6 +116,23 @@ def _proximal(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
 
 
+def planned_spend(n_train: int, config: TrainConfig, dp: DPPlan) -> tuple[Spend, float]:
+    """What one ``local_train`` call on ``n_train`` images will record in the ledger (steps,
+    sample rate, the noise that spends this unit's share of the target ε) and its δ: so a
+    message that trains several arms can be checked against the budget as a whole, before
+    any of them trains."""
+    if n_train == 0:
+        raise ValueError("no training images")
+    delta = dp.config.delta_for(n_train)
+    total = max(math.ceil(n_train / config.batch_size), 1) * config.epochs
+    if config.max_steps is not None:
+        total = min(total, config.max_steps)
+    sample_rate = min(config.batch_size / n_train, 1.0)
+    noise = noise_for_target(dp.config.target_epsilon, delta, sample_rate,
+                             total * dp.planned_units, dp.config.accountant)
+    return Spend(total, sample_rate, noise), delta
+
+
 def local_train(
     model: nn.Module,
     train: CachedImages,
@@ -163,14 +180,8 @@ def local_train(
             log.warning("book-keeping clipping does not cover layer %s; using Opacus' "
                         "two-pass ghost clipping", layer)
             mode = "ghost"
-        n = len(train)
-        if n == 0:
-            raise ValueError("no training images")
-        delta = dp.config.delta_for(n)
-        sample_rate = min(config.batch_size / n, 1.0)
-        noise = noise_for_target(dp.config.target_epsilon, delta, sample_rate,
-                                 total * dp.planned_units, dp.config.accountant)
-        planned = Spend(total, sample_rate, noise)
+        planned, delta = planned_spend(len(train), config, dp)
+        noise = planned.noise_multiplier
         what = f"arm {dp.arm} round {dp.round}"
         dp.ledger.check(planned, delta, dp.config.max_epsilon, what)
         unit = dp.ledger.start(planned, delta, run_id=dp.run_id, arm=dp.arm, round=dp.round)

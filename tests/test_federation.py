@@ -491,3 +491,39 @@ def test_a_boolean_that_is_not_one_is_an_error_not_false(value):
         parse(RunConfig, {"dp": value}, what="run config")
     assert parse(RunConfig, {"dp": "true"}, what="run config").dp is True
     assert parse(RunConfig, {"dp": False}, what="run config").dp is False
+
+
+def test_a_budget_that_fits_one_arm_but_not_both_refuses_before_either_trains(
+        small_cohort, task_identity, tmp_path):
+    """Both arms of a train message are checked against the site's budget at once: none of
+    them trains and nothing is written to the ledger when the pair would pass max-epsilon,
+    even though the first arm alone would fit (it used to train, spend, then be discarded)."""
+    from client.app import app
+    from client.node import open_site
+    from common import protocol as wire
+    from common.privacy import DPConfig, PrivacyLedger, compose_epsilon
+    from common.records import to_record
+    from common.training import DPPlan, TrainConfig, planned_spend
+
+    run_config = {**as_flower(RunConfig()), **CONFIG, "cohort": str(small_cohort), "dp": True,
+                  "target-epsilon": 4.0}
+    run = RunConfig(**{k.replace("-", "_"): v for k, v in {**CONFIG, "dp": True}.items()},
+                    cohort=str(small_cohort), target_epsilon=4.0)
+    ledger_path = tmp_path / "ledger.jsonl"
+    node_config = {"partition-id": 0, "num-partitions": 3, "ledger-path": str(ledger_path),
+                   "max-epsilon": 3.0}
+    n_train = len(open_site(node_config, run).splits(run)["train"])
+    plan = DPPlan(DPConfig(target_epsilon=4.0, max_epsilon=3.0), PrivacyLedger(ledger_path),
+                  planned_units=2)
+    spend, delta = planned_spend(n_train, TrainConfig(epochs=1, batch_size=16), plan)
+    assert compose_epsilon([spend], delta, "prv") < 3.0 < compose_epsilon([spend] * 2, delta,
+                                                                          "prv")
+    weights = to_record(build_model(norm="group").state_dict())
+    request = wire.TrainRequest(1, "group", "r", 2, wire.ArmTask("federated", 1, weights),
+                                wire.ArmTask("single:site1", 2, weights))
+    reply = app(Message(request.encode(), dst_node_id=7, message_type="train"),
+                Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(),
+                        run_config=run_config))
+    assert wire.refusal(reply) is wire.Refusal.BUDGET, reply.error.reason
+    assert "federated, single:site1" in reply.error.reason and "is left" in reply.error.reason
+    assert not ledger_path.exists()  # no unit started: no ε spent for nothing
