@@ -37,12 +37,13 @@ from common.config import RunConfig
 from common.data import CachedImages
 from common.model import build_model, save_checkpoint
 from common.training import TrainConfig, arm_seed, local_train, validate
+from server.state import CENTRALISED, CENTRALISED_LABEL
 
 log = logging.getLogger(__name__)
 
-ARM = "centralised"
+ARM = CENTRALISED
 KIND = "centralised-reference"
-LABEL = "centralised (simulation only; impossible in a real federation)"
+LABEL = CENTRALISED_LABEL
 
 
 class PooledImages(ConcatDataset):

@@ -50,6 +50,7 @@ from server import checkpoint
 from server.exchange import send, stream_replies
 from server.state import (
     CENTRALISED,
+    CENTRALISED_LABEL,
     FEDERATED,
     Failure,
     HistoryRow,
@@ -85,10 +86,6 @@ class Node:
 
 def _msg(content: RecordDict, node: int, kind: str, group: int) -> Message:
     return Message(content, dst_node_id=node, message_type=kind, group_id=str(group))
-
-
-def _seed(run: RunConfig, rnd: int, arm: str) -> int:
-    return arm_seed(run.seed, rnd, arm)
 
 
 def _weights(state_dict) -> dict[str, np.ndarray]:
@@ -244,15 +241,15 @@ def train_requests(run: RunConfig, rnd: int, st: RunState, strategy, grid: Grid,
         node = m.metadata.dst_node_id
         weights, mu, strategy_config = wire.from_strategy(m)
         request = wire.TrainRequest(
-            **common, first=wire.ArmTask(FEDERATED, _seed(run, rnd, FEDERATED), weights),
-            single=wire.ArmTask(single(sites[node]), _seed(run, rnd, "single"),
+            **common, first=wire.ArmTask(FEDERATED, arm_seed(run.seed, rnd, FEDERATED), weights),
+            single=wire.ArmTask(single(sites[node]), arm_seed(run.seed, rnd, "single"),
                                 _record(st.arms[single(sites[node])], run)),
             validate_received=rnd > 1, proximal_mu=mu, strategy_config=strategy_config)
         msgs.append(_msg(request.encode(), node, wire.TRAIN, rnd))
     paired = {m.metadata.dst_node_id for m in configured}
     for node in sorted(set(sites) - paired):  # the strategy sampled this site out
         request = wire.TrainRequest(
-            **common, first=wire.ArmTask(single(sites[node]), _seed(run, rnd, "single"),
+            **common, first=wire.ArmTask(single(sites[node]), arm_seed(run.seed, rnd, "single"),
                                          _record(st.arms[single(sites[node])], run)),
             report_val=True)
         msgs.append(_msg(request.encode(), node, wire.TRAIN, rnd))
@@ -560,8 +557,7 @@ def reference_row(path: Path) -> dict:
     with contextlib.suppress(OSError, ValueError):
         record = json.loads(Path(f"{path}.json").read_text())
     return {"name": CENTRALISED, "kind": "centralised-reference", "site": None,
-            "label": record.get("label", "centralised (simulation only; impossible in a real "
-                                "federation)"),
+            "label": CENTRALISED_LABEL,
             "status": "complete", "reason": None, "selection": record.get("selection"),
             "best_round": record.get("best_round"),
             "history": [{"round": h["round"], "arm": CENTRALISED, "val_auc": h["val_mean_auc"],

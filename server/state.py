@@ -18,6 +18,7 @@ from server.updates import Rejection
 
 FEDERATED = "federated"
 CENTRALISED = "centralised"  # the centralised reference (simulation only; cli.reference)
+CENTRALISED_LABEL = "centralised (simulation only; impossible in a real federation)"
 
 
 def single(site: str) -> str:
