@@ -350,7 +350,7 @@ def generate(out: Path, opts: SynthOptions, progress=None) -> Path:
     """Write the cohort under ``out``; returns the path of cohort.toml."""
     out = Path(out)
     if opts.scenario:
-        opts = with_defaults(opts, opts.scenario)
+        opts = with_defaults(opts)
     profiles = cohort_profiles(opts)
     _shortcut(opts.shortcut, profiles)  # validate before any work
     for site in opts.label_noise:

@@ -124,11 +124,11 @@ def scenario(name: str) -> Scenario:
                          f"{', '.join(SCENARIOS)}") from None
 
 
-def with_defaults(opts, name: str):
+def with_defaults(opts):
     """``opts`` with the scenario's settings: its shortcut, label noise and finding strength
     (explicit --shortcut/--label-noise still win), and published-prevalence enrichment off
     (the scenario's profiles are final)."""
-    s = scenario(name)
+    s = scenario(opts.scenario)
     return dataclasses.replace(
         opts, enrich=1.0, severity=s.severity, conspicuity=s.conspicuity,
         shortcut=opts.shortcut if opts.shortcut else s.shortcut,
