@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", help="cache folder (default: DATA_DIR/.fedcxr/cache-SIZE)")
     p.add_argument("--dtype", choices=("uint8", "uint16"), default="uint8")
     p.set_defaults(func=cmd_site_prepare)
+    from cli.governance import register_site
+
+    register_site(site)
 
     for register in _registrars():
         register(sub)

@@ -7,14 +7,16 @@ import json
 import logging
 from pathlib import Path
 
+from common.config import DEFAULT_MAX_EPSILON
 from common.errors import FedcxrError
+from common.privacy import PRIVACY_UNITS
 
 
 def cmd_train_local(args: argparse.Namespace) -> int:
     from common.config import norm_for
     from common.data import split_datasets
     from common.model import build_model, save_checkpoint
-    from common.privacy import DPConfig, PrivacyLedger
+    from common.privacy import DPConfig, PrivacyLedger, default_ledger_path
     from common.progress import progress_bar
     from common.site import SiteSource, ensure_cache
     from common.training import DPPlan, TrainConfig, local_train, validate
@@ -28,13 +30,13 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         raise FedcxrError(f"{site}: no training images after the split; check the manifest")
     dp = None
     if args.dp:
-        ledger_path = Path(args.ledger) if args.ledger else site / ".fedcxr" / "ledger.jsonl"
+        ledger_path = Path(args.ledger) if args.ledger else default_ledger_path(site)
         config = DPConfig(target_epsilon=args.target_epsilon, max_epsilon=args.max_epsilon,
                           delta=args.delta, max_grad_norm=args.max_grad_norm,
                           accountant=args.accountant, grad_sample_mode=args.grad_sample_mode)
         dp = DPPlan(config, PrivacyLedger(ledger_path, site=site.name,
                                           accountant=args.accountant), run_id="train-local",
-                    arm="local")
+                    arm="local", privacy_unit=args.privacy_unit)
     model = build_model(norm=norm_for(args.dp), init_weights=args.init_weights)
     if args.dp:
         print("DP on: the model uses GroupNorm (BatchNorm cannot give per-sample gradients)")
@@ -73,13 +75,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache")
     p.add_argument("--dp", action="store_true", help="DP-SGD with the site's privacy ledger")
     p.add_argument("--target-epsilon", type=float, default=8.0)
-    p.add_argument("--max-epsilon", type=float, default=10.0)
-    p.add_argument("--delta", type=float, help="default 0.1 / n")
+    p.add_argument("--max-epsilon", type=float, default=DEFAULT_MAX_EPSILON,
+                   help="the site's total budget (default %(default)s, as a node's)")
+    p.add_argument("--delta", type=float, help="default min(1/(10 n), 1e-5)")
+    p.add_argument("--privacy-unit", choices=PRIVACY_UNITS, default="patient",
+                   help="what DP protects: a patient (all its images; default) or an image")
     p.add_argument("--max-grad-norm", type=float, default=1.0)
     p.add_argument("--accountant", choices=("prv", "rdp"), default="prv")
     p.add_argument("--grad-sample-mode", choices=("bk", "ghost", "hooks"), default="bk",
                    help="how per-image clipping is computed (same result, speed differs): bk "
                    "(ghost norms + book-keeping, one backward), ghost (Opacus ghost clipping, two "
                    "backwards), hooks (Opacus per-sample gradients)")
-    p.add_argument("--ledger", help="ledger file (default SITE/.fedcxr/ledger.jsonl)")
+    p.add_argument("--ledger", help="ledger file (default SITE/.fedcxr/ledger.jsonl, the same "
+                   "file a node on this data folder uses)")
     p.set_defaults(func=cmd_train_local)

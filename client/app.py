@@ -29,10 +29,11 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.mods import fault_mod, only_at, reply_audit_mod, role_mod
+from client.mods import fault_mod, only_at, reply_audit_mod, role_mod, site_audit_mod
 from client.node import open_site, prevalence
 from common import protocol as wire
 from common.config import RunConfig, parse
+from common.data import patient_groups
 from common.evaluation.external import (
     EvaluationOptions,
     ScoreStore,
@@ -43,19 +44,19 @@ from common.evaluation.external import (
 )
 from common.labels import LABELS
 from common.model import build_model
-from common.privacy import BudgetExceeded, DPConfig
+from common.privacy import BudgetExceeded, DPConfig, LedgerError, Spend
 from common.records import from_record, to_record
 from common.training import (
     DPPlan,
     TrainConfig,
     Validation,
+    dp_dataset,
     local_train,
-    planned_spend,
     validate,
 )
 
 log = logging.getLogger("flwr")
-app = ClientApp(mods=[reply_audit_mod, role_mod, fault_mod])
+app = ClientApp(mods=[site_audit_mod, reply_audit_mod, role_mod, fault_mod])
 
 
 def _setup(context: Context):
@@ -79,17 +80,25 @@ def query(msg: Message, context: Context) -> Message:
     run, site = _setup(context)
     splits = site.splits(run)
     labels = np.concatenate([ds.labels() for ds in splits.values()])
-    spent, left = -1.0, -1.0
+    spent, left, delta, n_units, per_patient = -1.0, -1.0, -1.0, 0, 0
     if run.dp and site.role == "train":
         ledger = site.ledger(run.accountant)
-        delta = DPConfig(accountant=run.accountant).delta_for(len(splits["train"]))
-        spent = ledger.epsilon(delta)
-        left = max(site.config.budget - spent, 0.0)
+        n_units = len(dp_dataset(splits["train"], run.privacy_unit))
+        per_patient = max((len(g) for g in patient_groups(splits["train"])), default=0)
+        delta = DPConfig(accountant=run.accountant).delta_for(n_units)
+        try:
+            spent = ledger.epsilon(delta)
+            left = max(site.config.budget - spent, 0.0)
+        except LedgerError as exc:  # reported here; every train message is refused
+            log.warning("site %s: %s", site.name, exc)
+            left = 0.0
     facts = wire.SiteFacts(
         role=site.role, site=site.name, format=site.source.format or "",
         n_train=len(splits["train"]), n_val=len(splits["val"]), n_test=len(splits["test"]),
         n_images=len(labels), prevalence=prevalence(labels), epsilon_spent=spent,
-        epsilon_left=left, max_epsilon=site.config.budget)
+        epsilon_left=left, max_epsilon=site.config.budget, delta=delta,
+        privacy_unit=run.privacy_unit if run.dp else "", n_units=n_units,
+        max_images_per_patient=per_patient)
     return Message(facts.encode(), reply_to=msg)
 
 
@@ -103,12 +112,12 @@ def summary(v: Validation) -> wire.ValidationSummary:
 
 
 def _train_arm(run: RunConfig, site, splits, request: wire.TrainRequest, task: wire.ArmTask, *,
-               mu: float, validate_first: bool = False
+               mu: float, validate_first: bool = False, unit: str | None = None
                ) -> tuple[wire.ArmResult, wire.ValidationSummary | None, wire.ValidationSummary]:
     rnd = request.server_round
     model = _model(task.arrays, request.norm)
     received = summary(validate(model, splits["val"])) if validate_first else None
-    dp = _dp_plan(run, site, request, task) if run.dp else None
+    dp = _dp_plan(run, site, request, task, unit) if run.dp else None
     tc = _train_config(run, task, mu)
     result = local_train(model, splits["train"], tc, dp=dp)
     val = validate(model, splits["val"])
@@ -126,12 +135,14 @@ def _train_arm(run: RunConfig, site, splits, request: wire.TrainRequest, task: w
     return arm, received, summary(val)
 
 
-def _dp_plan(run: RunConfig, site, request: wire.TrainRequest, task: wire.ArmTask) -> DPPlan:
+def _dp_plan(run: RunConfig, site, request: wire.TrainRequest, task: wire.ArmTask,
+             unit: str | None = None) -> DPPlan:
     return DPPlan(DPConfig(target_epsilon=run.target_epsilon, max_epsilon=site.config.budget,
                            max_grad_norm=run.max_grad_norm, accountant=run.accountant,
                            grad_sample_mode=run.grad_sample_mode),
                   site.ledger(run.accountant), run_id=request.run_name, arm=task.arm,
-                  round=request.server_round, planned_units=request.planned_units)
+                  round=request.server_round, planned_units=request.planned_units,
+                  privacy_unit=run.privacy_unit, unit=unit)
 
 
 def _train_config(run: RunConfig, task: wire.ArmTask, mu: float) -> TrainConfig:
@@ -139,16 +150,34 @@ def _train_config(run: RunConfig, task: wire.ArmTask, mu: float) -> TrainConfig:
                        proximal_mu=mu, seed=task.seed)
 
 
-def check_budget(run: RunConfig, site, request: wire.TrainRequest, n_train: int) -> None:
-    """Every arm this message would train, against the site's budget at once, before any
-    trains: a budget that covers the federated arm but not both never spends ε on a reply
-    that cannot leave (BudgetExceeded names what is left)."""
+def reserve_budget(run: RunConfig, site, request: wire.TrainRequest, train) -> dict[str, str]:
+    """Every arm this message would train, checked against the site's budget at once and
+    recorded as started, under the ledger's lock, before any trains: a budget that covers
+    the federated arm but not both never spends ε on a reply that cannot leave
+    (BudgetExceeded names what is left). Returns arm -> reserved ledger unit."""
     tasks = [t for t in (request.first, request.single) if t is not None]
     plans = [_dp_plan(run, site, request, t) for t in tasks]
-    spends = [planned_spend(n_train, _train_config(run, t, 0.0), p)
-              for t, p in zip(tasks, plans, strict=True)]
-    plans[0].ledger.check([s for s, _ in spends], spends[0][1], site.config.budget,
-                          f"round {request.server_round} ({', '.join(t.arm for t in tasks)})")
+    planned = [p.planned(train, _train_config(run, t, 0.0))
+               for t, p in zip(tasks, plans, strict=True)]
+    units = plans[0].ledger.reserve(
+        [u for u, _ in planned], planned[0][1], site.config.budget,
+        what=f"round {request.server_round} ({', '.join(t.arm for t in tasks)})",
+        privacy_unit=run.privacy_unit, n=len(plans[0].dataset(train, 0)))
+    return {t.arm: u for t, u in zip(tasks, units, strict=True)}
+
+
+def release_unused(run: RunConfig, site, request: wire.TrainRequest, train,
+                   reserved: dict[str, str], begun: set[str]) -> None:
+    """Reserved units whose arm never began training (an earlier arm failed) are completed
+    with no steps: the ledger then says what happened instead of charging them in full. An
+    arm that began and failed keeps its ``started`` entry, which counts in full."""
+    for task in (request.first, request.single):
+        if task is not None and task.arm in reserved and task.arm not in begun:
+            plan = _dp_plan(run, site, request, task)
+            _, delta = plan.planned(train, _train_config(run, task, 0.0))
+            plan.ledger.complete(reserved[task.arm], Spend(0, 1.0, 1.0), delta,
+                                 run_id=request.run_name, arm=task.arm,
+                                 round=request.server_round)
 
 
 @app.train()
@@ -168,23 +197,36 @@ def train(msg: Message, context: Context) -> Message:
                            f"config sets max-epsilon={site.config.max_epsilon:g}); this run has "
                            "dp=false: run with dp=true")
     request = wire.TrainRequest.decode(msg.content)
+    if run.dp:
+        try:  # the ledger is verified whole before any data is read
+            site.ledger(run.accountant).verify()
+        except LedgerError as exc:
+            log.warning("site %s: %s", site.name, exc)
+            return wire.refuse(msg, wire.Refusal.LEDGER, str(exc))
     splits = site.splits(run)
+    reserved: dict[str, str] = {}
+    begun: set[str] = set()
     try:
         if run.dp:
-            check_budget(run, site, request, len(splits["train"]))
+            reserved = reserve_budget(run, site, request, splits["train"])
+        begun.add(request.first.arm)
         first, received, first_val = _train_arm(run, site, splits, request, request.first,
                                                 mu=request.proximal_mu,
-                                                validate_first=request.validate_received)
+                                                validate_first=request.validate_received,
+                                                unit=reserved.get(request.first.arm))
         if request.report_val:  # a single-site arm sent on its own
             first = replace(first, val=first_val)
         single = None
         if request.single is not None:
+            begun.add(request.single.arm)
             single, _, single_val = _train_arm(run, site, splits, request, request.single,
-                                               mu=0.0)
+                                               mu=0.0, unit=reserved.get(request.single.arm))
             single = replace(single, val=single_val)
     except BudgetExceeded as exc:
         log.warning("site %s: %s", site.name, exc)
         return wire.refuse(msg, wire.Refusal.BUDGET, str(exc))
+    finally:
+        release_unused(run, site, request, splits["train"], reserved, begun)
     log.info("site %s round %s: train message handled in %.1f s", site.name,
              request.server_round, time.monotonic() - began)
     return Message(wire.TrainReply(site.name, first, single, received).encode(), reply_to=msg)

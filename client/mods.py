@@ -65,6 +65,68 @@ def fault_mod(message: Message, context: Context, call_next: ClientAppCallable) 
     return call_next(message, context)
 
 
+def site_audit_mod(message: Message, context: Context, call_next: ClientAppCallable
+                   ) -> Message:
+    """Every message this node handles, one line in the site's ``audit.jsonl`` (its state
+    folder), fsynced before the reply leaves: the run, what was asked, what left (record
+    names and byte sizes), the ε it spent by the site's own ledger, and any refusal. The
+    outermost mod, so refusals by the other mods are logged too."""
+    from client.node import open_site
+    from common.audit import AUDIT_FILE, AuditLog, record_sizes
+    from common.errors import FedcxrError
+    from common.privacy import LedgerError
+
+    try:
+        run = parse(RunConfig, dict(context.run_config), what="run config")
+        site = open_site(context.node_config, run)
+    except FedcxrError:
+        return call_next(message, context)  # the handler reports the config error itself
+    kind = message.metadata.message_type
+    entry = {"run_id": context.run_id, "node": context.node_id, "site": site.name,
+             "type": kind, "message_id": message.metadata.message_id}
+    ledger = site.ledger(run.accountant) if run.dp and site.role == "train" else None
+
+    def spent() -> float | None:
+        if ledger is None or not kind.startswith(wire.TRAIN):
+            return None
+        try:
+            return ledger.spent()
+        except LedgerError:
+            return None
+
+    if kind.startswith(wire.TRAIN):
+        entry["arms"] = wire.message_arms(message.content)
+        entry["round"] = wire.server_round(message.content)
+    before = spent()
+    audit = AuditLog(site.state_dir / AUDIT_FILE)
+    try:
+        reply = call_next(message, context)
+    except Exception as exc:
+        audit.append({**entry, "outcome": f"error: {type(exc).__name__}: {exc}"})
+        raise
+    after = spent()
+    if reply.has_error():
+        code = wire.refusal(reply)
+        entry["outcome"] = f"refused ({code.name if code else reply.error.code}): " \
+                           f"{reply.error.reason}"
+    else:
+        entry["outcome"] = "ok"
+        entry["records"] = record_sizes(reply.content)
+    if after is not None:
+        entry["epsilon_spent"] = max(after - (before or 0.0), 0.0)
+        entry["epsilon_total"] = after
+    try:
+        audit.append(entry)
+    except OSError as exc:  # fail closed: nothing leaves this site unlogged
+        if reply.has_error():
+            return reply
+        return wire.refuse(message, wire.Refusal.AUDIT,
+                           f"site {site.name}: its audit log {audit.path} cannot be written "
+                           f"({exc.strerror}); nothing leaves the site unlogged: fix the "
+                           "node's state folder (ledger-path / cache-path)")
+    return reply
+
+
 def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """When FEDCXR_AUDIT_LOG is set, append a description of every reply leaving this node:
     each record's type and keys, each array's shape, each metric and config value. Used by
@@ -86,4 +148,5 @@ def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCall
     return reply
 
 
-__all__ = ["NodeConfig", "fault_mod", "only_at", "reply_audit_mod", "role_mod"]
+__all__ = ["NodeConfig", "fault_mod", "only_at", "reply_audit_mod", "role_mod",
+           "site_audit_mod"]

@@ -18,7 +18,7 @@ from common.cache import SiteCache
 from common.config import NodeConfig, RunConfig, parse
 from common.data import CachedImages, split_datasets
 from common.errors import ConfigError
-from common.privacy import PrivacyLedger
+from common.privacy import PrivacyLedger, default_ledger_path
 from common.site import SiteSource, default_cache_dir, ensure_cache
 
 
@@ -63,7 +63,7 @@ class Site:
 
     def ledger(self, accountant: str) -> PrivacyLedger:
         path = Path(self.config.ledger_path) if self.config.ledger_path else \
-            self.source.data_dir / ".fedcxr" / "ledger.jsonl"
+            default_ledger_path(self.source.data_dir)
         return PrivacyLedger(path, site=self.name, accountant=accountant)
 
 

@@ -15,7 +15,7 @@ from typing import Any, Literal, TypeVar, get_args
 from common.errors import ConfigError
 from common.evaluation.metrics import THRESHOLD_METHODS, ThresholdMethod
 from common.labels import LABELS
-from common.privacy import ACCOUNTANTS, Accountant
+from common.privacy import ACCOUNTANTS, PRIVACY_UNITS, Accountant, PrivacyUnit
 
 # Enumerated config values, declared once as types; checked when a config is parsed.
 Strategy = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg"]
@@ -36,6 +36,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "correction": get_args(Correction),
     "threshold_method": THRESHOLD_METHODS,
     "accountant": ACCOUNTANTS,
+    "privacy_unit": PRIVACY_UNITS,
     "selection": get_args(Selection),
     "primary_metric": get_args(PrimaryMetric),
 }
@@ -89,6 +90,9 @@ class RunConfig:
     target_epsilon: float = 8.0
     max_grad_norm: float = 1.0
     accountant: Accountant = "prv"
+    # What DP protects: a patient (sampled as a whole, one clipped gradient per step however
+    # many images it has) or an image (a patient with k images gets about k x ε).
+    privacy_unit: PrivacyUnit = "patient"
     grad_sample_mode: GradSampleMode = "bk"  # DP per-image clipping (speed only)
     transport_dtype: TransportDtype = "float32"
     resume_from: str = ""

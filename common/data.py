@@ -73,6 +73,37 @@ class CachedImages(Dataset):
         return self._labels.numpy()
 
 
+class PatientImages(Dataset):
+    """One item per patient: an image of that patient drawn uniformly at random each time
+    the patient is sampled. Under patient-level DP the sampler draws patients (each with
+    probability q per step) and each sampled patient adds exactly one clipped gradient, so a
+    patient's whole record (however many images) is what the guarantee protects. The draw
+    uses its own generator, independent of the data."""
+
+    def __init__(self, images: CachedImages, seed: int = 0) -> None:
+        self.images = images
+        self.groups = patient_groups(images)
+        self._rng = np.random.default_rng(seed)
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, p: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.groups[p]
+        return self.images[int(rows[self._rng.integers(len(rows))])]
+
+    def labels(self) -> np.ndarray:
+        return self.images.labels()
+
+
+def patient_groups(images: CachedImages) -> list[np.ndarray]:
+    """Positions in ``images`` of each patient's images (patients in first-seen order)."""
+    codes, _ = pd.factorize(images.cache.index["patient_id"].to_numpy()[images.rows])
+    order = np.argsort(codes, kind="stable")
+    bounds = np.flatnonzero(np.diff(codes[order])) + 1
+    return np.split(order, bounds) if len(order) else []
+
+
 def split_datasets(cache: SiteCache, seed: int = 0) -> dict[str, CachedImages]:
     """One dataset per split (train / val / test), split by patient."""
     splits = assign_splits(cache.index, seed).to_numpy()

@@ -63,6 +63,8 @@ class Refusal(IntEnum):
     WRONG_ROLE = 4002  # an evaluate action sent to a node of the other role
     DP_REQUIRED = 4003  # a train message without DP at a site whose node config sets a budget
     BUDGET = 4004  # the arms of a train message would take the site past its max-epsilon
+    LEDGER = 4005  # the site's privacy ledger is torn, unreadable or edited: no DP training
+    AUDIT = 4006  # the site's audit log cannot be written: no reply leaves unlogged
 
 
 def refuse(msg: Message, code: Refusal, reason: str) -> Message:
@@ -103,15 +105,23 @@ class SiteFacts:
     epsilon_spent: float
     epsilon_left: float
     max_epsilon: float
+    # DP facts (a training site under DP): the δ its ε is at, what one privacy unit is, how
+    # many units its training split has, and the most images one patient has there.
+    delta: float = -1.0
+    privacy_unit: str = ""
+    n_units: int = 0
+    max_images_per_patient: int = 0
 
     def encode(self) -> RecordDict:
         return RecordDict({
-            SITE: ConfigRecord({"role": self.role, "site": self.site, "format": self.format}),
+            SITE: ConfigRecord({"role": self.role, "site": self.site, "format": self.format,
+                                "privacy-unit": self.privacy_unit}),
             METRICS: MetricRecord({
                 "n-train": self.n_train, "n-val": self.n_val, "n-test": self.n_test,
                 "n-images": self.n_images, "prevalence": list(self.prevalence),
                 "epsilon-spent": self.epsilon_spent, "epsilon-left": self.epsilon_left,
-                "max-epsilon": self.max_epsilon}),
+                "max-epsilon": self.max_epsilon, "delta": self.delta, "n-units": self.n_units,
+                "max-images-per-patient": self.max_images_per_patient}),
         })
 
     @classmethod
@@ -120,7 +130,8 @@ class SiteFacts:
         return cls(str(s["role"]), str(s["site"]), str(s["format"]), int(m["n-train"]),
                    int(m["n-val"]), int(m["n-test"]), int(m["n-images"]),
                    [float(p) for p in m["prevalence"]], float(m["epsilon-spent"]),
-                   float(m["epsilon-left"]), float(m["max-epsilon"]))
+                   float(m["epsilon-left"]), float(m["max-epsilon"]), float(m["delta"]),
+                   str(s["privacy-unit"]), int(m["n-units"]), int(m["max-images-per-patient"]))
 
 
 # ---------------------------------------------------------------- validation summary
@@ -225,6 +236,12 @@ def role_probe() -> RecordDict:
     """A train message with no model: every held-out node must refuse it by its own
     config (``Refusal.ROLE``), proof in every run that held-out data cannot be trained on."""
     return RecordDict({CONFIG: ConfigRecord({"arm": "role-probe", "server-round": 0})})
+
+
+def message_arms(content: RecordDict) -> list[str]:
+    """The arm(s) a train message asks for, without decoding its weights (for the audit)."""
+    config = content.get(CONFIG) or {}
+    return [str(config[k]) for k in ("arm", "single-arm") if k in config]
 
 
 def server_round(content: RecordDict) -> int:

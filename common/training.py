@@ -20,12 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common.data import CachedImages, augment_batch, make_loader
+from common.data import CachedImages, PatientImages, augment_batch, make_loader
 from common.evaluation.delong import NotEstimable, delong_components
 from common.evaluation.metrics import roc_counts
 from common.labels import LABELS
 from common.model import predict
-from common.privacy import DPConfig, PrivacyLedger, Spend, noise_for_target
+from common.privacy import DPConfig, PlannedUnit, PrivacyLedger, Spend, noise_for_target
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,18 @@ class DPPlan:
     arm: str = "local"
     round: int = 0
     planned_units: int = 1  # units the target ε is spread over (rounds x arms)
+    # "patient": the sampler draws patients and each adds one clipped gradient (one of its
+    # images); "image": images are the unit (a patient with k images gets k x ε, roughly).
+    privacy_unit: str = "patient"
+    unit: str | None = None  # already reserved in the ledger (a message's arms, together)
+
+    def dataset(self, train: CachedImages, seed: int) -> CachedImages | PatientImages:
+        return dp_dataset(train, self.privacy_unit, seed)
+
+    def planned(self, train: CachedImages, config: TrainConfig) -> tuple[PlannedUnit, float]:
+        """This unit as the ledger will record it, and its δ."""
+        spend, delta = planned_spend(len(self.dataset(train, config.seed)), config, self)
+        return PlannedUnit(spend, self.arm, self.round, self.run_id), delta
 
 
 @dataclass
@@ -116,18 +128,27 @@ def _proximal(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
     return sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
 
 
-def planned_spend(n_train: int, config: TrainConfig, dp: DPPlan) -> tuple[Spend, float]:
-    """What one ``local_train`` call on ``n_train`` images will record in the ledger (steps,
-    sample rate, the noise that spends this unit's share of the target ε) and its δ: so a
-    message that trains several arms can be checked against the budget as a whole, before
-    any of them trains."""
-    if n_train == 0:
+def dp_dataset(train: CachedImages, privacy_unit: str, seed: int = 0
+               ) -> CachedImages | PatientImages:
+    """What DP-SGD samples from: the images, or the patients (its length is the n of δ and
+    of the sample rate)."""
+    return PatientImages(train, seed) if privacy_unit == "patient" else train
+
+
+def planned_spend(n_units: int, config: TrainConfig, dp: DPPlan) -> tuple[Spend, float]:
+    """What one ``local_train`` call over ``n_units`` privacy units (images or patients) will
+    record in the ledger (steps, sample rate, the noise that spends this unit's share of the
+    target ε) and its δ: so a message that trains several arms can be checked against the
+    budget as a whole, before any of them trains. The sample rate is the one Opacus' Poisson
+    sampler uses, 1 / (batches per epoch), not B / n."""
+    if n_units == 0:
         raise ValueError("no training images")
-    delta = dp.config.delta_for(n_train)
-    total = max(math.ceil(n_train / config.batch_size), 1) * config.epochs
+    delta = dp.config.delta_for(n_units)
+    per_epoch = max(math.ceil(n_units / config.batch_size), 1)
+    total = per_epoch * config.epochs
     if config.max_steps is not None:
         total = min(total, config.max_steps)
-    sample_rate = min(config.batch_size / n_train, 1.0)
+    sample_rate = 1.0 / per_epoch
     noise = noise_for_target(dp.config.target_epsilon, delta, sample_rate,
                              total * dp.planned_units, dp.config.accountant)
     return Spend(total, sample_rate, noise), delta
@@ -153,7 +174,8 @@ def local_train(
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
                                  weight_decay=config.weight_decay)
-    loader = make_loader(train, config.batch_size, shuffle=True, seed=config.seed)
+    data = dp.dataset(train, config.seed) if dp is not None else train
+    loader = make_loader(data, config.batch_size, shuffle=True, seed=config.seed)
     aug_gen = torch.Generator().manual_seed(config.seed + 1)
     steps_per_epoch = max(len(loader), 1)
     total = steps_per_epoch * config.epochs
@@ -180,11 +202,12 @@ def local_train(
             log.warning("book-keeping clipping does not cover layer %s; using Opacus' "
                         "two-pass ghost clipping", layer)
             mode = "ghost"
-        planned, delta = planned_spend(len(train), config, dp)
+        planned_unit, delta = dp.planned(train, config)
+        planned = planned_unit.spend
         noise = planned.noise_multiplier
-        what = f"arm {dp.arm} round {dp.round}"
-        dp.ledger.check(planned, delta, dp.config.max_epsilon, what)
-        unit = dp.ledger.start(planned, delta, run_id=dp.run_id, arm=dp.arm, round=dp.round)
+        unit = dp.unit or dp.ledger.reserve(
+            [planned_unit], delta, dp.config.max_epsilon, what=f"arm {dp.arm} round {dp.round}",
+            privacy_unit=dp.privacy_unit, n=len(data))[0]
         engine = (BookkeepingPrivacyEngine if mode == "bk" else PrivacyEngine)(
             accountant=dp.config.accountant)
         private = engine.make_private(
@@ -197,6 +220,9 @@ def local_train(
             net, optimizer, _, loader = private
         else:
             net, optimizer, loader = private
+        if not math.isclose(loader.sample_rate, planned.sample_rate):
+            raise RuntimeError(f"the ledger would record sample rate {planned.sample_rate} but "
+                               f"Opacus' sampler uses {loader.sample_rate}")
     setup_seconds = time.perf_counter() - start
     step, examples, epoch_losses = 0, 0, []
     for epoch in range(config.epochs):
@@ -204,8 +230,12 @@ def local_train(
         for x, y in loader:
             if step >= total:
                 break
-            if len(x) == 0:  # Poisson sampling can draw an empty batch
+            if len(x) == 0:  # Poisson sampling can draw an empty batch: noise only
+                if dp is not None:
+                    noise_only_step(optimizer, mode)
                 step += 1
+                if progress:
+                    progress(step, total)
                 continue
             if config.augment:
                 x = augment_batch(x, aug_gen)
@@ -259,6 +289,18 @@ def local_train(
         if hasattr(net, "_close"):
             net._close()  # remove Opacus hooks; `model` is trained in place
     return result
+
+
+def noise_only_step(optimizer, mode: str | None) -> None:
+    """A DP step on an empty Poisson batch: the sum of no clipped gradients is zero, and the
+    mechanism the accountant counts still adds its noise and takes the step (skipping it
+    would be a different mechanism from the one accounted)."""
+    for p in optimizer.params:
+        if mode in ("ghost", "bk"):
+            p.grad = torch.zeros_like(p)
+        else:  # Opacus' hooks optimizer clips per-sample gradients: there are none
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
+    optimizer.step()
 
 
 @dataclass

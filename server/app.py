@@ -25,6 +25,7 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -285,6 +286,7 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
         # and selected by the same rule as the federated arm.
         arm = result.arm
         st.arms[arm] = dict(unpack(record_arrays(result.arrays), st.arms[arm]))
+        st.trained.setdefault(arm, []).append(rnd)
         _record_history(st, rnd, arm, [metrics], mean_val=result.val_mean_auc)
         own = PooledValidation()
         own.add(sites[node], result.val)
@@ -306,7 +308,8 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
             take(reply)
             del reply
         replied = time.monotonic()
-        if rnd > 1:  # before aggregation replaces it: st.arms[FEDERATED] is what was sent
+        if rnd - 1 in st.trained.get(FEDERATED, []):
+            # Before aggregation replaces it: st.arms[FEDERATED] is round rnd - 1's aggregate.
             _validated(st, rnd - 1, previous, st.arms[FEDERATED], run.selection)
         # Failures: every (arm, node) that was asked and did not answer with a result.
         for n in train_ids:
@@ -322,9 +325,11 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
             new = store.aggregate(strategy)
             if new is not None:
                 st.arms[FEDERATED] = dict(unpack(new, st.arms[FEDERATED]))
-        else:
+                st.trained.setdefault(FEDERATED, []).append(rnd)
+        else:  # no aggregate: the round is not a round of the federated arm
             log.warning("round %d: only %d accepted federated updates (< min-train-sites %d); "
-                        "global model unchanged", rnd, len(kept), run.min_train_sites)
+                        "not aggregated, global model unchanged", rnd, len(kept),
+                        max(run.min_train_sites, 1))
     finally:
         store.close()
     # This round's global model is validated by the next round's train message.
@@ -414,10 +419,15 @@ def select_arms(grid: Grid, run: RunConfig, st: RunState, train_nodes: dict[int,
                 run_dir: Path) -> Selection:
     """Phase 3: one selection rule for every arm; thresholds from the validation ROC counts
     of the round each arm selected (training-site validation data only)."""
-    val = validate_global(grid, run, st.arms[FEDERATED], train_nodes)
-    _validated(st, run.num_rounds, val, st.arms[FEDERATED], run.selection)
+    if run.num_rounds in st.trained.get(FEDERATED, []):
+        val = validate_global(grid, run, st.arms[FEDERATED], train_nodes)
+        _validated(st, run.num_rounds, val, st.arms[FEDERATED], run.selection)
     _write_metrics_csv(run_dir, st)
     arms = [FEDERATED] + [single(v.site) for v in train_nodes.values()]
+    never = [a for a in arms if not st.trained.get(a)]
+    if never:  # no model of theirs is evaluated: there is nothing but initial weights
+        log.warning("never trained (no verdict on them): %s", ", ".join(never))
+    arms = [a for a in arms if a not in never]
     weights, rounds, aucs, thresholds = {}, {}, {}, {}
     for arm in arms:
         sel = st.selected.get(arm)
@@ -449,6 +459,8 @@ def internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict],
     """Every training site evaluates every selected model on its own test split, in one
     message per site (aggregate AUCs only): the internal side of the internal-to-external
     drop."""
+    if not models:
+        return combine_sites([])
     request = wire.InternalRequest({name: _record(w, run) for name, w in models.items()},
                                    run.norm, primary).encode()
     group = run.num_rounds + PHASE_AFTER_TRAINING["internal"]
@@ -470,9 +482,11 @@ def primary_pairs(arms: list[str], reference: dict) -> list[tuple[str, str]]:
     (the verdict's family), and with a centralised reference, the federated arm against it
     and it against each single-site arm (the known-answer check; its own family)."""
     singles = [a for a in arms if a != FEDERATED]
-    pairs = [(FEDERATED, s) for s in singles]
+    trained = FEDERATED in arms  # an arm that never trained is compared with nothing
+    pairs = [(FEDERATED, s) for s in singles] if trained else []
     if reference:
-        pairs += [(FEDERATED, CENTRALISED)] + [(CENTRALISED, s) for s in singles]
+        pairs += ([(FEDERATED, CENTRALISED)] if trained else []) + [(CENTRALISED, s)
+                                                                   for s in singles]
     return pairs
 
 
@@ -481,6 +495,8 @@ def external_validation(grid: Grid, run: RunConfig, run_name: str, models: dict[
                         primary: list[str], pairs: list[tuple[str, str]]) -> list[dict]:
     """Every held-out node scores every model (one per message, scores kept at the site),
     then returns the statistics of all: per-label (secondary) and the primary endpoint."""
+    if not models:  # no arm trained and no model given: nothing to validate
+        return []
     group = run.num_rounds + PHASE_AFTER_TRAINING["external"]
     scored: dict[int, set[str]] = {n: set() for n in held_out}
     for name, weights in models.items():
@@ -530,6 +546,17 @@ def arm_rows(run: RunConfig, st: RunState, selection: Selection) -> list[dict]:
     for f in st.failures:
         failed.setdefault(f.arm, f)
     rows = []
+    arms = [FEDERATED] + sorted(a for a in st.arms if a != FEDERATED)
+    for name in (a for a in arms if a not in selection.weights):
+        fail = failed.get(name)
+        rows.append({
+            "name": name, "kind": "federated" if name == FEDERATED else "single-site",
+            "site": None if name == FEDERATED else name.split(":", 1)[1],
+            "status": "not trained", "reason": (
+                f"never trained; first failure: site {fail.site} in round {fail.round}: "
+                f"{fail.reason}") if fail else "never trained (no update was aggregated)",
+            "selection": run.selection, "best_round": None, "trained_rounds": [],
+            "history": [asdict(h) for h in st.history if h.arm == name]})
     for name in selection.weights:
         last_fail = failed.get(name)
         rows.append({
@@ -539,6 +566,7 @@ def arm_rows(run: RunConfig, st: RunState, selection: Selection) -> list[dict]:
             "reason": (f"site {last_fail.site} failed in round {last_fail.round}: "
                        f"{last_fail.reason}") if last_fail else None,
             "selection": run.selection, "best_round": int(selection.rounds[name]),
+            "trained_rounds": st.trained.get(name, []),
             "history": [asdict(h) for h in st.history if h.arm == name],
         })
     if run.centralised_reference:
@@ -548,6 +576,23 @@ def arm_rows(run: RunConfig, st: RunState, selection: Selection) -> list[dict]:
               "path": path}
              for name, path in model_specs(run.extra_models, key="extra-models").items()]
     return rows
+
+
+def privacy_row(run: RunConfig, node: Node, epsilon: float | None) -> dict:
+    """A training site's ε in results.json, at its δ and privacy unit. With ``image`` as the
+    unit, a patient with k images is protected only by group privacy: (k ε, k e^((k-1) ε) δ)
+    for the site's largest k, stated beside it."""
+    f = node.facts
+    delta = f.delta if f.delta >= 0 else None
+    row = dict(site=node.site, epsilon=epsilon, delta=delta, max_epsilon=f.max_epsilon,
+               accountant=run.accountant, privacy_unit=f.privacy_unit or run.privacy_unit,
+               n_units=f.n_units, max_images_per_patient=f.max_images_per_patient,
+               patient_epsilon=epsilon, patient_delta=delta)
+    k = f.max_images_per_patient
+    if row["privacy_unit"] == "image" and epsilon is not None and k > 1 and f.delta >= 0:
+        row["patient_epsilon"] = k * epsilon
+        row["patient_delta"] = min(k * math.exp((k - 1) * epsilon) * f.delta, 1.0)
+    return row
 
 
 def reference_row(path: Path) -> dict:
@@ -630,9 +675,8 @@ def report(run: RunConfig, st: RunState, selection: Selection, nodes: dict[int, 
                "prevalence": {lb: (p if p >= 0 else None)
                               for lb, p in zip(LABELS, v.facts.prevalence, strict=True)}}
               for v in sorted(nodes.values(), key=lambda v: v.site)]
-    privacy = [{"site": v.site, "epsilon": st.epsilon.get(v.site),
-                "max_epsilon": v.facts.max_epsilon, "accountant": run.accountant,
-                "delta": None} for v in train_nodes] if run.dp else []
+    privacy = [privacy_row(run, v, st.epsilon.get(v.site)) for v in train_nodes] \
+        if run.dp else []
     protocol = Protocol(primary_labels=primary, selection=run.selection, margin=run.h1_margin,
                         alpha=run.alpha, correction=run.correction,
                         primary_metric=run.primary_metric)

@@ -94,6 +94,9 @@ class RunState:
     rejections: list[Rejection] = field(default_factory=list)
     failures: list[Failure] = field(default_factory=list)
     epsilon: dict[str, float] = field(default_factory=dict)
+    # arm -> the rounds in which its weights changed (the federated arm: an aggregate was
+    # taken; a single-site arm: its site's trained model came back). Empty: never trained.
+    trained: dict[str, list[int]] = field(default_factory=dict)
 
     def federated_row(self, rnd: int) -> HistoryRow:
         return next(h for h in self.history if h.round == rnd and h.arm == FEDERATED)
@@ -117,4 +120,7 @@ class RunState:
         state["history"] = [HistoryRow(**h) for h in state.get("history", [])]
         state["rejections"] = [Rejection(**r) for r in state.get("rejections", [])]
         state["failures"] = [Failure(**f) for f in state.get("failures", [])]
+        if "trained" not in state:  # a checkpoint from before: every arm trained every round
+            state["trained"] = {arm: list(range(1, int(state.get("round", 0)) + 1))
+                                for arm in state.get("arms", {})}
         return cls(**state)

@@ -148,7 +148,8 @@ def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
     state = build_model().state_dict()  # the run's models (BatchNorm: dp is off)
     sizes = {"float": [sum(v.numel() for v in state.values() if v.is_floating_point())],
              "int": [sum(v.numel() for v in state.values() if not v.is_floating_point())]}
-    allowed_config = {"role", "site", "format", "arm", "single-arm", "model", "json"}
+    allowed_config = {"role", "site", "format", "privacy-unit", "arm", "single-arm", "model",
+                      "json"}
     site_sizes = {40}  # every site has 40 images; nothing may come back in a list that long
     for e in entries:
         for name, rec in e["records"].items():
@@ -175,6 +176,64 @@ def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
     assert [p.stem for p in stored] == ["federated", "outside", "single_site1", "single_site2"]
     assert all(np.load(p).shape == (40, 14) for p in stored)
     assert not (run_dir / "updates").exists()  # the coordinator's spilled updates are removed
+
+
+def test_every_message_a_site_handles_is_in_its_audit_log(run_a, small_cohort, capsys):
+    """Each node appends one line per message to audit.jsonl in its state folder: what was
+    asked, what left (record names and byte sizes, never values), refusals with reason."""
+    from cli.main import main
+
+    root = small_cohort.parent
+    site1 = [json.loads(x) for x in (root / "site1" / ".fedcxr" / "audit.jsonl")
+             .read_text().splitlines()]
+    assert {e["type"] for e in site1} >= {"query", "train", "evaluate.validate",
+                                          "evaluate.internal"}
+    trains = [e for e in site1 if e["type"] == "train"]
+    assert sorted(e["round"] for e in trains) == [1, 2]
+    assert all(e["arms"] == ["federated", "single:site1"] and e["outcome"] == "ok"
+               for e in trains)
+    state = build_model().state_dict()
+    model_bytes = (4 * sum(v.numel() for v in state.values() if v.is_floating_point())
+                   + 8 * sum(v.numel() for v in state.values() if not v.is_floating_point()))
+    # one model's values (float32 and int64), plus the two arrays' serialisation headers
+    assert 0 <= trains[0]["records"]["arrays"] - model_bytes < 1024
+    held_out = [json.loads(x) for x in (root / "site3" / ".fedcxr" / "audit.jsonl")
+                .read_text().splitlines()]
+    refused = [e for e in held_out if e["type"] == "train"]
+    assert refused and all(e["outcome"].startswith("refused (ROLE)") for e in refused)
+    assert {"evaluate.score", "evaluate.external"} <= {e["type"] for e in held_out}
+    text = (root / "site1" / ".fedcxr" / "audit.jsonl").read_text()
+    assert not re.search(r"-p\d{5}", text) and ".png" not in text  # no ids, no files
+    assert main(["site", "audit", str(root / "site3")]) == 0
+    out = capsys.readouterr().out
+    assert "refused (ROLE)" in out and "evaluate.external" in out
+
+
+def test_a_run_whose_arms_never_train_gives_no_verdict(small_cohort, tmp_path):
+    """Every train message refused (a budget too small for one round): no round is
+    aggregated, no arm is evaluated as if trained, and results.json says why instead of a
+    verdict on initial weights; nothing is spent."""
+    root = small_cohort.parent
+    tiny = root / "cohort-tiny-budget.toml"
+    tiny.write_text(re.sub(r'(role = "train"\n)', r'\1max-epsilon = 0.001\n',
+                           small_cohort.read_text()))
+    assert tiny.read_text().count("max-epsilon = 0.001") == 2
+    for site in ("site1", "site2"):
+        (root / site / ".fedcxr" / "ledger.jsonl").unlink(missing_ok=True)
+    code = simulate(tiny, {**CONFIG, "out-dir": str(tmp_path), "run-name": "broke",
+                           "dp": True})
+    assert code == 0
+    results = json.loads((tmp_path / "broke" / "results.json").read_text())
+    arms = {a["name"]: a for a in results["arms"]}
+    assert {a["status"] for a in arms.values()} == {"not trained"}
+    assert "privacy budget" in arms["federated"]["reason"] or \
+        "exceeded" in arms["single:site1"]["reason"]
+    verdict = results["verdict"]
+    assert verdict["status"] == "not testable" and "never trained" in verdict["overall"]
+    assert results["external"] == [] and verdict["primary"] == []
+    assert all(p["delta"] is not None and p["delta"] <= 1e-5 for p in results["privacy"])
+    for site in ("site1", "site2"):
+        assert not (root / site / ".fedcxr" / "ledger.jsonl").exists()
 
 
 def checkpoint_arms(path: Path) -> dict:
@@ -503,7 +562,7 @@ def test_a_budget_that_fits_one_arm_but_not_both_refuses_before_either_trains(
     from common import protocol as wire
     from common.privacy import DPConfig, PrivacyLedger, compose_epsilon
     from common.records import to_record
-    from common.training import DPPlan, TrainConfig, planned_spend
+    from common.training import DPPlan, TrainConfig, dp_dataset, planned_spend
 
     run_config = {**as_flower(RunConfig()), **CONFIG, "cohort": str(small_cohort), "dp": True,
                   "target-epsilon": 4.0}
@@ -512,10 +571,11 @@ def test_a_budget_that_fits_one_arm_but_not_both_refuses_before_either_trains(
     ledger_path = tmp_path / "ledger.jsonl"
     node_config = {"partition-id": 0, "num-partitions": 3, "ledger-path": str(ledger_path),
                    "max-epsilon": 3.0}
-    n_train = len(open_site(node_config, run).splits(run)["train"])
+    train = open_site(node_config, run).splits(run)["train"]
     plan = DPPlan(DPConfig(target_epsilon=4.0, max_epsilon=3.0), PrivacyLedger(ledger_path),
                   planned_units=2)
-    spend, delta = planned_spend(n_train, TrainConfig(epochs=1, batch_size=16), plan)
+    spend, delta = planned_spend(len(dp_dataset(train, run.privacy_unit)),
+                                 TrainConfig(epochs=1, batch_size=16), plan)
     assert compose_epsilon([spend], delta, "prv") < 3.0 < compose_epsilon([spend] * 2, delta,
                                                                           "prv")
     weights = to_record(build_model(norm="group").state_dict())

@@ -25,7 +25,9 @@
   (one sentence), ``overall`` (one sentence, with the minimal detectable difference when
   inconclusive), ``primary`` (rows of site, model_a, model_b, diff, diff_low, diff_high, sd,
   z, p_value, p_adjusted, mdd), ``labels`` (secondary: label, status, sentence).
-- ``privacy``: rows of site, epsilon, delta, max_epsilon, accountant.
+- ``privacy``: rows of site, epsilon, delta, max_epsilon, accountant, privacy_unit,
+  n_units, max_images_per_patient, patient_epsilon / patient_delta (the group-privacy bound
+  at image level; equal to epsilon / delta at patient level).
 - ``screening``: update-screening counts and rejections (federation runs).
 - ``provenance``: code version, config, seeds, data fingerprints, created.
 """
@@ -55,6 +57,7 @@ from common.evaluation.verdict import (
     reference_check,
     secondary_labels,
     split_primary,
+    untrained_verdict,
 )
 from common.labels import LABELS
 
@@ -139,6 +142,9 @@ def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, fed
     primary = primary_rows(family, alpha=protocol.alpha, margin=protocol.margin,
                            correction=protocol.correction, power=protocol.power)
     decided = primary_verdict(primary, protocol)
+    if (blocked := untrained_verdict(arms, federated)) is not None:
+        decided = {**decided, **blocked}
+    decided["untrained"] = [a["name"] for a in arms if a.get("status") == "not trained"]
     # The per-label family is about the federated model against the models a hospital could
     # have: the centralised reference (simulation only) is shown, never counted there.
     decided["labels"] = secondary_labels([c for c in comparisons if c["model_b"] != reference],
@@ -384,6 +390,18 @@ def _arm_drops(results: dict) -> Table | None:
                    for d in rows])
 
 
+def _patient_bound(row: dict) -> str:
+    """What a privacy row guarantees a patient: ε itself at patient level, else the group
+    privacy bound for the site's largest number of images per patient."""
+    if row.get("epsilon") is None:
+        return "–"
+    if row.get("privacy_unit") == "patient":
+        return "ε above (the patient is the unit)"
+    k = row.get("max_images_per_patient") or 1
+    return (f"up to {k} images: ε ≤ {_fmt(row.get('patient_epsilon'), 2)}, "
+            f"δ ≤ {_fmt(row.get('patient_delta'), 6)}")
+
+
 def _privacy_figure(results: dict) -> str:
     import matplotlib.pyplot as plt
 
@@ -467,9 +485,11 @@ def render_html(results: dict) -> str:
         if results["readers"] else None,
         "shift_figure": _shift_figure(results),
         "privacy_figure": _privacy_figure(results),
-        "privacy": _table(["site", "ε", "δ", "max ε", "accountant"],
+        "privacy": _table(["site", "ε", "δ", "max ε", "accountant", "privacy unit",
+                           "per patient (group privacy)"],
                           [[p["site"], _fmt(p.get("epsilon"), 2), _fmt(p.get("delta"), 6),
-                            _fmt(p.get("max_epsilon"), 2), _fmt(p.get("accountant"))]
+                            _fmt(p.get("max_epsilon"), 2), p.get("accountant", ""),
+                            p.get("privacy_unit", "image"), _patient_bound(p)]
                            for p in results["privacy"]]) if results.get("privacy") else None,
         "provenance": json.dumps(results.get("provenance", {}), indent=1),
     }

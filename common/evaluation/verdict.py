@@ -174,3 +174,23 @@ def secondary_labels(comparisons: list[dict], federated: str, alpha: float = ALP
         out.append({"label": label, "status": status, "sentence": sentence,
                     "wins": len(wins), "losses": len(losses), "comparisons": len(rows)})
     return out
+
+
+def untrained_verdict(arms: list[dict], federated: str) -> dict | None:
+    """The verdict when an arm H1 needs never trained (every round refused or failed): no
+    verdict on a model that is its initial weights. None when the federated arm and at
+    least one single-site arm trained."""
+    untrained = {a["name"]: a for a in arms if a.get("status") == "not trained"}
+    singles = [a for a in arms if a.get("kind") == "single-site"]
+    if federated in untrained:
+        why = untrained[federated].get("reason") or "no round aggregated an update"
+    elif singles and all(a["name"] in untrained for a in singles):
+        why = "no single-site arm trained (" + "; ".join(
+            f"{a['name']}: {a.get('reason') or 'no reply'}" for a in singles) + ")"
+    else:
+        return None
+    if federated in untrained:
+        why = f"the federated arm never trained ({why})"
+    return {"status": "not testable", "primary": [], "untrained": sorted(untrained),
+            "overall": f"H1 not testable: {why}; no verdict is given on a model that never "
+                       "trained."}
