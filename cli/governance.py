@@ -3,7 +3,8 @@
 ``site ledger`` verifies the site's privacy ledger (hash chain, torn or malformed lines),
 prints its units and the ε they compose to, and with ``--repair`` moves a torn last line
 aside (the one repair that is always safe; anything else is a restore from backup).
-``site audit`` prints the audit log of every message the site's node handled.
+``site audit`` prints the audit log of every message the site's node handled. ``site
+approve`` / ``site approvals`` keep the list of apps (FAB hashes) the site allows to run.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ def _state_dir(args: argparse.Namespace) -> Path:
     """The node's state folder for DATA_DIR: ``--state`` as the node's ledger-path folder or
     cache-path, else DATA_DIR/.fedcxr (the node's default)."""
     return Path(args.state) if args.state else Path(args.data_dir) / ".fedcxr"
+
+
+
 
 
 def cmd_site_ledger(args: argparse.Namespace) -> int:
@@ -64,6 +68,30 @@ def cmd_site_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_site_approve(args: argparse.Namespace) -> int:
+    from common.approvals import APPROVALS_FILE, Approvals
+
+    entry = Approvals(_state_dir(args) / APPROVALS_FILE).approve(Path(args.fab), args.note)
+    print(f"approved {entry['file']} (sha256 {entry['hash']}) in "
+          f"{_state_dir(args) / APPROVALS_FILE}")
+    return 0
+
+
+def cmd_site_approvals(args: argparse.Namespace) -> int:
+    from common.approvals import APPROVALS_FILE, Approvals
+
+    approvals = Approvals(_state_dir(args) / APPROVALS_FILE)
+    entries = approvals.entries()
+    if not entries:
+        print(f"{approvals.path}: no app approved (a node with require-approval=true runs "
+              "nothing)")
+        return 0
+    for e in entries:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.get("time", 0)))
+        print(f"{when}  {e['hash']}  {e.get('file', '')}  {e.get('note', '')}".rstrip())
+    return 0
+
+
 def register_site(site: argparse._SubParsersAction) -> None:
     p = site.add_parser("ledger", help="verify and print the site's privacy ledger")
     p.add_argument("data_dir", nargs="?", default=".", help="the site's data folder")
@@ -79,3 +107,14 @@ def register_site(site: argparse._SubParsersAction) -> None:
     p.add_argument("--audit", help="the audit file itself")
     p.add_argument("--run", help="only this Flower run id")
     p.set_defaults(func=cmd_site_audit)
+    for name, func, text in (
+            ("approve", cmd_site_approve, "allow an app (its .fab, by hash) to run here"),
+            ("approvals", cmd_site_approvals, "list the apps this site allows to run")):
+        p = site.add_parser(name, help=text)
+        if name == "approve":
+            p.add_argument("fab", help="the .fab file the coordinator built (`flwr build`)")
+            p.add_argument("--note", default="", help="why (review ticket, date, reviewer)")
+        p.add_argument("--state", help="the node's state folder (its ledger-path folder or "
+                       "cache-path; default DATA_DIR/.fedcxr)")
+        p.add_argument("--data-dir", default=".", help="the site's data folder")
+        p.set_defaults(func=func)

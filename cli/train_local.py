@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import uuid
 from pathlib import Path
 
 from common.config import DEFAULT_MAX_EPSILON
@@ -18,8 +19,9 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     from common.model import build_model, save_checkpoint
     from common.privacy import DPConfig, PrivacyLedger, default_ledger_path
     from common.progress import progress_bar
+    from common.releases import released_counts
     from common.site import SiteSource, ensure_cache
-    from common.training import DPPlan, TrainConfig, local_train, validate
+    from common.training import DPPlan, TrainConfig, dp_dataset, local_train, validate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     site = Path(args.site)
@@ -34,9 +36,17 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         config = DPConfig(target_epsilon=args.target_epsilon, max_epsilon=args.max_epsilon,
                           delta=args.delta, max_grad_norm=args.max_grad_norm,
                           accountant=args.accountant, grad_sample_mode=args.grad_sample_mode)
-        dp = DPPlan(config, PrivacyLedger(ledger_path, site=site.name,
-                                          accountant=args.accountant), run_id="train-local",
-                    arm="local", privacy_unit=args.privacy_unit)
+        ledger = PrivacyLedger(ledger_path, site=site.name, accountant=args.accountant)
+        n_units = len(dp_dataset(splits["train"], args.privacy_unit))
+        # class weights from one noised release of the label counts, in the same ledger
+        counts = released_counts(
+            splits["train"], privacy_unit=args.privacy_unit, ledger=ledger,
+            store=ledger_path.parent / "releases" / f"label-counts-local-{uuid.uuid4().hex}.json",
+            delta=config.delta_for(n_units), max_epsilon=config.max_epsilon,
+            noise_multiplier=args.count_noise_multiplier, run_id="train-local", n_units=n_units)
+        dp = DPPlan(config, ledger, run_id="train-local", arm="local",
+                    privacy_unit=args.privacy_unit,
+                    pos_weight=counts.pos_weight(TrainConfig().pos_weight_cap))
     model = build_model(norm=norm_for(args.dp), init_weights=args.init_weights)
     if args.dp:
         print("DP on: the model uses GroupNorm (BatchNorm cannot give per-sample gradients)")
@@ -78,6 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-epsilon", type=float, default=DEFAULT_MAX_EPSILON,
                    help="the site's total budget (default %(default)s, as a node's)")
     p.add_argument("--delta", type=float, help="default min(1/(10 n), 1e-5)")
+    p.add_argument("--count-noise-multiplier", type=float, default=10.0,
+                   help="noise of the one release of label counts that sets the class weights "
+                   "under DP (L2 sensitivity sqrt(14); in the ledger)")
     p.add_argument("--privacy-unit", choices=PRIVACY_UNITS, default="patient",
                    help="what DP protects: a patient (all its images; default) or an image")
     p.add_argument("--max-grad-norm", type=float, default=1.0)

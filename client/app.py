@@ -29,11 +29,19 @@ import torch
 from flwr.app import ArrayRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.mods import fault_mod, only_at, reply_audit_mod, role_mod, site_audit_mod
+from client.mods import (
+    client_dp_mod,
+    fault_mod,
+    only_at,
+    reply_audit_mod,
+    role_mod,
+    site_audit_mod,
+)
 from client.node import open_site, prevalence
 from common import protocol as wire
 from common.config import RunConfig, parse
 from common.data import patient_groups
+from common.evaluation.disclosure import merge_roc_cells
 from common.evaluation.external import (
     EvaluationOptions,
     ScoreStore,
@@ -46,6 +54,7 @@ from common.labels import LABELS
 from common.model import build_model
 from common.privacy import BudgetExceeded, DPConfig, LedgerError, Spend
 from common.records import from_record, to_record
+from common.releases import LabelCounts, exact_counts, released_counts
 from common.training import (
     DPPlan,
     TrainConfig,
@@ -56,7 +65,7 @@ from common.training import (
 )
 
 log = logging.getLogger("flwr")
-app = ClientApp(mods=[site_audit_mod, reply_audit_mod, role_mod, fault_mod])
+app = ClientApp(mods=[site_audit_mod, reply_audit_mod, role_mod, client_dp_mod, fault_mod])
 
 
 def _setup(context: Context):
@@ -80,12 +89,25 @@ def query(msg: Message, context: Context) -> Message:
     run, site = _setup(context)
     splits = site.splits(run)
     labels = np.concatenate([ds.labels() for ds in splits.values()])
+    prevalences = prevalence(labels)
     spent, left, delta, n_units, per_patient = -1.0, -1.0, -1.0, 0, 0
-    if run.dp and site.role == "train":
+    counts_epsilon, withheld = -1.0, False
+    private = run.dp and site.role == "train"
+    if private:
         ledger = site.ledger(run.accountant)
         n_units = len(dp_dataset(splits["train"], run.privacy_unit))
         per_patient = max((len(g) for g in patient_groups(splits["train"])), default=0)
         delta = DPConfig(accountant=run.accountant).delta_for(n_units)
+        annotated = np.array([p >= 0 for p in prevalences])  # the site's label schema
+        if not site.config.release_exact_counts:
+            try:  # prevalence from the run's noised label counts (training split)
+                counts = label_counts(run, site, splits["train"], context.run_id)
+                prevalences = counts.prevalence(annotated)
+                counts_epsilon = counts.epsilon_alone or -1.0
+            except (BudgetExceeded, LedgerError) as exc:
+                log.warning("site %s: label counts withheld: %s", site.name, exc)
+                prevalences = [0.0 if k else -1.0 for k in annotated]
+                withheld = True
         try:
             spent = ledger.epsilon(delta)
             left = max(site.config.budget - spent, 0.0)
@@ -95,29 +117,65 @@ def query(msg: Message, context: Context) -> Message:
     facts = wire.SiteFacts(
         role=site.role, site=site.name, format=site.source.format or "",
         n_train=len(splits["train"]), n_val=len(splits["val"]), n_test=len(splits["test"]),
-        n_images=len(labels), prevalence=prevalence(labels), epsilon_spent=spent,
+        n_images=len(labels), prevalence=prevalences, epsilon_spent=spent,
         epsilon_left=left, max_epsilon=site.config.budget, delta=delta,
         privacy_unit=run.privacy_unit if run.dp else "", n_units=n_units,
-        max_images_per_patient=per_patient)
+        max_images_per_patient=per_patient, min_cell=site.config.min_cell,
+        exact_counts=not private or site.config.release_exact_counts,
+        counts_epsilon=counts_epsilon, prevalence_withheld=withheld)
     return Message(facts.encode(), reply_to=msg)
 
 
-def summary(v: Validation) -> wire.ValidationSummary:
+def sends_roc_counts(run: RunConfig, site) -> bool:
+    """Validation ROC counts are counts DP does not cover: under DP they leave only where
+    the site's own config opts in (release-exact-counts = true)."""
+    return not run.dp or site.config.release_exact_counts
+
+
+def label_counts(run: RunConfig, site, train, run_id: int) -> LabelCounts:
+    """The training split's label counts as this run may use them: under DP the run's one
+    noised release (made on first use, in the ledger; ``common.releases``), else exact."""
+    if not run.dp:
+        return exact_counts(train, run.privacy_unit)
+    n_units = len(dp_dataset(train, run.privacy_unit))
+    return released_counts(
+        train, privacy_unit=run.privacy_unit, ledger=site.ledger(run.accountant),
+        store=site.state_dir / "releases" / f"label-counts-run{run_id}.json",
+        delta=DPConfig(accountant=run.accountant).delta_for(n_units),
+        max_epsilon=site.config.budget, noise_multiplier=run.count_noise_multiplier,
+        run_id=str(run_id), n_units=n_units)
+
+
+def summary(v: Validation, min_cell: int, send_counts: bool = True
+            ) -> wire.ValidationSummary:
     """Aggregate validation of one model: per-label AUC and ROC counts (for pooled
-    threshold choice), never per-image scores."""
+    threshold choice), never per-image scores. Small-cell control: every released ROC bin
+    holds at least ``min_cell`` images, and a label known on fewer images releases no
+    counts and no AUC. ``send_counts`` False (DP without release-exact-counts): the counts
+    are withheld (zeros, as for an unannotated label)."""
+    counts = {lb: merge_roc_cells(*v.roc_counts[lb], min_cell) for lb in LABELS}
+    auc = {lb: v.auc[lb] if counts[lb][0][0] + counts[lb][1][0] > 0 else None for lb in LABELS}
+    if not send_counts:
+        counts = {lb: (np.zeros_like(p), np.zeros_like(n)) for lb, (p, n) in counts.items()}
+    known = [a for a in auc.values() if a is not None]
     return wire.ValidationSummary(
-        n=v.n, mean_auc=v.mean_auc, auc=[v.auc[lb] for lb in LABELS],
-        pos_ge={lb: list(v.roc_counts[lb][0]) for lb in LABELS},
-        neg_ge={lb: list(v.roc_counts[lb][1]) for lb in LABELS})
+        n=v.n, mean_auc=float(np.mean(known)) if known else None,
+        auc=[auc[lb] for lb in LABELS],
+        pos_ge={lb: counts[lb][0].tolist() for lb in LABELS},
+        neg_ge={lb: counts[lb][1].tolist() for lb in LABELS})
 
 
 def _train_arm(run: RunConfig, site, splits, request: wire.TrainRequest, task: wire.ArmTask, *,
-               mu: float, validate_first: bool = False, unit: str | None = None
+               mu: float, validate_first: bool = False, unit: str | None = None,
+               pos_weight: np.ndarray | None = None
                ) -> tuple[wire.ArmResult, wire.ValidationSummary | None, wire.ValidationSummary]:
     rnd = request.server_round
     model = _model(task.arrays, request.norm)
-    received = summary(validate(model, splits["val"])) if validate_first else None
-    dp = _dp_plan(run, site, request, task, unit) if run.dp else None
+    min_cell = site.config.min_cell
+    counts = sends_roc_counts(run, site)
+    received = summary(validate(model, splits["val"]), min_cell, counts) if validate_first \
+        else None
+    dp = _dp_plan(run, site, request, task, unit, pos_weight) if run.dp else None
     tc = _train_config(run, task, mu)
     result = local_train(model, splits["train"], tc, dp=dp)
     val = validate(model, splits["val"])
@@ -132,17 +190,19 @@ def _train_arm(run: RunConfig, site, splits, request: wire.TrainRequest, task: w
         examples=result.examples, loss=float(result.loss),
         epsilon=float(result.epsilon) if result.epsilon is not None else -1.0,
         val_mean_auc=val.mean_auc, val_auc=[val.auc[lb] for lb in LABELS])
-    return arm, received, summary(val)
+    val_summary = summary(val, min_cell, counts)
+    arm = replace(arm, val_mean_auc=val_summary.mean_auc, val_auc=val_summary.auc)
+    return arm, received, val_summary
 
 
 def _dp_plan(run: RunConfig, site, request: wire.TrainRequest, task: wire.ArmTask,
-             unit: str | None = None) -> DPPlan:
+             unit: str | None = None, pos_weight: np.ndarray | None = None) -> DPPlan:
     return DPPlan(DPConfig(target_epsilon=run.target_epsilon, max_epsilon=site.config.budget,
                            max_grad_norm=run.max_grad_norm, accountant=run.accountant,
                            grad_sample_mode=run.grad_sample_mode),
                   site.ledger(run.accountant), run_id=request.run_name, arm=task.arm,
                   round=request.server_round, planned_units=request.planned_units,
-                  privacy_unit=run.privacy_unit, unit=unit)
+                  privacy_unit=run.privacy_unit, unit=unit, pos_weight=pos_weight)
 
 
 def _train_config(run: RunConfig, task: wire.ArmTask, mu: float) -> TrainConfig:
@@ -206,25 +266,33 @@ def train(msg: Message, context: Context) -> Message:
     splits = site.splits(run)
     reserved: dict[str, str] = {}
     begun: set[str] = set()
+    pos_weight = None
     try:
         if run.dp:
+            pos_weight = label_counts(run, site, splits["train"], context.run_id).pos_weight(
+                TrainConfig().pos_weight_cap)
             reserved = reserve_budget(run, site, request, splits["train"])
         begun.add(request.first.arm)
         first, received, first_val = _train_arm(run, site, splits, request, request.first,
                                                 mu=request.proximal_mu,
                                                 validate_first=request.validate_received,
-                                                unit=reserved.get(request.first.arm))
+                                                unit=reserved.get(request.first.arm),
+                                                pos_weight=pos_weight)
         if request.report_val:  # a single-site arm sent on its own
             first = replace(first, val=first_val)
         single = None
         if request.single is not None:
             begun.add(request.single.arm)
             single, _, single_val = _train_arm(run, site, splits, request, request.single,
-                                               mu=0.0, unit=reserved.get(request.single.arm))
+                                               mu=0.0, unit=reserved.get(request.single.arm),
+                                               pos_weight=pos_weight)
             single = replace(single, val=single_val)
     except BudgetExceeded as exc:
         log.warning("site %s: %s", site.name, exc)
         return wire.refuse(msg, wire.Refusal.BUDGET, str(exc))
+    except LedgerError as exc:  # torn between the check above and now (another process)
+        log.warning("site %s: %s", site.name, exc)
+        return wire.refuse(msg, wire.Refusal.LEDGER, str(exc))
     finally:
         release_unused(run, site, request, splits["train"], reserved, begun)
     log.info("site %s round %s: train message handled in %.1f s", site.name,
@@ -238,7 +306,8 @@ def validate_models(msg: Message, context: Context) -> Message:
     request = wire.ValidateRequest.decode(msg.content)
     val_ds = site.splits(run)["val"]
     return Message(wire.ValidateReply(site.name, {
-        name: summary(validate(_model(rec, request.norm), val_ds))
+        name: summary(validate(_model(rec, request.norm), val_ds), site.config.min_cell,
+                      sends_roc_counts(run, site))
         for name, rec in request.models.items()}).encode(), reply_to=msg)
 
 
@@ -271,7 +340,8 @@ def score(msg: Message, context: Context) -> Message:
     n = score_into_store(site.cache(run.image_size), request.name,
                          _model(request.arrays, request.norm),
                          _external_store(site, request.run_name), site=site.name,
-                         options=EvaluationOptions(shift=run.shift))
+                         options=EvaluationOptions(shift=run.shift,
+                                                   min_cell=site.config.min_cell))
     log.info("site %s: scored %s on %d images (kept locally)", site.name, request.name, n)
     return Message(wire.ScoreReply(site.name, request.name, n).encode(), reply_to=msg)
 
@@ -283,7 +353,8 @@ def external(msg: Message, context: Context) -> Message:
     request = wire.ExternalRequest.decode(msg.content)
     cache = site.cache(run.image_size)
     options = EvaluationOptions(shift=run.shift, primary_labels=request.primary,
-                                primary_pairs=request.primary_pairs)
+                                primary_pairs=request.primary_pairs,
+                                min_cell=site.config.min_cell)
     result = evaluate_stored(cache, _external_store(site, request.run_name), request.models,
                              request.thresholds, site=site.name, options=options)
     result["fingerprint"] = cache.fingerprint

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
 from common import protocol as wire
@@ -72,6 +72,7 @@ def site_audit_mod(message: Message, context: Context, call_next: ClientAppCalla
     names and byte sizes), the ε it spent by the site's own ledger, and any refusal. The
     outermost mod, so refusals by the other mods are logged too."""
     from client.node import open_site
+    from common.approvals import FAB_HASH_ENV
     from common.audit import AUDIT_FILE, AuditLog, record_sizes
     from common.errors import FedcxrError
     from common.privacy import LedgerError
@@ -83,7 +84,8 @@ def site_audit_mod(message: Message, context: Context, call_next: ClientAppCalla
         return call_next(message, context)  # the handler reports the config error itself
     kind = message.metadata.message_type
     entry = {"run_id": context.run_id, "node": context.node_id, "site": site.name,
-             "type": kind, "message_id": message.metadata.message_id}
+             "fab_hash": os.environ.get(FAB_HASH_ENV), "type": kind,
+             "message_id": message.metadata.message_id}
     ledger = site.ledger(run.accountant) if run.dp and site.role == "train" else None
 
     def spent() -> float | None:
@@ -127,6 +129,54 @@ def site_audit_mod(message: Message, context: Context, call_next: ClientAppCalla
     return reply
 
 
+def client_dp_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client-level DP clipped at the client (run config ``client-dp = fixed-client`` or
+    ``adaptive-client``): Flower's own ``fixedclipping_mod`` / ``adaptiveclipping_mod`` clip
+    the federated arm's update before it leaves. Flower's mods expect a message with one
+    model; a fedcxr train message may also carry the site's single-site arm, so the mod is
+    given a view holding only the federated arm (its weights and the clipping norm the
+    strategy wrapper sent) and its clipped result is put back into the full reply."""
+    from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    config = message.content.get(wire.CONFIG) or {}
+    if (not message.metadata.message_type.startswith(wire.TRAIN)
+            or KEY_CLIPPING_NORM not in config):
+        return call_next(message, context)
+    run = parse(RunConfig, dict(context.run_config), what="run config")
+    flower_mod = adaptiveclipping_mod if run.client_dp == "adaptive-client" else \
+        fixedclipping_mod
+    # The view is the same message object with its content swapped (a ClientApp cannot make
+    # messages of its own), restored before the handler runs and after the mod returns.
+    full_in = message.content
+    message.content = RecordDict({wire.ARRAYS: full_in[wire.ARRAYS],
+                                  wire.CONFIG: ConfigRecord({
+                                      KEY_CLIPPING_NORM: config[KEY_CLIPPING_NORM]})})
+    kept: dict[str, RecordDict] = {}
+
+    def federated_arm_only(msg: Message, ctx: Context) -> Message:
+        msg.content = full_in
+        reply = call_next(msg, ctx)
+        if reply.has_error():
+            return reply
+        kept["content"] = full = reply.content
+        reply.content = RecordDict({wire.ARRAYS: full[wire.ARRAYS],
+                                    wire.METRICS: full[wire.METRICS]})
+        return reply
+
+    try:
+        out = flower_mod(message, context, federated_arm_only)
+    finally:
+        message.content = full_in
+    if out.has_error() or "content" not in kept:
+        return out
+    full_out = kept["content"]
+    full_out[wire.ARRAYS] = out.content[wire.ARRAYS]  # clipped
+    full_out[wire.METRICS] = out.content[wire.METRICS]  # adaptive: with its norm bit
+    out.content = full_out
+    return out
+
+
 def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """When FEDCXR_AUDIT_LOG is set, append a description of every reply leaving this node:
     each record's type and keys, each array's shape, each metric and config value. Used by
@@ -148,5 +198,5 @@ def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCall
     return reply
 
 
-__all__ = ["NodeConfig", "fault_mod", "only_at", "reply_audit_mod", "role_mod",
+__all__ = ["NodeConfig", "client_dp_mod", "fault_mod", "only_at", "reply_audit_mod", "role_mod",
            "site_audit_mod"]

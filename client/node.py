@@ -76,7 +76,8 @@ def site_from_cohort(cohort_file: Path, partition_id: int) -> NodeConfig:
     base = Path(cohort_file).parent
     return NodeConfig(role=s["role"], site_name=s["name"], data_path=str(base / s["path"]),
                       manifest=str(base / s["path"] / s["manifest"]), format=s["format"],
-                      max_epsilon=s.get("max-epsilon"), partition_id=partition_id,
+                      max_epsilon=s.get("max-epsilon"), min_cell=int(s.get("min-cell", 10)),
+                      partition_id=partition_id,
                       num_partitions=len(sites))
 
 

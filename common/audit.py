@@ -1,7 +1,8 @@
 """The site's audit log: one JSON line per message a node handled, on the site's own disk.
 
-A hospital's privacy officer reads it to answer "which runs touched our data, what did they
-ask for, and what left": time, run, message type and action, arm(s) and round, the reply's
+A hospital's privacy officer reads it to answer "which runs touched our data, with which
+code, what did they ask for, and what left": time, run, the app's FAB hash (set by the site's
+launcher; null in simulation), message type and action, arm(s) and round, the reply's
 record keys with their byte sizes, the ε the message spent (from the site's own ledger), and
 refusals with their reason. Each line is fsynced before the reply leaves the node. It never
 holds images, patient or image ids, or per-image values: only names and sizes of what left.

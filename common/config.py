@@ -25,6 +25,7 @@ PrimaryMetric = Literal["macro-auc"]
 Correction = Literal["holm", "bh"]
 GradSampleMode = Literal["bk", "ghost", "hooks"]
 TransportDtype = Literal["float32", "float16"]
+ClientDP = Literal["off", "fixed-server", "fixed-client", "adaptive-server", "adaptive-client"]
 STRATEGIES = get_args(Strategy)
 ROLES = get_args(Role)
 
@@ -37,6 +38,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "threshold_method": THRESHOLD_METHODS,
     "accountant": ACCOUNTANTS,
     "privacy_unit": PRIVACY_UNITS,
+    "client_dp": get_args(ClientDP),
     "selection": get_args(Selection),
     "primary_metric": get_args(PrimaryMetric),
 }
@@ -93,6 +95,15 @@ class RunConfig:
     # What DP protects: a patient (sampled as a whole, one clipped gradient per step however
     # many images it has) or an image (a patient with k images gets about k x ε).
     privacy_unit: PrivacyUnit = "patient"
+    # Under DP: the noise multiplier of each site's one release of its label counts (for
+    # pos_weight and prevalence; L2 sensitivity sqrt(14), accounted in the site's ledger).
+    count_noise_multiplier: float = 10.0
+    # Client-level DP of the federated arm (a whole site's contribution), by Flower's own
+    # strategy wrappers: clipping of each site's update (fixed, or adaptive from this initial
+    # norm) at the server or the client, Gaussian noise on the mean.
+    client_dp: ClientDP = "off"
+    client_noise_multiplier: float = 1.0
+    client_clipping_norm: float = 1.0
     grad_sample_mode: GradSampleMode = "bk"  # DP per-image clipping (speed only)
     transport_dtype: TransportDtype = "float32"
     resume_from: str = ""
@@ -127,6 +138,16 @@ class RunConfig:
                                   f"{', '.join(allowed)}")
         if self.num_rounds < 1 or self.local_epochs < 1:
             raise ConfigError("num-rounds and local-epochs must be at least 1")
+        if not (math.isfinite(self.count_noise_multiplier) and self.count_noise_multiplier > 0):
+            raise ConfigError(f"run config count-noise-multiplier = "
+                              f"{self.count_noise_multiplier}: use a finite positive number")
+        if self.client_dp != "off":
+            if self.strategy not in ("fedavg", "fedprox"):
+                raise ConfigError(f"run config client-dp = {self.client_dp!r} needs strategy "
+                                  "fedavg or fedprox (its noise is calibrated to a mean)")
+            if not (self.client_noise_multiplier > 0 and self.client_clipping_norm > 0):
+                raise ConfigError("run config client-noise-multiplier and client-clipping-norm "
+                                  "must be positive under client-dp")
         if not 0 < self.alpha < 1:
             raise ConfigError(f"run config alpha = {self.alpha}: use a level in (0, 1)")
         if not -1 < self.h1_margin < 1:
@@ -137,7 +158,10 @@ class RunConfig:
 
     @property
     def norm(self) -> str:
-        return norm_for(self.dp)
+        """GroupNorm under sample-level DP (Opacus) and under client-level DP, where a site's
+        whole update is clipped: BatchNorm's running statistics (and its integer step counter)
+        would be part of that update."""
+        return norm_for(self.dp or self.client_dp != "off")
 
 
 DEFAULT_MAX_EPSILON = 10.0
@@ -156,6 +180,13 @@ class NodeConfig:
     # the node trains only under DP (a train message of a run with dp=false is refused) and
     # never past it. Unset: DP runs spend up to DEFAULT_MAX_EPSILON.
     max_epsilon: float | None = None
+    # Small-cell control: no count or rate this site releases exactly rests on fewer images.
+    min_cell: int = 10
+    # Under DP, label counts (prevalence) leave noised and accounted unless this is true.
+    release_exact_counts: bool = False
+    # Run only apps whose FAB hash the site approved (`fedcxr site approve`); enforced by the
+    # site's launcher (deploy/site-bin on the node's PATH), before any app code runs.
+    require_approval: bool = False
     # set by Flower's simulation engine
     partition_id: int = -1
     num_partitions: int = 0
@@ -167,6 +198,9 @@ class NodeConfig:
                                                  and self.max_epsilon > 0):
             raise ConfigError(f"node config max-epsilon={self.max_epsilon!r}: use a finite "
                               "positive number (the site's privacy budget)")
+        if self.min_cell < 1:
+            raise ConfigError(f"node config min-cell={self.min_cell}: use a count of at least "
+                              "1 (default 10)")
 
     @property
     def requires_dp(self) -> bool:

@@ -31,6 +31,7 @@ from typing import Literal, get_args
 from common.errors import FedcxrError
 
 Accountant = Literal["prv", "rdp"]
+PRV_MIN_NOISE = 0.05  # below this noise multiplier PRV's grid explodes; RDP is used
 ACCOUNTANTS = get_args(Accountant)
 
 
@@ -105,9 +106,19 @@ def _compose(history: tuple[tuple[tuple[float, float], int], ...], delta: float,
         return 0.0
     from common.dp_grad_sample import accountant_with_history
 
+    if accountant == "prv" and min(noise for (noise, _), _ in history) < PRV_MIN_NOISE:
+        # PRV's discretisation grows without bound as the noise vanishes (at 0.001 it was
+        # killed for memory); at such noise ε is in the hundreds anyway: the RDP bound (an
+        # upper bound, analytic) is reported instead, or infinity if even that overflows.
+        accountant = "rdp"
+
     acc = accountant_with_history(make_accountant(accountant),
                                   [(noise, rate, steps) for (noise, rate), steps in history])
-    return float(acc.get_epsilon(delta=delta))
+    try:
+        eps = float(acc.get_epsilon(delta=delta))
+    except (ValueError, OverflowError, FloatingPointError, ZeroDivisionError):
+        return math.inf
+    return eps if math.isfinite(eps) else math.inf
 
 
 @functools.lru_cache(maxsize=64)

@@ -111,6 +111,13 @@ class SiteFacts:
     privacy_unit: str = ""
     n_units: int = 0
     max_images_per_patient: int = 0
+    # What the site's releases rest on: its small-cell floor, whether its label counts left
+    # exactly (node config release-exact-counts), the label-count release's own ε (-1: none),
+    # and whether the prevalence was withheld (the release was refused: budget or ledger).
+    min_cell: int = 10
+    exact_counts: bool = True
+    counts_epsilon: float = -1.0
+    prevalence_withheld: bool = False
 
     def encode(self) -> RecordDict:
         return RecordDict({
@@ -121,7 +128,10 @@ class SiteFacts:
                 "n-images": self.n_images, "prevalence": list(self.prevalence),
                 "epsilon-spent": self.epsilon_spent, "epsilon-left": self.epsilon_left,
                 "max-epsilon": self.max_epsilon, "delta": self.delta, "n-units": self.n_units,
-                "max-images-per-patient": self.max_images_per_patient}),
+                "max-images-per-patient": self.max_images_per_patient,
+                "min-cell": self.min_cell, "exact-counts": int(self.exact_counts),
+                "counts-epsilon": self.counts_epsilon,
+                "prevalence-withheld": int(self.prevalence_withheld)}),
         })
 
     @classmethod
@@ -131,7 +141,9 @@ class SiteFacts:
                    int(m["n-val"]), int(m["n-test"]), int(m["n-images"]),
                    [float(p) for p in m["prevalence"]], float(m["epsilon-spent"]),
                    float(m["epsilon-left"]), float(m["max-epsilon"]), float(m["delta"]),
-                   str(s["privacy-unit"]), int(m["n-units"]), int(m["max-images-per-patient"]))
+                   str(s["privacy-unit"]), int(m["n-units"]), int(m["max-images-per-patient"]),
+                   int(m["min-cell"]), bool(m["exact-counts"]), float(m["counts-epsilon"]),
+                   bool(m["prevalence-withheld"]))
 
 
 # ---------------------------------------------------------------- validation summary

@@ -63,6 +63,10 @@ class DPPlan:
     # images); "image": images are the unit (a patient with k images gets k x ε, roughly).
     privacy_unit: str = "patient"
     unit: str | None = None  # already reserved in the ledger (a message's arms, together)
+    # Class weights from the run's noised label counts (``common.releases``); None: no
+    # re-weighting. Never from the exact training labels: that would make each image's
+    # clipped gradient depend on every other image's label.
+    pos_weight: np.ndarray | None = None
 
     def dataset(self, train: CachedImages, seed: int) -> CachedImages | PatientImages:
         return dp_dataset(train, self.privacy_unit, seed)
@@ -170,7 +174,11 @@ def local_train(
     seed_everything(config.seed)
     start = time.perf_counter()
     model.train()  # whatever ran before (a validation) left; Opacus refuses eval mode
-    pos_weight = pos_weight_from(train.labels(), config.pos_weight_cap)
+    if dp is None:
+        pos_weight = pos_weight_from(train.labels(), config.pos_weight_cap)
+    else:
+        pos_weight = torch.ones(len(LABELS)) if dp.pos_weight is None else \
+            torch.as_tensor(dp.pos_weight, dtype=torch.float32)
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
                                  weight_decay=config.weight_decay)

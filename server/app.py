@@ -45,7 +45,9 @@ from common.evaluation.report import build_results, write_report
 from common.evaluation.verdict import Protocol
 from common.labels import LABELS
 from common.model import build_model, load_checkpoint
+from common.privacy import Spend, compose_epsilon, default_delta
 from common.records import pack, record_arrays, to_record, unpack
+from common.releases import release_rows
 from common.training import arm_seed
 from server import checkpoint
 from server.exchange import send, stream_replies
@@ -553,7 +555,7 @@ def arm_rows(run: RunConfig, st: RunState, selection: Selection) -> list[dict]:
             "name": name, "kind": "federated" if name == FEDERATED else "single-site",
             "site": None if name == FEDERATED else name.split(":", 1)[1],
             "status": "not trained", "reason": (
-                f"never trained; first failure: site {fail.site} in round {fail.round}: "
+                f"never trained: site {fail.site} failed in round {fail.round}: "
                 f"{fail.reason}") if fail else "never trained (no update was aggregated)",
             "selection": run.selection, "best_round": None, "trained_rounds": [],
             "history": [asdict(h) for h in st.history if h.arm == name]})
@@ -593,6 +595,27 @@ def privacy_row(run: RunConfig, node: Node, epsilon: float | None) -> dict:
         row["patient_epsilon"] = k * epsilon
         row["patient_delta"] = min(k * math.exp((k - 1) * epsilon) * f.delta, 1.0)
     return row
+
+
+def client_dp_row(run: RunConfig, st: RunState, n_sites: int) -> dict | None:
+    """The federated arm's client-level (whole-site) guarantee under ``client-dp``: each
+    aggregated round is one Gaussian mechanism on the mean of clipped site updates, every
+    training site taking part (sample rate 1), composed over the rounds in the same Opacus
+    accountant as the sites' ledgers, at δ = min(1/(10 sites), 1e-5)."""
+    if run.client_dp == "off":
+        return None
+    rounds = len(st.trained.get(FEDERATED, []))
+    delta = default_delta(n_sites)
+    epsilon = compose_epsilon([Spend(rounds, 1.0, run.client_noise_multiplier)], delta,
+                              run.accountant) if rounds else 0.0
+    bounded = math.isfinite(epsilon)
+    return dict(mode=run.client_dp, unit="site", noise_multiplier=run.client_noise_multiplier,
+                clipping_norm=run.client_clipping_norm,
+                final_clipping_norm=float(st.strategy.get("clipping_norm",
+                                                          run.client_clipping_norm)),
+                rounds=rounds, sites=n_sites, sample_rate=1.0, accountant=run.accountant,
+                epsilon=epsilon if bounded else None, delta=delta,
+                note="" if bounded else "no finite ε at this noise multiplier")
 
 
 def reference_row(path: Path) -> dict:
@@ -671,12 +694,19 @@ def report(run: RunConfig, st: RunState, selection: Selection, nodes: dict[int, 
     report.html."""
     train_nodes = [v for v in nodes.values() if v.role == "train"]
     cohort = [{"site": v.site, "role": v.role, "n_images": v.facts.n_images,
-               "format": v.facts.format,
-               "prevalence": {lb: (p if p >= 0 else None)
+               "format": v.facts.format, "prevalence_withheld": v.facts.prevalence_withheld,
+               "prevalence": {lb: (p if p >= 0 and not v.facts.prevalence_withheld else None)
                               for lb, p in zip(LABELS, v.facts.prevalence, strict=True)}}
               for v in sorted(nodes.values(), key=lambda v: v.site)]
     privacy = [privacy_row(run, v, st.epsilon.get(v.site)) for v in train_nodes] \
         if run.dp else []
+    releases = [{"site": v.site, "role": v.role, **row}
+                for v in sorted(nodes.values(), key=lambda v: v.site)
+                for row in release_rows(
+                    v.role, dp=run.dp, exact_counts=v.facts.exact_counts,
+                    site_epsilon=st.epsilon.get(v.site),
+                    counts_epsilon=v.facts.counts_epsilon if v.facts.counts_epsilon >= 0
+                    else None, min_cell=v.facts.min_cell)]
     protocol = Protocol(primary_labels=primary, selection=run.selection, margin=run.h1_margin,
                         alpha=run.alpha, correction=run.correction,
                         primary_metric=run.primary_metric)
@@ -688,7 +718,8 @@ def report(run: RunConfig, st: RunState, selection: Selection, nodes: dict[int, 
                    "failures": [asdict(f) for f in st.failures], "role_probe": role_probe},
         config={**as_flower(run), "thresholds": thresholds,
                 "validation_mean_auc": selection.validation_auc},
-        fingerprints={r["site"]: r.get("fingerprint") for r in site_results})
+        fingerprints={r["site"]: r.get("fingerprint") for r in site_results},
+        releases=releases, client_dp=client_dp_row(run, st, len(train_nodes)))
     results["provenance"]["seeds"] = {"seed": run.seed}
     results["provenance"]["seconds"] = round(time.time() - started, 1)
     rpath, hpath = write_report(results, run_dir)

@@ -19,17 +19,60 @@ from collections.abc import Iterable
 from contextlib import contextmanager
 
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, Strategy
+from flwr.serverapp.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    DifferentialPrivacyServerSideAdaptiveClipping,
+    DifferentialPrivacyServerSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    Strategy,
+)
 
 from common.config import RunConfig
 
 log = logging.getLogger("flwr")
 
 # Strategy attributes that carry state between rounds (checkpointed with the run).
-STATE_KEYS = ("current_arrays", "m_t", "v_t")
+STATE_KEYS = ("current_arrays", "m_t", "v_t", "clipping_norm")
+
+
+CLIENT_DP_WRAPPERS = (DifferentialPrivacyServerSideFixedClipping,
+                      DifferentialPrivacyServerSideAdaptiveClipping,
+                      DifferentialPrivacyClientSideFixedClipping,
+                      DifferentialPrivacyClientSideAdaptiveClipping)
+
+
+def is_client_dp(strategy: Strategy) -> bool:
+    return isinstance(strategy, CLIENT_DP_WRAPPERS)
 
 
 def make_strategy(run: RunConfig, n_train: int) -> Strategy:
+    """The federated arm's Flower strategy; with ``client-dp``, wrapped in Flower's own
+    client-level DP wrapper (clipping each site's update, Gaussian noise on the mean)."""
+    inner = _base_strategy(run, n_train)
+    σ, clip = run.client_noise_multiplier, run.client_clipping_norm
+    if run.client_dp == "fixed-server":
+        return DifferentialPrivacyServerSideFixedClipping(inner, σ, clip, n_train)
+    # Adaptive clipping also releases a noised count of clipped updates; its noise (Flower's
+    # default n/20 is too little for a few hospitals) is at least the model's multiplier, so
+    # the update's own noise is raised by at most 1/sqrt(1 - 1/4) (Andrew et al. 2021).
+    count_sd = max(n_train / 20, σ)
+    if run.client_dp == "adaptive-server":
+        return DifferentialPrivacyServerSideAdaptiveClipping(
+            inner, σ, n_train, initial_clipping_norm=clip, clipped_count_stddev=count_sd)
+    if run.client_dp == "fixed-client":
+        return DifferentialPrivacyClientSideFixedClipping(inner, σ, clip, n_train)
+    if run.client_dp == "adaptive-client":
+        return DifferentialPrivacyClientSideAdaptiveClipping(
+            inner, σ, n_train, initial_clipping_norm=clip, clipped_count_stddev=count_sd)
+    return inner
+
+
+def _base_strategy(run: RunConfig, n_train: int) -> Strategy:
     common = dict(min_train_nodes=max(1, min(run.min_train_sites, n_train)),
                   min_available_nodes=1, min_evaluate_nodes=1)
     if run.strategy == "fedavg":

@@ -28,8 +28,9 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg, FedMedian, FedTrimmedAvg, Strategy
+from flwr.supercore.differential_privacy import KEY_NORM_BIT
 
-from server.strategy import quiet_flower
+from server.strategy import is_client_dp, quiet_flower
 
 log = logging.getLogger("flwr")
 
@@ -54,6 +55,8 @@ class SpilledUpdate:
     examples: float
     path: Path
     layout: dict[str, tuple[int, str, tuple[int, ...]]]  # key -> (offset, dtype, shape)
+    norm_bit: int | None = None  # client-side adaptive clipping: 1 if the update's norm was
+    # within the clipping norm (Flower's mod reports it; MetricRecord holds no booleans)
 
     def pieces(self, group: list[tuple[str, int, int]]) -> dict[str, np.ndarray]:
         """Flat slices of this update's arrays, read memory-mapped, named ``key@first``."""
@@ -67,10 +70,22 @@ class SpilledUpdate:
         return out
 
 
-def _reply(arrays: dict[str, np.ndarray], examples: float, node: int) -> Message:
+def whole_arrays(update: SpilledUpdate) -> dict[str, np.ndarray]:
+    """Every array of one spilled update, whole (for strategies that need each update)."""
+    group = [(k, 0, int(np.prod(shape, dtype=np.int64)))
+             for k, (_, _, shape) in update.layout.items()]
+    return {k: a.reshape(update.layout[k][2])
+            for (k, _, _), a in zip(group, update.pieces(group).values(), strict=True)}
+
+
+def _reply(arrays: dict[str, np.ndarray], examples: float, node: int,
+           norm_bit: int | None = None) -> Message:
+    metrics = {"num-examples": examples}
+    if norm_bit is not None:
+        metrics[KEY_NORM_BIT] = norm_bit
     msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(np.array(v, order="C"))
                                                      for k, v in arrays.items()}),
-                              "metrics": MetricRecord({"num-examples": examples})}),
+                              "metrics": MetricRecord(metrics)}),
                   dst_node_id=0, message_type="train")
     msg.metadata.__dict__["_src_node_id"] = node  # the site the update came from
     return msg
@@ -123,9 +138,11 @@ class UpdateStore:
                 data = a.tobytes()  # C order, whatever a's layout
                 fh.write(data)
                 offset += len(data)
-        examples = float(msg.content["metrics"]["num-examples"])
+        metrics = msg.content["metrics"]
+        examples = float(metrics["num-examples"])
+        bit = int(metrics[KEY_NORM_BIT]) if KEY_NORM_BIT in metrics else None
         self.updates.append(SpilledUpdate(node, self.sites.get(node, "?"), float(np.sqrt(sq)),
-                                          examples, path, layout))
+                                          examples, path, layout, bit))
 
     def screen(self, factor: float) -> list[SpilledUpdate]:
         """Drop updates whose norm is over ``factor`` x the median of the others' norms
@@ -170,6 +187,15 @@ class UpdateStore:
         """The strategy's new global model from the accepted updates, or None if none."""
         if not self.updates:
             return None
+        if is_client_dp(strategy):
+            # Flower's client-level DP wrappers clip each site's update against the model
+            # sent, so they need every update whole (sites x model in memory, this mode
+            # only). Each site weighs the same: the noise is calibrated to one site's
+            # clipped update, which an example-weighted mean would not bound.
+            replies = [_reply(whole_arrays(u), 1.0, u.node, u.norm_bit) for u in self.updates]
+            with quiet_flower():
+                arrays, _ = strategy.aggregate_train(self.round, replies)
+            return None if arrays is None else {k: v.numpy() for k, v in arrays.items()}
         layout = self.updates[0].layout
         if budget_bytes is None:  # one model's worth across all accepted updates
             budget_bytes = sum(int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -32,7 +33,7 @@ def small_cohort(tmp_path_factory) -> Path:
     """2 training sites + 1 held-out site, 40 images each."""
     out = tmp_path_factory.mktemp("fedcohort")
     generate(out, SynthOptions(sites=3, held_out=1, images_per_site=40, size=64, seed=5,
-                               readers=2))
+                               readers=2, min_cell=1))  # validation splits of ~5 images
     return out / "cohort.toml"
 
 
@@ -292,7 +293,7 @@ def test_dp_run_spends_from_each_sites_ledger(small_cohort, tmp_path):
     """dp=true on the simulation engine: GroupNorm models, both arms of every round spend
     from the training site's own ledger (on its disk), and the ε the run reports for each
     site is what that ledger composes to; the held-out site has no ledger."""
-    from common.privacy import PrivacyLedger
+    from common.privacy import PrivacyLedger, Spend, compose_epsilon
 
     root = small_cohort.parent
     for site in ("site1", "site2", "site3"):
@@ -306,12 +307,28 @@ def test_dp_run_spends_from_each_sites_ledger(small_cohort, tmp_path):
     for site, row in privacy.items():
         ledger = PrivacyLedger(root / site / ".fedcxr" / "ledger.jsonl")
         done = [e for e in ledger.entries() if e["status"] == "completed"]
+        counts = [e for e in done if e["arm"] == "label-counts"]
+        done = [e for e in done if e["arm"] != "label-counts"]
         assert sorted((e["round"], e["arm"]) for e in done) == [
             (1, "federated"), (1, f"single:{site}"), (2, "federated"), (2, f"single:{site}")]
         assert all(e["run_id"] == "dp" for e in done)
+        # the label counts behind pos_weight and prevalence: one noised release per run
+        assert len(counts) == 1 and (counts[0]["steps"], counts[0]["sample_rate"]) == (1, 1.0)
         total = ledger.epsilon(done[0]["delta"])
         assert row["epsilon"] == pytest.approx(total, rel=1e-6)
-        assert 0 < total <= 4.0 * 1.01  # the run's target, spread over its 4 units
+        training = compose_epsilon([Spend(e["steps"], e["sample_rate"], e["noise_multiplier"])
+                                    for e in done], done[0]["delta"], "prv")
+        assert 0 < training <= 4.0 * 1.01  # the run's target, over its 4 units
+        assert total > training  # the label-count release is composed in as well
+        assert row["delta"] == done[0]["delta"] <= 1e-5
+        released = {r["statistic"]: r for r in results["releases"] if r["site"] == site}
+        assert released["model weights"]["covered_by_dp"]
+        assert released["label counts (prevalence; pos_weight used in training)"][
+            "covered_by_dp"]
+        roc = released["validation ROC counts"]
+        assert not roc["covered_by_dp"] and not roc["sent"] and "withheld" in roc["note"]
+    # ... and indeed no site sent ROC counts: no threshold could be fixed from them
+    assert all(t == {} for t in results["provenance"]["config"]["thresholds"].values())
     assert not (root / "site3" / ".fedcxr" / "ledger.jsonl").exists()
     arms = checkpoint_arms(tmp_path / "dp" / "checkpoints" / "round-002.pt")
     assert not any("running_mean" in k for k in arms["federated"])  # GroupNorm under DP
@@ -587,3 +604,58 @@ def test_a_budget_that_fits_one_arm_but_not_both_refuses_before_either_trains(
     assert wire.refusal(reply) is wire.Refusal.BUDGET, reply.error.reason
     assert "federated, single:site1" in reply.error.reason and "is left" in reply.error.reason
     assert not ledger_path.exists()  # no unit started: no ε spent for nothing
+
+
+@pytest.mark.parametrize("mode", ["fixed-server", "fixed-client", "adaptive-client"])
+def test_client_level_dp_runs_flowers_wrappers_and_reports_the_sites_epsilon(
+        small_cohort, tmp_path, mode):
+    """client-dp wraps the federated strategy in Flower's own DP wrapper (clipping at the
+    server, or by Flower's clipping mods at the clients, which see only the federated arm);
+    with a tiny clipping norm the global model moves by at most that norm per round (a
+    clipped mean plus negligible noise), the single-site arms are untouched by it, and
+    results.json carries the client-level ε of the aggregated rounds."""
+    from common.privacy import Spend, compose_epsilon, default_delta
+
+    clip = 1e-3
+    code = simulate(small_cohort, {**CONFIG, "out-dir": str(tmp_path), "run-name": "cdp",
+                                   "client-dp": mode, "client-noise-multiplier": 1e-5,
+                                   "client-clipping-norm": clip})
+    assert code == 0
+    results = json.loads((tmp_path / "cdp" / "results.json").read_text())
+    row = results["client_dp"]
+    assert (row["mode"], row["rounds"], row["sites"]) == (mode, 2, 2)
+    # noise 1e-5 (so that the noise, sigma C / sites per weight, stays below the clipping
+    # bound over 7M weights): no meaningful ε, reported as such, never as a small number
+    bound = compose_epsilon([Spend(2, 1.0, 1e-5)], default_delta(2), "prv")
+    assert (row["epsilon"] is None and bound == math.inf) or row["epsilon"] == bound > 1e4
+    ckpt = tmp_path / "cdp" / "checkpoints"
+    one, two = checkpoint_arms(ckpt / "round-001.pt"), checkpoint_arms(ckpt / "round-002.pt")
+    step = np.sqrt(sum(float(((two["federated"][k] - one["federated"][k]) ** 2).sum())
+                       for k in one["federated"] if one["federated"][k].dtype.kind == "f"))
+    bound = row["final_clipping_norm"] if mode.startswith("adaptive") else clip
+    assert 0 < step <= bound * 1.05 + 1e-4, (step, bound)
+    own = np.sqrt(sum(float(((two["single:site1"][k] - one["single:site1"][k]) ** 2).sum())
+                      for k in one["single:site1"] if one["single:site1"][k].dtype.kind == "f"))
+    assert own > 100 * clip  # the site's own model is not clipped
+    if mode.startswith("adaptive"):
+        assert row["final_clipping_norm"] != clip  # the norm adapted to the updates
+
+
+def test_client_level_epsilon_matches_dp_accounting():
+    """The client-level ε: rounds of the Gaussian mechanism (every site each round), as
+    Google's dp-accounting composes them."""
+    from dp_accounting import dp_event, pld
+
+    from common.config import RunConfig
+    from server.app import client_dp_row
+    from server.state import RunState
+
+    run = RunConfig(client_dp="fixed-server", client_noise_multiplier=1.2)
+    st = RunState(trained={"federated": [1, 2, 3, 5]}, strategy={"clipping_norm": 0.7})
+    row = client_dp_row(run, st, 4)
+    acc = pld.PLDAccountant()
+    acc.compose(dp_event.GaussianDpEvent(1.2), 4)
+    assert row["rounds"] == 4 and row["delta"] == pytest.approx(1e-5)
+    assert row["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=0.02)
+    assert row["final_clipping_norm"] == 0.7
+    assert client_dp_row(RunConfig(), st, 4) is None

@@ -37,15 +37,24 @@ def test_train_nodes_grid_forwards_every_grid_method():
         assert list(ours) == list(theirs), name
 
 
-def test_fedopt_state_is_the_three_attributes_we_checkpoint():
-    from flwr.serverapp.strategy import FedAdam
+def test_strategy_state_is_the_attributes_we_checkpoint():
+    """FedOpt's state (current arrays, m_t, v_t) and adaptive clipping's current norm."""
+    from flwr.serverapp.strategy import (
+        DifferentialPrivacyServerSideAdaptiveClipping,
+        FedAdam,
+        FedAvg,
+    )
 
     from server.strategy import STATE_KEYS
 
     strategy = FedAdam()
-    for key in STATE_KEYS:
-        assert hasattr(strategy, key), key
+    for key in ("current_arrays", "m_t", "v_t"):
+        assert key in STATE_KEYS and hasattr(strategy, key), key
     assert "self.m_t" in inspect.getsource(type(strategy).__mro__[1])
+    adaptive = DifferentialPrivacyServerSideAdaptiveClipping(FedAvg(), 1.0, 2,
+                                                             clipped_count_stddev=1.0)
+    assert "clipping_norm" in STATE_KEYS and hasattr(adaptive, "clipping_norm")
+    assert "self.clipping_norm" in inspect.getsource(type(adaptive)._geometric_update)
 
 
 def test_flower_logs_through_the_flwr_logger():

@@ -205,7 +205,8 @@ def test_replicates_of_a_tiny_run_with_the_pooled_reference(tmp_path, capfd):
     from common.synth import SynthOptions, generate
 
     generate(tmp_path / "cohort", SynthOptions(sites=3, held_out=1, images_per_site=40,
-                                               size=64, seed=2, scenario="shift"))
+                                               size=64, seed=2, scenario="shift",
+                                               min_cell=1))
     cohort = tmp_path / "cohort" / "cohort.toml"
     labels = ",".join(tomllib.loads(cohort.read_text())["primary-labels"])
     root = run_replicates(cohort, {"num-rounds": 1, "image-size": 32, "batch-size": 16,

@@ -8,6 +8,7 @@ import json
 import math
 import multiprocessing as mp
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -249,8 +250,9 @@ def test_train_local_and_the_node_share_a_ledger_for_one_data_folder(cohort, tmp
     ledger = open_site({"data-path": str(data)}, RunConfig()).ledger("prv")
     assert ledger.path == default_ledger_path(data)
     done = [e for e in ledger.verify() if e["status"] == "completed"]
-    assert [e["run_id"] for e in done] == ["train-local"]
-    assert done[0]["privacy_unit"] == "patient"
+    assert [(e["run_id"], e["arm"]) for e in done] == [("train-local", "label-counts"),
+                                                      ("train-local", "local")]
+    assert all(e["privacy_unit"] == "patient" for e in done)
 
 
 def test_an_image_level_release_states_the_group_privacy_bound_per_patient():
@@ -272,3 +274,113 @@ def test_an_image_level_release_states_the_group_privacy_bound_per_patient():
         privacy_unit="patient", n_units=40, max_images_per_patient=3).encode())
     row = privacy_row(RunConfig(dp=True), Node(1, patient), 1.5)
     assert (row["patient_epsilon"], row["patient_delta"], row["n_units"]) == (1.5, 2e-6, 40)
+
+
+def test_unit_label_counts_match_brute_force(train):
+    from common.releases import unit_counts
+
+    labels = train.labels()
+    patients = train.cache.index["patient_id"].to_numpy()[train.rows]
+    pos, neg = unit_counts(train, "patient")
+    for k in range(labels.shape[1]):
+        want_pos = want_neg = 0
+        for pid in set(patients):
+            values = labels[patients == pid, k]
+            values = values[~np.isnan(values)]
+            if len(values):
+                want_pos += int((values == 1).any())
+                want_neg += int(not (values == 1).any())
+        assert (pos[k], neg[k]) == (want_pos, want_neg)
+    img_pos, img_neg = unit_counts(train, "image")
+    assert img_pos.tolist() == np.nansum(labels == 1, axis=0).tolist()
+
+
+def test_the_label_count_release_is_accounted_once_and_noised_as_stated(train, tmp_path):
+    """One release per run (a second use reads it back, spending nothing); its noise has the
+    stated standard deviation z sqrt(14) (checked over repeated releases); its ε is the
+    Gaussian mechanism's, as Google's dp-accounting computes it."""
+    from dp_accounting import dp_event, pld
+
+    from common.releases import SENSITIVITY, released_counts, unit_counts
+
+    ledger = PrivacyLedger(tmp_path / "ledger.jsonl", site="s")
+    kw = dict(privacy_unit="image", ledger=ledger, delta=1e-5, max_epsilon=50.0,
+              noise_multiplier=2.0, run_id="r", n_units=len(train))
+    first = released_counts(train, store=tmp_path / "c.json", **kw)
+    again = released_counts(train, store=tmp_path / "c.json", **kw)
+    assert again == first and first.noised
+    assert [e["arm"] for e in ledger.verify()] == ["label-counts", "label-counts"]
+    pld_acc = pld.PLDAccountant()
+    pld_acc.compose(dp_event.GaussianDpEvent(2.0))
+    assert first.epsilon_alone == pytest.approx(pld_acc.get_epsilon(1e-5), rel=0.02)
+    exact, _ = unit_counts(train, "image")
+    fast = {**kw, "max_epsilon": math.inf,  # the analytic accountant: 120 releases quickly
+            "ledger": PrivacyLedger(tmp_path / "many.jsonl", accountant="rdp")}
+    errors = np.array([
+        np.asarray(released_counts(train, store=tmp_path / f"c{k}.json", **fast).pos) - exact
+        for k in range(120)])
+    assert abs(errors.mean()) < 0.3 * 2.0 * SENSITIVITY
+    assert errors.std() == pytest.approx(2.0 * SENSITIVITY, rel=0.1)
+
+
+def test_under_dp_class_weights_never_come_from_the_exact_labels(train, tmp_path,
+                                                                 monkeypatch):
+    import common.training as training
+
+    def forbidden(*a, **k):
+        raise AssertionError("pos_weight computed from the exact training labels under DP")
+
+    monkeypatch.setattr(training, "pos_weight_from", forbidden)
+    plan = DPPlan(DPConfig(target_epsilon=4.0, max_epsilon=50.0),
+                  PrivacyLedger(tmp_path / "l.jsonl"), pos_weight=np.full(14, 3.0))
+    local_train(build(), train, TrainConfig(epochs=1, batch_size=8, max_steps=1), dp=plan)
+    with pytest.raises(AssertionError, match="exact training labels"):
+        local_train(build(), train, TrainConfig(epochs=1, batch_size=8, max_steps=1))
+
+
+@pytest.mark.parametrize("n", [3, 9, 10, 25, 300])
+def test_released_roc_bins_hold_at_least_min_cell_images(n):
+    from common.evaluation.disclosure import merge_roc_cells, released_bins
+    from common.evaluation.metrics import choose_threshold, roc_counts
+
+    rng = np.random.default_rng(n)
+    y = rng.integers(0, 2, n).astype(float)
+    y[0], y[-1] = 0, 1
+    pos, neg = roc_counts(y, rng.random(n))
+    mpos, mneg = merge_roc_cells(pos, neg, 10)
+    bins = released_bins(mpos, mneg)
+    if n < 10:
+        assert bins == [] and mpos.sum() == 0 and mneg.sum() == 0
+        return
+    assert min(bins) >= 10 and sum(bins) == n
+    assert (mpos[0], mneg[0]) == (pos[0], neg[0])  # totals kept
+    assert np.all(np.diff(mpos) <= 0) and np.all(np.diff(mneg) <= 0)
+    assert 0.0 <= choose_threshold(mpos, mneg, "youden") <= 1.0
+
+
+def test_subgroup_cells_under_min_cell_release_no_count():
+    import pandas as pd
+
+    from common.evaluation.subgroups import subgroup_table
+
+    rng = np.random.default_rng(0)
+    meta = pd.DataFrame({"sex": ["F"] * 4 + ["M"] * 60, "age": [50.0] * 64,
+                         "view": ["PA"] * 64, "manufacturer": ["x"] * 64})
+    y = rng.integers(0, 2, 64).astype(float)
+    rows = subgroup_table(meta, y, rng.random(64), 0.5, min_size=30, min_cell=10)
+    women = next(r for r in rows if r["attribute"] == "sex" and r["group"] == "F")
+    men = next(r for r in rows if r["attribute"] == "sex" and r["group"] == "M")
+    assert women["n"] is None and women["prevalence"] is None and "suppressed" in \
+        women["status"]
+    assert men["n"] == 60 and men["status"] == "ok"
+
+
+def test_vanishing_noise_falls_back_to_the_rdp_bound_instead_of_exhausting_memory():
+    """PRV's grid grows without bound as the noise vanishes (noise 0.001 was killed for
+    memory): below PRV_MIN_NOISE the analytic RDP upper bound is used."""
+    from common.privacy import PRV_MIN_NOISE
+
+    tiny = [Spend(2, 1.0, PRV_MIN_NOISE / 50)]
+    assert compose_epsilon(tiny, 1e-5, "prv") == compose_epsilon(tiny, 1e-5, "rdp") > 1e4
+    fine = [Spend(2, 1.0, 1.0)]
+    assert compose_epsilon(fine, 1e-5, "prv") < compose_epsilon(fine, 1e-5, "rdp")

@@ -56,6 +56,7 @@ class EvaluationOptions:
     gradcam_dir: Path | None = None
     gradcam_images: int = 4
     min_subgroup: int = 30
+    min_cell: int = 10  # no released count rests on fewer images (node config min-cell)
     level: float = 0.95
     primary_labels: list[str] | None = None  # the primary endpoint's labels (macro-AUC)
     primary_pairs: list[tuple[str, str]] | None = None  # (model_a, model_b) compared on the
@@ -217,7 +218,8 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
                                "fpr": (neg_ge[pick] / max(n_neg, 1)).tolist()})
             if meta is not None:
                 for row in subgroup_table(meta, y, score, thresholds[name].get(label, 0.5),
-                                          min_size=options.min_subgroup):
+                                          min_size=options.min_subgroup,
+                                          min_cell=options.min_cell):
                     out["subgroups"].append({"site": site, "model": name, "label": label,
                                              **row})
         for a, b in pairs:

@@ -28,6 +28,11 @@
 - ``privacy``: rows of site, epsilon, delta, max_epsilon, accountant, privacy_unit,
   n_units, max_images_per_patient, patient_epsilon / patient_delta (the group-privacy bound
   at image level; equal to epsilon / delta at patient level).
+- ``client_dp``: the federated arm's client-level guarantee under ``client-dp`` (mode,
+  noise_multiplier, clipping_norm, final_clipping_norm, rounds, sites, epsilon, delta), or
+  null.
+- ``releases``: rows of site, role, statistic, message, covered_by_dp, epsilon (that
+  mechanism's own ε where covered), note (how an uncovered statistic is protected).
 - ``screening``: update-screening counts and rejections (federation runs).
 - ``provenance``: code version, config, seeds, data fingerprints, created.
 """
@@ -131,7 +136,8 @@ PRIMARY = "primary (macro-AUC)"
 def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, federated: str,
                   protocol: Protocol, privacy: list[dict] | None = None,
                   screening: dict | None = None, config: dict | None = None,
-                  fingerprints: dict | None = None, internal: dict | None = None) -> dict:
+                  fingerprints: dict | None = None, internal: dict | None = None,
+                  releases: list[dict] | None = None, client_dp: dict | None = None) -> dict:
     """results.json: the evaluator's tables, the primary endpoint's verdict (decided by
     ``common.evaluation.verdict``) and the secondary per-label family."""
     comparisons = adjust_comparisons(evaluation.get("comparisons", []), protocol.correction)
@@ -175,6 +181,8 @@ def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, fed
         "shift": evaluation.get("shift", []),
         "verdict": decided,
         "privacy": privacy or [],
+        "releases": releases or [],
+        "client_dp": client_dp,
         "screening": screening or {},
         "provenance": {"code_version": code_version(), "config": config or {},
                        "data_fingerprints": fingerprints or {},
@@ -390,6 +398,18 @@ def _arm_drops(results: dict) -> Table | None:
                    for d in rows])
 
 
+def _client_dp_sentence(row: dict | None) -> str | None:
+    if not row:
+        return None
+    eps = f"{row['epsilon']:.2f}" if row.get("epsilon") is not None else "∞ (no finite bound)"
+    return (f"Client-level DP ({row['mode']}, Flower's wrapper): each site's whole contribution "
+            f"to the federated model is protected at ε = {eps}, δ = "
+            f"{row['delta']:.1e} over {row['rounds']} aggregated round(s) of {row['sites']} "
+            f"site(s) (noise multiplier {row['noise_multiplier']:g}, clipping norm "
+            f"{row['clipping_norm']:g}, finally {row['final_clipping_norm']:.3g}; "
+            f"{row['accountant']} accountant). The single-site models are not covered by it.")
+
+
 def _patient_bound(row: dict) -> str:
     """What a privacy row guarantees a patient: ε itself at patient level, else the group
     privacy bound for the site's largest number of images per patient."""
@@ -491,6 +511,12 @@ def render_html(results: dict) -> str:
                             _fmt(p.get("max_epsilon"), 2), p.get("accountant", ""),
                             p.get("privacy_unit", "image"), _patient_bound(p)]
                            for p in results["privacy"]]) if results.get("privacy") else None,
+        "releases": _table(["site", "statistic", "message", "covered by DP", "ε", "note"],
+                           [[r["site"], r["statistic"], r["message"],
+                             "yes" if r["covered_by_dp"] else "no (declared)",
+                             _fmt(r.get("epsilon"), 2), r["note"]]
+                            for r in results["releases"]]) if results.get("releases") else None,
+        "client_dp": _client_dp_sentence(results.get("client_dp")),
         "provenance": json.dumps(results.get("provenance", {}), indent=1),
     }
     return _environment().from_string(TEMPLATE).render(**context)

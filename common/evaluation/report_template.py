@@ -56,6 +56,12 @@ change), per model.</p>
 <h2>Privacy</h2>
 {{ privacy_figure }}
 {% if privacy %}{{ table(privacy) }}{% endif %}
+{% if client_dp %}<p>{{ client_dp }}</p>{% endif %}
+{% if releases %}<h3>What each site released</h3>
+<p>Every statistic a site sent, and whether differential privacy covers it (ε: that
+mechanism's own ε at the site's δ; the site's total is in the table above). Statistics not
+covered are sent exactly, under the small-cell rule in the note.</p>
+{{ table(releases) }}{% endif %}
 <h2>Provenance</h2>
 <pre>{{ provenance }}</pre>
 </body></html>

@@ -29,8 +29,10 @@ def age_band(age: float) -> str:
 
 
 def subgroup_table(meta: pd.DataFrame, y: np.ndarray, score: np.ndarray, threshold: float,
-                   *, min_size: int = 30) -> list[dict]:
-    """Rows of attribute, group, n, prevalence, auc, ci, sensitivity, specificity, gap."""
+                   *, min_size: int = 30, min_cell: int = 10) -> list[dict]:
+    """Rows of attribute, group, n, prevalence, auc, ci, sensitivity, specificity, gap. A
+    group of fewer than ``min_cell`` images releases neither its size nor its prevalence
+    (a cell of 4 is four patients' data in disguise)."""
     frame = meta.assign(age_band=[age_band(a) for a in meta["age"]])
     rows = []
     for attr in ATTRIBUTES:
@@ -43,7 +45,10 @@ def subgroup_table(meta: pd.DataFrame, y: np.ndarray, score: np.ndarray, thresho
             row = {"attribute": attr, "group": group, "n": int(known.sum()),
                    "prevalence": float(np.nanmean(yk)) if known.any() else None,
                    "status": "ok"}
-            if row["n"] < min_size:
+            if row["n"] < min_cell:
+                row.update(n=None, prevalence=None,
+                           status=f"fewer than {min_cell} images (suppressed)")
+            elif row["n"] < min_size:
                 row["status"] = "too small"
             else:
                 try:

@@ -55,6 +55,9 @@ class SynthOptions:
     scenario: str = ""  # a known-answer scenario (common.synth.scenarios); "": the default mix
     severity: tuple[float, float] = (0.15, 1.0)  # findings' strength, subtle ... obvious
     conspicuity: float = 1.0  # multiplies the opacity drawn findings add (phantom.render)
+    # Each site's node config min-cell in simulation (0: the node default, 10). Tiny test
+    # cohorts set 1: their validation splits of a few images would release nothing.
+    min_cell: int = 0
 
 
 @dataclass
@@ -338,6 +341,8 @@ def write_cohort_toml(out: Path, opts: SynthOptions, profiles: list[SiteProfile]
                   f"label-noise = {toml_value(opts.label_noise.get(p.name, 0.0))}",
                   f"images = {counts[p.name]['images']}",
                   f"patients = {counts[p.name]['patients']}"]
+        if opts.min_cell:
+            lines.append(f"min-cell = {opts.min_cell}")
         lines.append("[site.acquisition]")
         for k, v in p.acquisition.as_dict().items():
             lines.append(f"{k.replace('_', '-')} = {toml_value(v)}")

@@ -45,7 +45,9 @@ class Cluster:
 
     def start(self, name: str, command: list[str], environment: dict | None = None) -> None:
         env = {**os.environ, **self.env, **(environment or {})}
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # The site image's PATH: the site's own flwr-clientapp (code approval) comes first.
+        env["PATH"] = os.pathsep.join([str(ROOT / "deploy" / "site-bin"),
+                                       str(Path(sys.executable).parent), env.get("PATH", "")])
         log = open(self.logs / f"{name}.log", "ab")
         self.procs[name] = subprocess.Popen(command, env=env, stdout=log,
                                             stderr=subprocess.STDOUT, start_new_session=True,

@@ -21,6 +21,7 @@ import httpx
 import pytest
 
 from cli.simulate import submit_and_wait
+from common.approvals import fab_hash
 from common.synth import SynthOptions, generate
 from tests.e2e.compose import ROOT, Cluster, load_services, sweep, wait_for
 
@@ -33,6 +34,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def build_fab(project: Path, out: Path) -> Path:
+    """``flwr build`` of ``project``: the .fab a coordinator sends its sites for review."""
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run([str(Path(sys.executable).parent / "flwr"), "build", "--app", str(project)],
+                   check=True, capture_output=True, cwd=out)
+    return next(out.glob("*.fab"))
 
 
 def port_open(port: int) -> bool:
@@ -52,6 +61,13 @@ class Federation:
             subprocess.run(["bash", str(ROOT / "deploy" / "site-key.sh"), str(tmp / "keys"),
                             name], check=True, capture_output=True)
         generate(tmp / "cohort", SynthOptions(images_per_site=30, size=64, seed=2))
+        # Every node requires approval (docker-compose.yml): each site approves the app the
+        # coordinator built, as a hospital would after review.
+        self.fab = build_fab(ROOT, tmp / "fab")
+        for site in SITES:
+            subprocess.run([sys.executable, "-m", "cli.main", "site", "approve", str(self.fab),
+                            "--state", str(tmp / "state" / site), "--note", "e2e"],
+                           check=True, capture_output=True, cwd=ROOT)
         self.env = {"CERTS_DIR": str(tmp / "certs"), "KEYS_DIR": str(tmp / "keys"),
                     "STATE_DIR": str(tmp / "state"), "DATA_ROOT": str(tmp / "cohort"),
                     # The SuperLink's in-memory state: with five nodes on two cores, Flower
@@ -183,11 +199,15 @@ def test_full_run_over_tls_with_node_auth(fed):
     assert probe == {"site4": True, "site5": True}  # held-out nodes refuse to train
     assert (fed.tmp / "runs" / "full" / "report.html").is_file()
     assert results["verdict"]["overall"].startswith("H1")
+    # each site's audit log names the approved app that handled every message
+    audit = [json.loads(x) for x in (fed.tmp / "state" / "site1" / "audit.jsonl")
+             .read_text().splitlines()]
+    assert audit and {e["fab_hash"] for e in audit} == {fab_hash(fed.fab.read_bytes())}
 
 
 def test_training_supernode_killed_mid_round(fed):
     """site3 dies while training in round 1. The round goes on without it after
-    round-timeout; the run completes, and the results say which arm is incomplete and why.
+    round-timeout; the run completes, and the results say which arm never trained and why.
     (Its hospital then restarts the node: the SuperLink accepts the key again once the dead
     node's heartbeat has expired.)"""
     name = "dropout"
@@ -211,11 +231,47 @@ def test_training_supernode_killed_mid_round(fed):
     status, results = done["result"]
     assert status == "finished:completed"
     arms = {a["name"]: a for a in results["arms"]}
-    assert arms["single:site3"]["status"] == "incomplete"
+    # site3 never came back during the run: its own model never trained, so it is reported
+    # as such and evaluated nowhere (no verdict on initial weights)
+    assert arms["single:site3"]["status"] == "not trained"
     assert "site site3 failed in round 1" in arms["single:site3"]["reason"]
+    assert "single:site3" in results["verdict"]["untrained"]
+    assert not any(r["model"] == "single:site3" for r in results["external"])
     assert arms["federated"]["status"] == "complete"
     assert {f["site"] for f in results["screening"]["failures"]} == {"site3"}
     assert 1 in {f["round"] for f in results["screening"]["failures"]}
+
+
+def test_an_app_the_sites_did_not_approve_never_runs(fed, tmp_path):
+    """The same app with one byte changed has another FAB hash: every node's launcher
+    refuses it before installing it, so none of its code runs; the refusal reaches the
+    coordinator and the sites' caches, ledgers and audit logs are untouched."""
+    import shutil
+
+    copy = tmp_path / "app"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "__pycache__", "runs", "*.egg-info", ".pytest_cache", "demo-cohort"))
+    readme = copy / "README.md"
+    readme.write_bytes(readme.read_bytes() + b" ")
+    assert build_fab(copy, tmp_path / "fab").name != fed.fab.name  # another hash
+    state = fed.tmp / "state"
+
+    def snapshot() -> dict:
+        return {str(p.relative_to(state)): (p.stat().st_size, p.stat().st_mtime_ns)
+                for p in state.rglob("*") if p.is_file() and "approvals" not in p.name}
+
+    before = snapshot()
+    marks = {site: fed.cluster.log(site).count("has not approved this app") for site in SITES}
+    rc = fed.tmp / "unapproved.toml"
+    rc.write_text(f'num-rounds = 1\nimage-size = 32\nout-dir = "{fed.tmp / "runs"}"\n'
+                  f'run-name = "unapproved"\nround-timeout = 60.0\n')
+    _, status = submit_and_wait(copy, "e2e", rc, fed.cli_env, timeout=300, show_log=False)
+    assert status != "finished:completed", status
+    for site in SITES:
+        wait_for(lambda s=site: fed.cluster.log(s).count("has not approved this app")
+                 > marks[s], 60, f"{site} to refuse the unapproved app")
+    assert snapshot() == before  # no cache, ledger, score or audit line written
+    assert not (fed.tmp / "runs" / "unapproved" / "results.json").exists()
 
 
 def test_superlink_killed_mid_run_then_resumed(fed):
