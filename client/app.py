@@ -95,8 +95,9 @@ def query(msg: Message, context: Context) -> Message:
     private = run.dp and site.role == "train"
     if private:
         ledger = site.ledger(run.accountant)
-        n_units = len(dp_dataset(splits["train"], run.privacy_unit))
-        per_patient = max((len(g) for g in patient_groups(splits["train"])), default=0)
+        groups = patient_groups(splits["train"])
+        n_units = len(groups) if run.privacy_unit == "patient" else len(splits["train"])
+        per_patient = max(map(len, groups), default=0)
         delta = DPConfig(accountant=run.accountant).delta_for(n_units)
         annotated = np.array([p >= 0 for p in prevalences])  # the site's label schema
         if not site.config.release_exact_counts:

@@ -248,10 +248,17 @@ class PrivacyLedger:
         return compose_epsilon(self.spends(), delta, self.accountant)
 
     def spent(self) -> float:
-        """The site's ε so far, at the δ its last entry was accounted at (0: nothing yet)."""
+        """The site's ε so far, at the δ its last entry was accounted at (0: nothing yet).
+        Every entry records the ε of the whole ledger as of that line (hash-chained, so it is
+        what was computed then): read, not recomposed."""
         entries = self.verify()
-        delta = entries[-1].get("delta") if entries else None
-        return compose_epsilon(self.spends(entries), delta, self.accountant) if delta else 0.0
+        if not entries:
+            return 0.0
+        last = entries[-1]
+        if isinstance(last.get("epsilon"), int | float) and last.get("delta"):
+            return float(last["epsilon"])
+        return compose_epsilon(self.spends(entries), last["delta"], self.accountant) \
+            if last.get("delta") else 0.0
 
     def privacy_units(self) -> set[str]:
         """The privacy units the ledger's entries were trained at (entries written before the

@@ -384,3 +384,15 @@ def test_vanishing_noise_falls_back_to_the_rdp_bound_instead_of_exhausting_memor
     assert compose_epsilon(tiny, 1e-5, "prv") == compose_epsilon(tiny, 1e-5, "rdp") > 1e4
     fine = [Spend(2, 1.0, 1.0)]
     assert compose_epsilon(fine, 1e-5, "prv") < compose_epsilon(fine, 1e-5, "rdp")
+
+
+def test_the_ledgers_running_epsilon_is_its_composition(tmp_path):
+    """Each line records the ε of the whole ledger as of that line; the audit log reads it
+    instead of recomposing: it must be what composing the ledger gives."""
+    ledger = _ledger(tmp_path, 2)
+    unit = ledger.reserve([PlannedUnit(Spend(80, 0.05, 1.1), "single:s", 3, "r")], 1e-5,
+                          math.inf)[0]
+    assert ledger.spent() == pytest.approx(ledger.epsilon(1e-5))
+    ledger.complete(unit, Spend(20, 0.05, 1.1), 1e-5, run_id="r", arm="single:s", round=3)
+    assert ledger.spent() == pytest.approx(ledger.epsilon(1e-5))
+    assert PrivacyLedger(tmp_path / "none.jsonl").spent() == 0.0
