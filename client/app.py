@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -133,6 +134,10 @@ def sends_roc_counts(run: RunConfig, site) -> bool:
     return not run.dp or site.config.release_exact_counts
 
 
+def _counts_store(site, run_id: int) -> Path:
+    return site.state_dir / "releases" / f"label-counts-run{run_id}.json"
+
+
 def label_counts(run: RunConfig, site, train, run_id: int) -> LabelCounts:
     """The training split's label counts as this run may use them: under DP the run's one
     noised release (made on first use, in the ledger; ``common.releases``), else exact."""
@@ -141,7 +146,7 @@ def label_counts(run: RunConfig, site, train, run_id: int) -> LabelCounts:
     n_units = len(dp_dataset(train, run.privacy_unit))
     return released_counts(
         train, privacy_unit=run.privacy_unit, ledger=site.ledger(run.accountant),
-        store=site.state_dir / "releases" / f"label-counts-run{run_id}.json",
+        store=_counts_store(site, run_id),
         delta=DPConfig(accountant=run.accountant).delta_for(n_units),
         max_epsilon=site.config.budget, noise_multiplier=run.count_noise_multiplier,
         run_id=str(run_id), n_units=n_units)
@@ -211,15 +216,35 @@ def _train_config(run: RunConfig, task: wire.ArmTask, mu: float) -> TrainConfig:
                        proximal_mu=mu, seed=task.seed)
 
 
+def _planned(run: RunConfig, site, request: wire.TrainRequest, train):
+    """The arms this message would train: (tasks, their DP plans, their planned units)."""
+    tasks = [t for t in (request.first, request.single) if t is not None]
+    plans = [_dp_plan(run, site, request, t) for t in tasks]
+    planned = [p.planned(train, _train_config(run, t, 0.0))
+               for t, p in zip(tasks, plans, strict=True)]
+    return tasks, plans, planned
+
+
+def check_message_budget(run: RunConfig, site, request: wire.TrainRequest, train,
+                         run_id: int) -> None:
+    """Before anything is released: the label-count release this run still needs (if any)
+    and every arm of the message, against the site's budget together, so a budget that
+    fits the counts but not the training spends nothing on either."""
+    tasks, plans, planned = _planned(run, site, request, train)
+    spends = [u.spend for u, _ in planned]
+    if not _counts_store(site, run_id).exists():
+        spends.append(Spend(1, 1.0, run.count_noise_multiplier))
+    plans[0].ledger.check(spends, planned[0][1], site.config.budget,
+                          f"round {request.server_round} ({', '.join(t.arm for t in tasks)}"
+                          f"{', label counts' if len(spends) > len(tasks) else ''})")
+
+
 def reserve_budget(run: RunConfig, site, request: wire.TrainRequest, train) -> dict[str, str]:
     """Every arm this message would train, checked against the site's budget at once and
     recorded as started, under the ledger's lock, before any trains: a budget that covers
     the federated arm but not both never spends ε on a reply that cannot leave
     (BudgetExceeded names what is left). Returns arm -> reserved ledger unit."""
-    tasks = [t for t in (request.first, request.single) if t is not None]
-    plans = [_dp_plan(run, site, request, t) for t in tasks]
-    planned = [p.planned(train, _train_config(run, t, 0.0))
-               for t, p in zip(tasks, plans, strict=True)]
+    tasks, plans, planned = _planned(run, site, request, train)
     units = plans[0].ledger.reserve(
         [u for u, _ in planned], planned[0][1], site.config.budget,
         what=f"round {request.server_round} ({', '.join(t.arm for t in tasks)})",
@@ -270,6 +295,7 @@ def train(msg: Message, context: Context) -> Message:
     pos_weight = None
     try:
         if run.dp:
+            check_message_budget(run, site, request, splits["train"], context.run_id)
             pos_weight = label_counts(run, site, splits["train"], context.run_id).pos_weight(
                 TrainConfig().pos_weight_cap)
             reserved = reserve_budget(run, site, request, splits["train"])
