@@ -55,7 +55,7 @@ from common.labels import LABELS
 from common.model import build_model
 from common.privacy import BudgetExceeded, DPConfig, LedgerError, Spend
 from common.records import from_record, to_record
-from common.releases import LabelCounts, exact_counts, released_counts
+from common.releases import LabelCounts, released_counts
 from common.training import (
     DPPlan,
     TrainConfig,
@@ -139,10 +139,8 @@ def _counts_store(site, run_id: int) -> Path:
 
 
 def label_counts(run: RunConfig, site, train, run_id: int) -> LabelCounts:
-    """The training split's label counts as this run may use them: under DP the run's one
-    noised release (made on first use, in the ledger; ``common.releases``), else exact."""
-    if not run.dp:
-        return exact_counts(train, run.privacy_unit)
+    """The run's one noised release of the training split's label counts (made on first
+    use, in the ledger; ``common.releases``); used only under DP."""
     n_units = len(dp_dataset(train, run.privacy_unit))
     return released_counts(
         train, privacy_unit=run.privacy_unit, ledger=site.ledger(run.accountant),

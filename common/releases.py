@@ -99,11 +99,6 @@ def released_counts(train: CachedImages, *, privacy_unit: str, ledger: PrivacyLe
         return counts
 
 
-def exact_counts(train: CachedImages, privacy_unit: str) -> LabelCounts:
-    pos, neg = unit_counts(train, privacy_unit)
-    return LabelCounts(pos.tolist(), neg.tolist(), False)
-
-
 @dataclass(frozen=True)
 class Release:
     """One statistic a site sends: in which message, and whether DP covers it."""

@@ -210,11 +210,11 @@ def local_train(
             log.warning("book-keeping clipping does not cover layer %s; using Opacus' "
                         "two-pass ghost clipping", layer)
             mode = "ghost"
-        planned_unit, delta = dp.planned(train, config)
-        planned = planned_unit.spend
+        planned, delta = planned_spend(len(data), config, dp)  # data: what DP-SGD samples
         noise = planned.noise_multiplier
         unit = dp.unit or dp.ledger.reserve(
-            [planned_unit], delta, dp.config.max_epsilon, what=f"arm {dp.arm} round {dp.round}",
+            [PlannedUnit(planned, dp.arm, dp.round, dp.run_id)], delta, dp.config.max_epsilon,
+            what=f"arm {dp.arm} round {dp.round}",
             privacy_unit=dp.privacy_unit, n=len(data))[0]
         engine = (BookkeepingPrivacyEngine if mode == "bk" else PrivacyEngine)(
             accountant=dp.config.accountant)
