@@ -19,8 +19,10 @@ Replies carry model weights and aggregate numbers only; see ``tests/test_federat
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +35,7 @@ from flwr.clientapp import ClientApp
 from client.mods import (
     client_dp_mod,
     fault_mod,
+    message_guard_mod,
     only_at,
     reply_audit_mod,
     role_mod,
@@ -42,6 +45,7 @@ from client.node import open_site, prevalence
 from common import protocol as wire
 from common.config import RunConfig, parse
 from common.data import patient_groups
+from common.errors import MessageRejected
 from common.evaluation.disclosure import merge_roc_cells
 from common.evaluation.external import (
     EvaluationOptions,
@@ -66,7 +70,8 @@ from common.training import (
 )
 
 log = logging.getLogger("flwr")
-app = ClientApp(mods=[site_audit_mod, reply_audit_mod, role_mod, client_dp_mod, fault_mod])
+app = ClientApp(mods=[site_audit_mod, reply_audit_mod, message_guard_mod, role_mod,
+                      client_dp_mod, fault_mod])
 
 
 def _setup(context: Context):
@@ -353,8 +358,21 @@ def internal(msg: Message, context: Context) -> Message:
     return Message(wire.StatisticsReply(result).encode(), reply_to=msg)
 
 
+def run_folder(parent: Path, run_name: str) -> Path:
+    """The folder a run's name becomes under ``parent``: the name reduced to a safe character
+    set (plus a hash of the original when that changed it, so two names never share a
+    folder), and checked to stay inside ``parent`` whatever the coordinator sent."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_name).lstrip(".")[:100] or "run"
+    if safe != run_name:
+        safe += "-" + hashlib.sha256(run_name.encode()).hexdigest()[:8]
+    folder = parent / safe
+    if not folder.resolve().is_relative_to(parent.resolve()):
+        raise MessageRejected(f"run-name {run_name[:60]!r} leads outside the site's state folder")
+    return folder
+
+
 def _external_store(site, run_name: str) -> ScoreStore:
-    return ScoreStore(site.state_dir / "external" / run_name)
+    return ScoreStore(run_folder(site.state_dir / "external", run_name))
 
 
 @app.evaluate("score", mods=[only_at("evaluate")])

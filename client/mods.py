@@ -97,8 +97,11 @@ def site_audit_mod(message: Message, context: Context, call_next: ClientAppCalla
             return None
 
     if kind.startswith(wire.TRAIN):
-        entry["arms"] = wire.message_arms(message.content)
-        entry["round"] = wire.server_round(message.content)
+        try:  # hostile content is logged as what it is; the guard mod refuses it
+            entry["arms"] = [a[:128] for a in wire.message_arms(message.content)]
+            entry["round"] = wire.server_round(message.content)
+        except Exception:  # noqa: BLE001
+            entry["round"] = None
     before = spent()
     audit = AuditLog(site.state_dir / AUDIT_FILE)
     try:
@@ -127,6 +130,25 @@ def site_audit_mod(message: Message, context: Context, call_next: ClientAppCalla
                            f"({exc.strerror}); nothing leaves the site unlogged: fix the "
                            "node's state folder (ledger-path / cache-path)")
     return reply
+
+
+def message_guard_mod(message: Message, context: Context, call_next: ClientAppCallable
+                      ) -> Message:
+    """Every value in a message is untrusted at the site. The protocol's decoders and the
+    weight loader raise ``MessageRejected`` for content off its schema (a missing key, a name
+    that is not a plain name, JSON past its bound, weights that do not fit this node's
+    model); this mod turns that into a refusal with its code (``Refusal.MALFORMED``), which
+    the audit mod outside it logs. Nothing of such a message is loaded or written."""
+    import logging
+
+    from common.errors import MessageRejected
+
+    try:
+        return call_next(message, context)
+    except MessageRejected as exc:
+        logging.getLogger("flwr").warning("refused a malformed %s message: %s",
+                                          message.metadata.message_type, exc)
+        return wire.refuse(message, wire.Refusal.MALFORMED, f"malformed message: {exc}")
 
 
 def client_dp_mod(message: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -198,5 +220,5 @@ def reply_audit_mod(message: Message, context: Context, call_next: ClientAppCall
     return reply
 
 
-__all__ = ["NodeConfig", "client_dp_mod", "fault_mod", "only_at", "reply_audit_mod", "role_mod",
-           "site_audit_mod"]
+__all__ = ["NodeConfig", "client_dp_mod", "fault_mod", "message_guard_mod", "only_at",
+           "reply_audit_mod", "role_mod", "site_audit_mod"]

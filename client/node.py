@@ -96,7 +96,8 @@ def open_site(node_config: dict, run: RunConfig) -> Site:
     name = config.site_name or Path(config.data_path).name
     config = NodeConfig(**{**config.__dict__, "site_name": name})
     source = SiteSource(Path(config.data_path), Path(config.manifest) if config.manifest else None,
-                        config.format or None, site=name)
+                        config.format or None, site=name, allow_outside=config.allow_outside,
+                        max_image_mb=config.max_image_mb)
     return Site(config, source)
 
 

@@ -8,7 +8,12 @@ Layout of a cache folder::
     rejected.csv      rows that could not be used, with code and reason
 
 A fingerprint of (path, file size, mtime, preprocessing settings) lets a re-run copy unchanged
-images from the old array instead of decoding them again. Files are written under temporary
+images from the old array instead of decoding them again. An interrupted ``prepare`` (Ctrl-C)
+writes what it had decoded as a cache marked incomplete (``"complete": false``): a re-run
+reuses it and decodes only the rest, and nothing trains on it meanwhile. Each image's content
+hash is kept in the index: the same bytes under a second row (another name, another patient)
+are rejected as ``duplicate_image``, so one image cannot sit in two splits.
+Files are written under temporary
 names and renamed, so a crash never leaves a half-written cache that looks valid. Reopening
 is a memmap plus a small CSV read: milliseconds, which the per-message ClientApp relies on.
 """
@@ -46,13 +51,26 @@ def fingerprint(path: str, options: ImagingOptions) -> str:
     return hashlib.sha1(key.encode()).hexdigest()
 
 
-def _decode_one(args: tuple[str, ImagingOptions, int]) -> np.ndarray | tuple[str, str]:
+def content_hash(path: str) -> str:
+    """A hash of the file's bytes (the same image under two names has one)."""
+    digest = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as fh:
+        while block := fh.read(2**20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _decode_one(args: tuple[str, ImagingOptions, int]
+                ) -> tuple[np.ndarray, str] | tuple[str, str]:
     path, options, scale = args
     try:
         img = load(Path(path), options)
+        digest = content_hash(path)
     except ImageRejected as exc:
         return exc.code, exc.reason
-    return np.rint(img * scale)
+    except OSError as exc:
+        return "unreadable", f"cannot read the file ({exc.strerror})"
+    return np.rint(img * scale).astype(np.uint16), digest
 
 
 @dataclass
@@ -84,6 +102,11 @@ class SiteCache:
         return self.index[list(LABELS)].to_numpy(dtype=np.float32)
 
     @property
+    def complete(self) -> bool:
+        """False for what an interrupted prepare kept: reusable, never trained on."""
+        return bool(self.meta.get("complete", True))
+
+    @property
     def fingerprint(self) -> str:
         """One hash of every cached image's fingerprint: identifies the data a model saw."""
         return hashlib.sha1("".join(self.index["fingerprint"]).encode()).hexdigest()[:16]
@@ -97,7 +120,8 @@ def open_cache(root: Path) -> SiteCache:
     meta = json.loads(meta_path.read_text())
     dtype, _scale, name = DTYPES[meta["dtype"]]
     n, size = int(meta["count"]), int(meta["size"])
-    index = pd.read_csv(root / "index.csv", dtype={"patient_id": str, "study_id": str},
+    index = pd.read_csv(root / "index.csv", dtype={"patient_id": str, "study_id": str,
+                                                   "content_hash": str},
                         keep_default_na=False, na_values={c: [""] for c in LABELS})
     for col in ("sex", "view", "manufacturer", "split", "site"):
         index[col] = index[col].astype(str).replace("nan", "")
@@ -135,6 +159,9 @@ def prepare(
         old = None
     old_slots = {fp: i for i, fp in enumerate(old.index["fingerprint"])} if old else {}
 
+    old_hashes = (dict(zip(old.index["fingerprint"], old.index["content_hash"], strict=True))
+                  if old is not None and "content_hash" in old.index else {})
+    old_slots = {fp: i for fp, i in old_slots.items() if fp in old_hashes}
     rows = rows.reset_index(drop=True).copy()
     rows["fingerprint"] = [fingerprint(p, options) for p in rows["path"]]
     todo: list[int] = []
@@ -151,15 +178,21 @@ def prepare(
                 todo.append(i)
 
     decoded: dict[int, np.ndarray] = {}
+    hashes = {i: old_hashes[fp] for i, fp in enumerate(rows["fingerprint"]) if fp in old_slots}
     jobs = [(rows.at[i, "path"], options, scale) for i in todo]
     results = parallel_map(_decode_one, jobs, workers=workers, progress=progress)
-    for i, result in zip(todo, results, strict=True):
-        if isinstance(result, tuple):
-            stats.rejected.append(Problem(result[0], result[1], rows.at[i, "path"]))
-        else:
-            decoded[i] = result
+    interrupted: BaseException | None = None
+    try:
+        for i, result in zip(todo, results, strict=True):
+            if isinstance(result[0], str):
+                stats.rejected.append(Problem(result[0], result[1], rows.at[i, "path"]))
+            else:
+                decoded[i], hashes[i] = result
+    except KeyboardInterrupt as exc:  # keep what was decoded; a re-run continues from it
+        interrupted = exc
 
     usable = [i for i in kept if i in decoded or rows.at[i, "fingerprint"] in old_slots]
+    usable = _first_copies(usable, rows, hashes, stats)
     # From here on the folder is inconsistent until cache.json is rewritten last: remove it
     # first so a crash leaves "no cache" (rebuilt next time), never a wrong one.
     (cache_dir / "cache.json").unlink(missing_ok=True)
@@ -177,6 +210,7 @@ def prepare(
             out.flush()
             del out
     index = rows.iloc[usable].reset_index(drop=True)
+    index["content_hash"] = [hashes[i] for i in usable]
     with atomic.atomic_path(cache_dir / "index.csv") as index_tmp:
         index.to_csv(index_tmp, index=False)
     rejected = pd.DataFrame(
@@ -191,6 +225,37 @@ def prepare(
         "options": options.key(),
         "count": len(usable),
         "rejected": len(stats.rejected),
+        "complete": interrupted is None,
     }
     atomic.write_text(cache_dir / "cache.json", json.dumps(meta, indent=2))
+    if interrupted is not None:
+        raise PrepareInterrupted(stats.decoded + stats.reused, len(kept)) from interrupted
     return open_cache(cache_dir), stats
+
+
+class PrepareInterrupted(KeyboardInterrupt):
+    """Ctrl-C during prepare, after what was decoded was kept (``kept`` of ``total``)."""
+
+    def __init__(self, kept: int, total: int) -> None:
+        super().__init__(f"interrupted: {kept} of {total} images are kept in the cache; run "
+                         "the same command again to continue")
+        self.kept, self.total = kept, total
+
+
+def _first_copies(usable: list[int], rows: pd.DataFrame, hashes: dict[int, str],
+                  stats: PrepareStats) -> list[int]:
+    """Drop every later row whose image bytes equal an earlier row's (``duplicate_image``),
+    saying when the copy belongs to another patient (it could land in another split)."""
+    first: dict[str, int] = {}
+    out = []
+    for i in usable:
+        j = first.setdefault(hashes[i], i)
+        if j == i:
+            out.append(i)
+            continue
+        other = rows.at[i, "patient_id"] != rows.at[j, "patient_id"]
+        stats.rejected.append(Problem(
+            "duplicate_image", f"same bytes as {Path(rows.at[j, 'path']).name}"
+            + ("; listed under another patient (a train/test leak if used)" if other else "")
+            + "; this copy is not used", rows.at[i, "path"]))
+    return out

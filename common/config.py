@@ -44,6 +44,45 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# field -> (low, high, low open, high open): every numeric run-config key's valid range,
+# checked before any training (a batch size of -1 or an lr of nan must not reach the nodes).
+INF = math.inf
+RANGES: dict[str, tuple[float, float, bool, bool]] = {
+    "num_rounds": (1, 10_000, False, False),
+    "local_epochs": (1, 1_000, False, False),
+    "image_size": (16, 1024, False, False),
+    "batch_size": (1, 65_536, False, False),
+    "lr": (0, 10, True, False),
+    "proximal_mu": (0, INF, False, True),
+    "trim_fraction": (0, 0.5, False, True),
+    "fedadam_eta": (0, 10, True, False),
+    "seed": (0, 2**63 - 1, False, False),
+    "target_epsilon": (0, INF, True, True),
+    "max_grad_norm": (0, INF, True, True),
+    "count_noise_multiplier": (0, INF, True, True),
+    "client_noise_multiplier": (0, INF, True, True),
+    "client_clipping_norm": (0, INF, True, True),
+    "min_train_sites": (1, 100_000, False, False),
+    "screen_norm_factor": (0, INF, True, True),
+    "threshold_target": (0, 1, True, True),
+    "round_timeout": (0, INF, True, True),
+    "max_images_per_site": (0, 2**63 - 1, False, False),
+}
+
+
+def check_ranges(obj, ranges: dict[str, tuple[float, float, bool, bool]], what: str) -> None:
+    """A one-line ConfigError for the first value outside its range (nan is outside all)."""
+    for name, (lo, hi, lo_open, hi_open) in ranges.items():
+        value = getattr(obj, name)
+        below = value <= lo if lo_open else value < lo
+        above = value >= hi if hi_open else value > hi
+        if math.isnan(value) or below or above:
+            interval = (f"{'(' if lo_open else '['}{lo:g}, "
+                        f"{'inf' if hi == INF else f'{hi:g}'}{')' if hi_open else ']'}")
+            raise ConfigError(f"{what} {name.replace('_', '-')} = {value!r}: use a value in "
+                              f"{interval}")
+
+
 def norm_for(dp: bool) -> str:
     """The model's normalisation: GroupNorm under DP (Opacus needs it), else BatchNorm."""
     return "group" if dp else "batch"
@@ -136,11 +175,7 @@ class RunConfig:
             if value not in allowed:
                 raise ConfigError(f"run config {name.replace('_', '-')} = {value!r}: use one of "
                                   f"{', '.join(allowed)}")
-        if self.num_rounds < 1 or self.local_epochs < 1:
-            raise ConfigError("num-rounds and local-epochs must be at least 1")
-        if not (math.isfinite(self.count_noise_multiplier) and self.count_noise_multiplier > 0):
-            raise ConfigError(f"run config count-noise-multiplier = "
-                              f"{self.count_noise_multiplier}: use a finite positive number")
+        check_ranges(self, RANGES, "run config")
         if self.client_dp != "off":
             if self.strategy not in ("fedavg", "fedprox"):
                 raise ConfigError(f"run config client-dp = {self.client_dp!r} needs strategy "
@@ -187,6 +222,10 @@ class NodeConfig:
     # Run only apps whose FAB hash the site approved (`fedcxr site approve`); enforced by the
     # site's launcher (deploy/site-bin on the node's PATH), before any app code runs.
     require_approval: bool = False
+    # Hostile-input controls: data paths may lead outside data-path only if the site says so,
+    # and no file whose header declares more raw pixel bytes than this is decoded.
+    allow_outside: bool = False
+    max_image_mb: float = 64.0
     # set by Flower's simulation engine
     partition_id: int = -1
     num_partitions: int = 0
@@ -201,6 +240,7 @@ class NodeConfig:
         if self.min_cell < 1:
             raise ConfigError(f"node config min-cell={self.min_cell}: use a count of at least "
                               "1 (default 10)")
+        check_ranges(self, {"max_image_mb": (0, 65_536, True, False)}, "node config")
 
     @property
     def requires_dp(self) -> bool:
@@ -231,15 +271,28 @@ def parse(cls: type[T], raw: dict[str, Any], *, what: str) -> T:
             elif kind == "float | None":
                 values[name] = None if value is None or value == "" else float(value)
             elif kind in ("int", int):
-                values[name] = int(value)
+                values[name] = _integer(value)
             elif kind in ("float", float):
                 values[name] = float(value)
             else:
                 values[name] = str(value)
         except (TypeError, ValueError) as exc:
             hint = "; use true or false" if kind in ("bool", bool) else ""
-            raise ConfigError(f"{what}: key {key!r} = {value!r} is not a {kind}{hint}") from exc
+            noun = {"int": "whole number", "float": "number", "bool": "boolean",
+                    "float | None": "number"}.get(str(getattr(kind, "__name__", kind)), kind)
+            raise ConfigError(f"{what}: key {key!r} = {value!r} is not a {noun}{hint}") from exc
     return cls(**values)
+
+
+def _integer(value: Any) -> int:
+    """A whole number: 3, "3", 3.0; never 2.7 silently truncated to 2, nor true."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a whole number")
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise ValueError(f"{value!r} is not a whole number")
+        return int(value)
+    return int(str(value).strip())
 
 
 def _boolean(value: Any) -> bool:

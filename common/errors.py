@@ -17,3 +17,10 @@ class ManifestError(FedcxrError):
 
 class ConfigError(FedcxrError):
     """A config key that is unknown, missing or of the wrong type."""
+
+
+class MessageRejected(ValueError):
+    """A message whose content a site will not act on: a missing or mistyped key, a name that
+    is not a plain name, JSON past its size bound or off its schema, weights that do not fit
+    the site's model. The node answers it with a refusal (``Refusal.MALFORMED``), logged in
+    its audit log; nothing of the message is loaded."""

@@ -9,16 +9,28 @@ chest radiographs raise ``ImageRejected`` with a stable code (see ``common.probl
 
 from __future__ import annotations
 
+import os
+import stat
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from common.deidentification import identifying_attributes
+
 CHEST_MODALITIES = {"CR", "DX"}
 PERCENTILE_WINDOW = (0.5, 99.5)
-# Header fields that identify a patient or institution; warned about by the site tool.
-PHI_FIELDS = ("PatientName", "PatientBirthDate", "InstitutionName", "ReferringPhysicianName")
+# The pixel budget: the raw pixel bytes a header may declare (rows x columns x frames x
+# samples x bytes per sample) before anything is decoded. The largest detector panels
+# (43 x 43 cm at 100 um, 16 bit) are about 35 MiB; decoding works in float64 (8 bytes a pixel
+# and a few copies), so 64 MiB keeps one worker well under 2 GiB. `--max-image-mb` raises it.
+MAX_IMAGE_MB = 64.0
+# A decoded image whose spread (standard deviation on [0, 1]) is below this is blank: a black
+# export, a constant DICOM, a RescaleSlope of 0. Real radiographs sit near 0.2.
+BLANK_STD = 0.005
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 class ImageRejected(Exception):
@@ -32,14 +44,41 @@ class ImageRejected(Exception):
 
 @dataclass(frozen=True)
 class ImagingOptions:
-    """Preprocessing settings; part of the cache fingerprint, so changing one re-decodes."""
+    """Preprocessing settings; part of the cache fingerprint, so changing one re-decodes.
+    ``max_image_mb`` only refuses files (an accepted image decodes the same whatever it is),
+    so it is not part of the fingerprint."""
 
     size: int = 224
     min_side: int = 64
     include_laterals: bool = False
+    max_image_mb: float = MAX_IMAGE_MB
 
     def key(self) -> str:
         return f"size={self.size};min_side={self.min_side};laterals={int(self.include_laterals)}"
+
+    @property
+    def max_bytes(self) -> int:
+        return int(self.max_image_mb * 2**20)
+
+
+# Notes: what was wrong but worked around (code, message); the site tool lists them.
+Notes = list[tuple[str, str]]
+
+
+def regular_file(path: Path) -> None:
+    """Refuse anything but a readable regular file before it is opened: a FIFO would block
+    the reader forever, a device could be endless."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as exc:
+        raise ImageRejected("missing_file", "file not found") from exc
+    except PermissionError as exc:
+        raise ImageRejected("permission_denied", "no permission to reach the file (or its "
+                            "folder); give the site's user read access") from exc
+    except OSError as exc:
+        raise ImageRejected("unreadable", f"cannot stat the file ({exc.strerror})") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageRejected("not_a_file", "not a regular file (a FIFO, device or folder)")
 
 
 def sniff(path: Path) -> str | None:
@@ -47,6 +86,9 @@ def sniff(path: Path) -> str | None:
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
+    except PermissionError as exc:
+        raise ImageRejected("permission_denied", "no permission to read the file; give the "
+                            "site's user read access") from exc
     except OSError:
         return None
     if len(head) >= 132 and head[128:132] == b"DICM":
@@ -59,31 +101,89 @@ def sniff(path: Path) -> str | None:
 
 
 def is_dicom(path: Path) -> bool:
-    return sniff(path) == "dicom"
+    try:
+        regular_file(path)
+        return sniff(path) == "dicom"
+    except ImageRejected:
+        return False
 
 
-def read_dicom_header(path: Path) -> dict | None:
-    """The header fields the data layer uses (no pixels read); None if not readable DICOM."""
+def _too_large(nbytes: float, options: ImagingOptions, what: str) -> ImageRejected:
+    return ImageRejected("too_large", f"{what} declares {nbytes / 2**20:.0f} MiB of pixels, "
+                         f"over the {options.max_image_mb:g} MiB budget (a decompression bomb "
+                         "or an unusual export); raise --max-image-mb if it is genuine")
+
+
+def _check_deflated(path: Path, options: ImagingOptions) -> None:
+    """pydicom inflates a Deflated Explicit VR dataset whole before parsing it (274 KB on
+    disk can be 288 MB inflated): count the inflated bytes in bounded chunks first."""
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    try:
+        with open(path, "rb") as fh:
+            read_preamble(fh, False)
+            meta = _read_file_meta_info(fh)
+            if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+                return
+            inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            total, limit = 0, options.max_bytes + 2**20  # header slack
+            while chunk := fh.read(2**16):
+                data = inflater.decompress(chunk, 2**20)
+                total += len(data)
+                while inflater.unconsumed_tail and total <= limit:
+                    data = inflater.decompress(inflater.unconsumed_tail, 2**20)
+                    total += len(data)
+                if total > limit:
+                    raise _too_large(total, options, "the deflated DICOM")
+    except ImageRejected:
+        raise
+    except (OSError, zlib.error, pydicom.errors.InvalidDicomError, ValueError, KeyError):
+        return  # not deflated DICOM we can judge; dcmread reports it
+
+
+def read_dicom_header(path: Path, options: ImagingOptions | None = None) -> dict | None:
+    """The header fields the data layer uses (no pixels read), plus ``identifying``: the
+    de-identification profile's attributes still filled in. None if not readable DICOM."""
     import pydicom
 
     try:
+        regular_file(path)
+        _check_deflated(path, options or ImagingOptions())
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+        fields = (
+            "SOPInstanceUID", "StudyInstanceUID", "PatientID", "PatientSex", "PatientAge",
+            "ViewPosition", "Manufacturer", "Modality", "BodyPartExamined",
+        )
+        header = {f: _text(ds, f) for f in fields}
+        header["identifying"] = identifying_attributes(ds)
     except Exception:  # noqa: BLE001 - any unreadable file is simply "not a header"
         return None
-    fields = (
-        "SOPInstanceUID", "StudyInstanceUID", "PatientID", "PatientSex", "PatientAge",
-        "ViewPosition", "Manufacturer", "Modality", "BodyPartExamined",
-        "BurnedInAnnotation", *PHI_FIELDS,
-    )
-    return {f: str(ds.get(f, "") or "") for f in fields}
+    return header
 
 
 def phi_fields(header: dict) -> list[str]:
-    """Identifying header fields that still hold a value (the site tool warns about these)."""
-    found = [f for f in PHI_FIELDS if header.get(f, "").strip()]
-    if header.get("BurnedInAnnotation", "").strip().upper() == "YES":
-        found.append("BurnedInAnnotation=YES")
-    return found
+    """Identifying header attributes that still hold a value (names only)."""
+    return list(header.get("identifying", []))
+
+
+def _text(ds, keyword: str) -> str:
+    try:
+        return str(ds.get(keyword, "") or "")
+    except Exception:  # noqa: BLE001 - an unparsable value reads as absent
+        return ""
+
+
+def _int_field(ds, keyword: str, default: int) -> int:
+    raw = ds.get(keyword, default)
+    try:
+        value = int(str(raw if raw not in (None, "") else default).strip())
+    except (TypeError, ValueError) as exc:
+        raise ImageRejected("bad_header", f"{keyword} is {str(raw)[:20]!r}, not a whole number; "
+                            "re-export the file") from exc
+    if value < 0:
+        raise ImageRejected("bad_header", f"{keyword} is {value}; re-export the file")
+    return value
 
 
 def _percentile_window(arr: np.ndarray) -> np.ndarray:
@@ -111,84 +211,169 @@ def _voi_output_range(ds) -> tuple[float, float]:
     return lo, hi
 
 
-def decode_dicom(path: Path, options: ImagingOptions) -> np.ndarray:
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+def _first(value) -> float:
+    """The first of a possibly multi-valued DS (WindowCenter may list several windows)."""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        value = value[0]
+    return float(value)
 
+
+def _window(arr: np.ndarray, ds, notes: Notes) -> np.ndarray:
+    """The header's VOI LUT or window where it is valid; otherwise (a window of width <= 0,
+    a centre that is not a number, a LUT without its descriptor: all seen in real exports)
+    the robust percentile window, with a note. DICOM requires width >= 1 (PS3.3 C.11.2.1.2)."""
+    from pydicom.pixels import apply_voi_lut
+
+    if ds.get("VOILUTSequence") or "WindowCenter" in ds or "WindowWidth" in ds:
+        try:
+            if not ds.get("VOILUTSequence"):
+                center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+                if not (np.isfinite(center) and np.isfinite(width) and width >= 1):
+                    raise ValueError(f"window centre {center:g}, width {width:g}")
+            lo, hi = _voi_output_range(ds)
+            out = np.clip((apply_voi_lut(arr, ds) - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
+            if np.isfinite(out).all():
+                return out
+            raise ValueError("the VOI step gave non-numeric values")
+        except Exception as exc:  # noqa: BLE001 - any invalid VOI falls back, with a note
+            detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+            notes.append(("window_ignored", f"the header's window / VOI LUT is unusable "
+                                            f"({detail}); windowed from the pixel range"))
+    return _percentile_window(arr)
+
+
+def decode_dicom(path: Path, options: ImagingOptions, notes: Notes | None = None) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut
+
+    notes = [] if notes is None else notes
+    _check_deflated(path, options)
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001
         raise ImageRejected("unreadable", f"not a readable DICOM file ({exc})") from exc
-    modality = str(ds.get("Modality", "")).upper()
+    modality = _text(ds, "Modality").upper()
     if modality and modality not in CHEST_MODALITIES:
         raise ImageRejected("not_cr_dx", f"modality {modality} is not CR or DX")
-    body = str(ds.get("BodyPartExamined", "") or "").upper()
+    body = _text(ds, "BodyPartExamined").upper()
     if body and "CHEST" not in body and "THORAX" not in body:
         raise ImageRejected("not_chest", f"BodyPartExamined is {body}, not CHEST")
     if "PixelData" not in ds:
         raise ImageRejected("no_pixel_data", "DICOM has no pixel data")
-    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
-        raise ImageRejected("multi_frame", f"multi-frame DICOM ({ds.NumberOfFrames} frames)")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        photometric = ds.get("PhotometricInterpretation", "")
+    frames = _int_field(ds, "NumberOfFrames", 1) or 1
+    samples = _int_field(ds, "SamplesPerPixel", 1) or 1
+    rows, cols = _int_field(ds, "Rows", 0), _int_field(ds, "Columns", 0)
+    bits = _int_field(ds, "BitsAllocated", 16)
+    declared = rows * cols * frames * samples * max((bits + 7) // 8, 1)
+    if declared > options.max_bytes:
+        raise _too_large(declared, options, f"the header ({cols} x {rows} x {frames} frames)")
+    if frames > 1:
+        raise ImageRejected("multi_frame", f"multi-frame DICOM ({frames} frames)")
+    if samples != 1:
+        photometric = _text(ds, "PhotometricInterpretation")
         raise ImageRejected("colour", f"colour DICOM ({photometric})")
-    view = str(ds.get("ViewPosition", "")).upper()
+    view = _text(ds, "ViewPosition").upper()
     if not options.include_laterals and view in {"LL", "RL", "LATERAL", "LAT"}:
         raise ImageRejected("lateral", f"lateral view ({view})")
     try:
         raw = ds.pixel_array
     except Exception as exc:  # noqa: BLE001 - truncated data, missing decoder, ...
         raise ImageRejected("unreadable", f"pixel data cannot be decoded ({exc})") from exc
-    arr = apply_modality_lut(raw, ds).astype(np.float64)
-    if ds.get("VOILUTSequence") or "WindowCenter" in ds:
-        lo, hi = _voi_output_range(ds)
-        arr = np.clip((apply_voi_lut(arr, ds) - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
-    else:
-        arr = _percentile_window(arr)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    try:
+        arr = apply_modality_lut(raw, ds).astype(np.float64)
+    except Exception as exc:  # noqa: BLE001 - RescaleSlope 'abcd', a broken modality LUT
+        raise ImageRejected("bad_header", "RescaleSlope / RescaleIntercept or the modality "
+                            f"LUT cannot be applied ({str(exc)[:80]}); re-export the file"
+                            ) from exc
+    if not np.isfinite(arr).all():
+        raise ImageRejected("bad_header", "RescaleSlope / RescaleIntercept give non-numeric "
+                            "pixel values (nan or inf); re-export the file")
+    arr = _window(arr, ds, notes)
+    if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
         arr = 1.0 - arr  # MONOCHROME1: high values are dark; flip so air is dark
     return arr.astype(np.float32)
 
 
-def decode_raster(path: Path) -> np.ndarray:
-    """PNG (8 or 16 bit) or JPEG via Pillow."""
+# Bytes per pixel of Pillow's modes (what the budget counts); anything else counts 4.
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "I;16": 2, "I;16B": 2,
+               "I;16L": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3, "RGBA": 4, "RGBa": 4,
+               "CMYK": 4, "I": 4, "F": 4}
+
+
+def decode_raster(path: Path, options: ImagingOptions | None = None) -> np.ndarray:
+    """PNG (8 or 16 bit, grey, grey+alpha or palette) or JPEG via Pillow. The size comes from
+    the header and is checked against the pixel budget before any pixel is decoded."""
+    options = options or ImagingOptions()
     try:
         with Image.open(path) as im:
-            im.load()
+            w, h = im.size
+            declared = w * h * _MODE_BYTES.get(im.mode, 4)
+            if declared > options.max_bytes:
+                raise _too_large(declared, options, f"the image ({w} x {h}, {im.mode})")
             mode = im.mode
+            if mode in ("P", "PA"):  # palette: the pixels are indices; read the colours
+                im = im.convert("RGBA" if "transparency" in im.info or mode == "PA" else "RGB")
+            elif mode in ("LA", "La"):  # grey + alpha: the grey channel is the image
+                im = im.convert("L")
+            im.load()
             arr = np.asarray(im)
+    except ImageRejected:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise _too_large(float("nan"), options, "the image") from exc
     except Exception as exc:  # noqa: BLE001
         raise ImageRejected("unreadable", f"image cannot be decoded ({exc})") from exc
     if arr.ndim == 3:
         channels = arr[..., :3].astype(np.int32)
-        if np.abs(channels - channels[..., :1]).max() > 3:
+        if channels.shape[-1] >= 3 and np.abs(channels - channels[..., :1]).max() > 3:
             raise ImageRejected("colour", f"colour image ({mode})")
         arr = arr[..., 0]
     if arr.dtype == np.uint8:
         return arr.astype(np.float32) / 255.0
+    if arr.dtype == bool:
+        return arr.astype(np.float32)
     return _percentile_window(arr.astype(np.float64)).astype(np.float32)
 
 
-def decode(path: Path, options: ImagingOptions) -> np.ndarray:
-    """Native-resolution float32 image in [0, 1] with air dark; raises ImageRejected."""
+def _is_blank(arr: np.ndarray) -> bool:
+    """Constant or near-constant, judged on every 4th pixel (cheap; blank is blank anywhere)."""
+    sample = arr[::4, ::4] if min(arr.shape) >= 64 else arr
+    return float(sample.std()) < BLANK_STD
+
+
+def decode(path: Path, options: ImagingOptions, notes: Notes | None = None) -> np.ndarray:
+    """Native-resolution float32 image in [0, 1] with air dark; raises ImageRejected, and
+    only that: a decoder's own failure on one odd file is that file's problem
+    (``decoder_failed``), never the run's. ``notes`` collects what was worked around."""
     path = Path(path)
-    if not path.exists():
-        raise ImageRejected("missing_file", "file not found")
-    kind = sniff(path)
-    if kind == "dicom":
-        arr = decode_dicom(path, options)
-    elif kind in {"png", "jpeg"}:
-        arr = decode_raster(path)
-    elif path.stat().st_size == 0:
-        raise ImageRejected("unreadable", "file is empty")
-    else:
-        raise ImageRejected("unsupported_format", "not DICOM, PNG or JPEG")
+    try:
+        regular_file(path)
+        kind = sniff(path)
+        if kind == "dicom":
+            arr = decode_dicom(path, options, notes)
+        elif kind in {"png", "jpeg"}:
+            arr = decode_raster(path, options)
+        elif path.stat().st_size == 0:
+            raise ImageRejected("unreadable", "file is empty")
+        else:
+            raise ImageRejected("unsupported_format", "not DICOM, PNG or JPEG")
+    except ImageRejected:
+        raise
+    except MemoryError as exc:
+        raise ImageRejected("too_large", "decoding ran out of memory; lower the worker count "
+                            "or --max-image-mb") from exc
+    except Exception as exc:  # noqa: BLE001 - one file's decoder failure is one problem row
+        raise ImageRejected("decoder_failed", f"the decoder failed ({type(exc).__name__}: "
+                            f"{str(exc)[:100]}); re-export the file") from exc
     if arr.ndim != 2:
         raise ImageRejected("colour", f"unexpected image shape {arr.shape}")
     if min(arr.shape) < options.min_side:
         raise ImageRejected(
             "too_small", f"image is {arr.shape[1]}x{arr.shape[0]}, below {options.min_side} px"
         )
+    if _is_blank(arr):
+        raise ImageRejected("blank_image", "the image is constant or nearly so (a black or "
+                            "empty export); re-export it")
     return arr
 
 
@@ -216,6 +401,6 @@ def to_square(arr: np.ndarray, size: int) -> np.ndarray:
     return np.clip(arr, 0.0, 1.0)
 
 
-def load(path: Path, options: ImagingOptions) -> np.ndarray:
+def load(path: Path, options: ImagingOptions, notes: Notes | None = None) -> np.ndarray:
     """Decode, square and resize: the single entry point used by the cache and evaluator."""
-    return to_square(decode(path, options), options.size)
+    return to_square(decode(path, options, notes), options.size)

@@ -119,10 +119,18 @@ def parse_uncertain_policy(spec: str | None) -> dict[str, UncertainPolicy]:
                     f"uncertain policy names unknown label {label!r}; "
                     f"use one of {', '.join(LABELS)}"
                 )
-            policy[label] = UncertainPolicy(value)
+            policy[label] = _policy(value)
         else:
-            policy = {name: UncertainPolicy(part) for name in LABELS}
+            policy = {name: _policy(part) for name in LABELS}
     return policy
+
+
+def _policy(value: str) -> UncertainPolicy:
+    try:
+        return UncertainPolicy(value)
+    except ValueError:
+        raise ValueError(f"uncertain policy {value!r} is not one of "
+                         f"{', '.join(p.value for p in UncertainPolicy)}") from None
 
 
 class UnknownLabelValue(ValueError):

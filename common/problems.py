@@ -27,8 +27,31 @@ PROBLEM_ADVICE: dict[str, str] = {
     "patient_in_two_splits": "a patient appears in two given splits; all their rows use the first",
     "non_utf8_manifest": "the manifest is not UTF-8 and was read as Latin-1; save it as UTF-8",
     "bad_split": "the split column holds something other than train/val/test; split by patient",
-    "bad_age": "age could not be read; it is left unknown",
-    "phi_in_header": "DICOM headers still carry identifying values; de-identify before sharing",
+    "bad_age": "age is not a number or DICOM age string, or outside 0-120; it is left unknown",
+    "phi_in_header": "DICOM headers still fill in attributes of the PS3.15 basic "
+                     "confidentiality profile (names listed, values never read out); "
+                     "de-identify before any sharing",
+    "permission_denied": "the site's user cannot read this file or folder; grant read access",
+    "not_a_file": "not a regular file (a FIFO, device or folder); list image files only",
+    "too_large": "the header declares more pixels than the budget (a decompression bomb or an "
+                 "unusual export); check the file, raise --max-image-mb if it is genuine",
+    "bad_header": "a DICOM header value cannot be used (not a number, nan); re-export the file",
+    "decoder_failed": "the decoder failed on this file; re-export it",
+    "window_ignored": "the header's window / VOI LUT is invalid; the image was windowed from "
+                      "its pixel range instead (kept)",
+    "blank_image": "the image is constant or nearly so; re-export it",
+    "ambiguous_file": "several files have this name; give the row's path relative to the "
+                      "data folder (e.g. images_001/x.png) so the manifest says which",
+    "ragged_row": "the row has a different number of fields than the header; fix the row "
+                  "(the others were read)",
+    "outside_data_dir": "the path leads outside the data folder (../, absolute or a symlink); "
+                        "move the file in, or pass --allow-outside",
+    "duplicate_image": "the same image bytes are listed under two rows; remove the copy "
+                       "(only the first is used; two patients or splits would leak)",
+    "missing_patient_id": "rows without a patient id; each such image counts as its own "
+                          "patient, so patient-level splits and DP cannot group them",
+    "non_chest_projection": "the projection is not a frontal chest view (COSTAL, OBLICUA, "
+                            "...); the row is not used",
 }
 
 

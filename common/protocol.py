@@ -23,7 +23,10 @@ The federated arm of a train message uses the keys a Flower strategy reads and w
 
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from enum import IntEnum
 
@@ -37,6 +40,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from common.errors import MessageRejected
 from common.labels import LABELS
 
 QUERY = MessageType.QUERY
@@ -65,6 +69,7 @@ class Refusal(IntEnum):
     BUDGET = 4004  # the arms of a train message would take the site past its max-epsilon
     LEDGER = 4005  # the site's privacy ledger is torn, unreadable or edited: no DP training
     AUDIT = 4006  # the site's audit log cannot be written: no reply leaves unlogged
+    MALFORMED = 4007  # the message's content fails its schema (see MessageRejected)
 
 
 def refuse(msg: Message, code: Refusal, reason: str) -> Message:
@@ -84,6 +89,96 @@ def refusal(reply: Message) -> Refusal | None:
 
 def _json(value) -> str:
     return json.dumps(value)
+
+
+# ---------------------------------------------------------------- what a site accepts
+# Every value that arrives is untrusted at the site. Names (models, arms, runs) are plain
+# names: they end up in file names and logs. JSON fields are bounded before they are parsed.
+NAME_RE = re.compile(r"^\w[\w .:+@-]{0,127}$")
+MAX_JSON_CHARS = 1 << 20  # the largest JSON field a site parses (thresholds of many models)
+MAX_MODELS = 256
+MAX_ROUND = 1_000_000
+NORMS = ("batch", "group")
+
+
+def _reject(what: str, value, rule: str) -> MessageRejected:
+    shown = repr(value)
+    return MessageRejected(f"{what} = {shown[:60]}{'...' if len(shown) > 60 else ''}: {rule}")
+
+
+def checked_name(value, what: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise _reject(what, value, "not a plain name (letters, digits, space and ._:+@-, at "
+                                   "most 128, starting with a letter or digit)")
+    return value
+
+
+def checked_text(value, what: str, max_len: int = 200) -> str:
+    """A free text (a run name): bounded here; the site reduces it before it names a file."""
+    if not isinstance(value, str) or not 0 < len(value) <= max_len or "\x00" in value:
+        raise _reject(what, value, f"not a text of 1 to {max_len} characters")
+    return value
+
+
+def checked_int(value, what: str, low: int = 0, high: int = MAX_ROUND) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise _reject(what, value, f"not a whole number in [{low}, {high}]")
+    return value
+
+
+def checked_float(value, what: str, low: float = 0.0, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or not low <= value <= high:
+        raise _reject(what, value, f"not a finite number in [{low:g}, {high:g}]")
+    return float(value)
+
+
+def checked_norm(value) -> str:
+    if value not in NORMS:
+        raise _reject("norm", value, f"not one of {', '.join(NORMS)}")
+    return value
+
+
+def checked_json(value, what: str):
+    """Parse a JSON field after bounding its size (a 1 GB string is refused unparsed)."""
+    if not isinstance(value, str) or len(value) > MAX_JSON_CHARS:
+        size = len(value) if isinstance(value, str) else type(value).__name__
+        raise _reject(what, f"<{size}>", f"not a JSON text of at most {MAX_JSON_CHARS} chars")
+    try:
+        return json.loads(value)
+    except ValueError as exc:
+        raise _reject(what, value, f"not valid JSON ({exc})") from exc
+
+
+def checked_labels(value, what: str) -> list[str]:
+    if not isinstance(value, list) or any(v not in LABELS for v in value) \
+            or len(set(value)) != len(value):
+        raise _reject(what, value, "not a list of distinct canonical label names")
+    return value
+
+
+def checked_names(value, what: str) -> list[str]:
+    if not isinstance(value, list) or len(value) > MAX_MODELS:
+        raise _reject(what, value, f"not a list of at most {MAX_MODELS} names")
+    return [checked_name(v, what) for v in value]
+
+
+def _schema(decode):
+    """A decoder that turns any missing or mistyped key into MessageRejected (a refusal),
+    never a traceback at the site."""
+
+    @functools.wraps(decode)
+    def wrapper(cls, content):
+        try:
+            return decode(cls, content)
+        except MessageRejected:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MessageRejected(f"{cls.__name__}: the message content is missing or "
+                                  f"mistypes a key ({type(exc).__name__}: {str(exc)[:80]})"
+                                  ) from exc
+
+    return wrapper
 
 
 # ---------------------------------------------------------------- query
@@ -222,17 +317,24 @@ class TrainRequest:
         return RecordDict({**records, CONFIG: ConfigRecord(config)})
 
     @classmethod
+    @_schema
     def decode(cls, content: RecordDict) -> TrainRequest:
         c = content[CONFIG]
-        single = (ArmTask(str(c["single-arm"]), int(c["single-seed"]), content[SINGLE + ARRAYS])
+        seed_max = 2**63 - 1
+        single = (ArmTask(checked_name(c["single-arm"], "single-arm"),
+                          checked_int(c["single-seed"], "single-seed", 0, seed_max),
+                          content[SINGLE + ARRAYS])
                   if SINGLE + ARRAYS in content else None)
         own = {"server-round", "norm", "run-name", "planned-units", "arm", "seed",
                "validate-received", "report-val", "proximal-mu", "single-arm", "single-seed"}
-        return cls(int(c["server-round"]), str(c["norm"]), str(c["run-name"]),
-                   int(c["planned-units"]), ArmTask(str(c["arm"]), int(c["seed"]),
-                                                    content[ARRAYS]),
+        return cls(checked_int(c["server-round"], "server-round"), checked_norm(c["norm"]),
+                   checked_text(c["run-name"], "run-name"),
+                   checked_int(c["planned-units"], "planned-units", 0, 2**40),
+                   ArmTask(checked_name(c["arm"], "arm"),
+                           checked_int(c["seed"], "seed", 0, seed_max), content[ARRAYS]),
                    single, bool(c.get("validate-received", False)),
-                   bool(c.get("report-val", False)), float(c.get("proximal-mu", 0.0)),
+                   bool(c.get("report-val", False)),
+                   checked_float(c.get("proximal-mu", 0.0), "proximal-mu"),
                    {k: v for k, v in c.items() if k not in own})
 
 
@@ -335,7 +437,13 @@ def _models(models: dict[str, ArrayRecord]) -> dict:
 
 
 def _models_in(content: RecordDict) -> dict[str, ArrayRecord]:
-    return {k.removeprefix(MODEL): rec for k, rec in content.items() if k.startswith(MODEL)}
+    models = {checked_name(k.removeprefix(MODEL), "model name"): rec
+              for k, rec in content.items() if k.startswith(MODEL)}
+    if len(models) > MAX_MODELS:
+        raise MessageRejected(f"{len(models)} models in one message; at most {MAX_MODELS}")
+    if any(not isinstance(rec, ArrayRecord) for rec in models.values()):
+        raise MessageRejected("a model's weights are not an array record")
+    return models
 
 
 @dataclass(frozen=True)
@@ -349,8 +457,9 @@ class ValidateRequest:
         return RecordDict({**_models(self.models), CONFIG: ConfigRecord({"norm": self.norm})})
 
     @classmethod
+    @_schema
     def decode(cls, content: RecordDict) -> ValidateRequest:
-        return cls(_models_in(content), str(content[CONFIG]["norm"]))
+        return cls(_models_in(content), checked_norm(content[CONFIG]["norm"]))
 
 
 @dataclass(frozen=True)
@@ -384,9 +493,11 @@ class InternalRequest:
             {"norm": self.norm, "primary": _json(self.primary)})})
 
     @classmethod
+    @_schema
     def decode(cls, content: RecordDict) -> InternalRequest:
         c = content[CONFIG]
-        return cls(_models_in(content), str(c["norm"]), json.loads(str(c["primary"])))
+        return cls(_models_in(content), checked_norm(c["norm"]),
+                   checked_labels(checked_json(c["primary"], "primary"), "primary"))
 
 
 @dataclass(frozen=True)
@@ -403,10 +514,14 @@ class ScoreRequest:
             {"norm": self.norm, "run-name": self.run_name})})
 
     @classmethod
+    @_schema
     def decode(cls, content: RecordDict) -> ScoreRequest:
-        ((name, arrays),) = _models_in(content).items()
+        models = _models_in(content)
+        if len(models) != 1:
+            raise MessageRejected(f"a score message carries one model, not {len(models)}")
+        ((name, arrays),) = models.items()
         c = content[CONFIG]
-        return cls(name, arrays, str(c["norm"]), str(c["run-name"]))
+        return cls(name, arrays, checked_norm(c["norm"]), checked_text(c["run-name"], "run-name"))
 
 
 @dataclass(frozen=True)
@@ -445,11 +560,29 @@ class ExternalRequest:
             "primary-pairs": _json([list(p) for p in self.primary_pairs])})})
 
     @classmethod
+    @_schema
     def decode(cls, content: RecordDict) -> ExternalRequest:
         c = content[CONFIG]
-        return cls(str(c["run-name"]), json.loads(str(c["models"])),
-                   json.loads(str(c["thresholds"])), json.loads(str(c["primary"])),
-                   [(str(a), str(b)) for a, b in json.loads(str(c["primary-pairs"]))])
+        models = checked_names(checked_json(c["models"], "models"), "models")
+        thresholds = checked_json(c["thresholds"], "thresholds")
+        if not isinstance(thresholds, dict) or len(thresholds) > MAX_MODELS:
+            raise _reject("thresholds", thresholds, "not an object of at most "
+                          f"{MAX_MODELS} models")
+        for name, per_label in thresholds.items():
+            checked_name(name, "thresholds model")
+            if not isinstance(per_label, dict):
+                raise _reject(f"thresholds[{name}]", per_label, "not an object label -> number")
+            checked_labels(list(per_label), f"thresholds[{name}]")
+            for label, t in per_label.items():
+                checked_float(t, f"thresholds[{name}][{label}]", -1.0, 2.0)
+        pairs = checked_json(c["primary-pairs"], "primary-pairs")
+        if not isinstance(pairs, list) or len(pairs) > MAX_MODELS \
+                or any(not isinstance(p, list) or len(p) != 2 for p in pairs):
+            raise _reject("primary-pairs", pairs, "not a list of [model, model] pairs")
+        return cls(checked_text(c["run-name"], "run-name"), models, thresholds,
+                   checked_labels(checked_json(c["primary"], "primary"), "primary"),
+                   [(checked_name(a, "primary-pairs"), checked_name(b, "primary-pairs"))
+                    for a, b in pairs])
 
 
 @dataclass(frozen=True)

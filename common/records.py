@@ -22,7 +22,11 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from common.errors import MessageRejected
+
 FLOAT, INT = "float", "int"
+# Integer buffers may arrive averaged (a strategy's mean of step counters); unpack rounds them.
+_DTYPES = {FLOAT: ("float32", "float16"), INT: ("int64", "int32", "float32", "float64")}
 
 
 def _np(value) -> np.ndarray:
@@ -77,6 +81,40 @@ def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: a.numpy() for k, a in record.items()}
 
 
+def check_record(record: ArrayRecord, template: Mapping) -> None:
+    """Weights from the wire, checked against this node's own model before any is loaded:
+    only the packed names, their dtypes, exactly the element counts the model needs (from
+    the arrays' headers, before their bytes are turned into numbers), all finite."""
+    if not isinstance(record, ArrayRecord):
+        raise MessageRejected("the weights are not an array record")
+    extra = sorted(set(record) - set(_DTYPES))
+    if extra or FLOAT not in record:
+        raise MessageRejected(f"weights named {sorted(record)[:4]}; this node takes "
+                              f"{FLOAT!r} (and {INT!r}) packed arrays only")
+    need = {FLOAT: 0, INT: 0}
+    for value in template.values():
+        like = _np(value)
+        need[FLOAT if np.issubdtype(like.dtype, np.floating) else INT] += like.size
+    for key, array in record.items():
+        if array.dtype not in _DTYPES[key]:
+            raise MessageRejected(f"weights {key!r} have dtype {array.dtype!r}; this node takes "
+                                  f"{' or '.join(_DTYPES[key])}")
+        count = int(np.prod(array.shape)) if array.shape else 1
+        if count != need[key]:
+            raise MessageRejected(f"weights {key!r} have {count} values; this node's model has "
+                                  f"{need[key]} (a different model: norm, image channels or "
+                                  "label count)")
+    if need[INT] and INT not in record:
+        raise MessageRejected(f"weights lack {INT!r} (this node's model has integer buffers)")
+    try:
+        values = {key: array.numpy() for key, array in record.items()}
+    except Exception as exc:  # noqa: BLE001 - bytes that do not fill the declared shape
+        raise MessageRejected(f"the weights' bytes do not match their header ({exc})") from exc
+    if not all(np.isfinite(v).all() for v in values.values()):
+        raise MessageRejected("the weights hold nan or inf values")
+
+
 def from_record(record: ArrayRecord, template: Mapping) -> OrderedDict[str, torch.Tensor]:
+    check_record(record, template)
     return OrderedDict((k, torch.from_numpy(v))  # unpack's arrays are fresh copies already
                        for k, v in unpack(record_arrays(record), template).items())

@@ -9,6 +9,7 @@ Nothing here imports Flower: a hospital can run it before installing anything el
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,10 +19,12 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from common.cache import SiteCache, open_cache, prepare
+from common.cache import SiteCache, content_hash, open_cache, prepare
 from common.data import assign_splits
+from common.errors import FedcxrError
 from common.evaluation.subgroups import age_band
 from common.imaging import (
+    MAX_IMAGE_MB,
     ImageRejected,
     ImagingOptions,
     decode,
@@ -35,6 +38,8 @@ from common.parallel import parallel_map
 from common.problems import Problem, group_problems
 from common.progress import progress_bar
 
+PROBLEM_ROWS = "problem_rows"
+
 
 @dataclass(frozen=True)
 class SiteSource:
@@ -45,11 +50,13 @@ class SiteSource:
     format: str | None = None
     uncertain: str | None = None
     site: str = ""
+    allow_outside: bool = False  # data paths may resolve outside data_dir (site's opt-in)
+    max_image_mb: float = MAX_IMAGE_MB  # the pixel budget of one file (see common.imaging)
 
     def read(self) -> ManifestResult:
         manifest = self.manifest or find_manifest(self.data_dir)
         return read_manifest(manifest, self.data_dir, format=self.format, site=self.site,
-                             uncertain=self.uncertain)
+                             uncertain=self.uncertain, allow_outside=self.allow_outside)
 
 
 def default_cache_dir(data_dir: Path, size: int) -> Path:
@@ -61,27 +68,45 @@ def ensure_cache(source: SiteSource, size: int, cache_dir: Path | None = None) -
     cache_dir = cache_dir or default_cache_dir(source.data_dir, size)
     try:
         cache = open_cache(cache_dir)
-        if cache.size == size:
+        if cache.size == size and cache.complete:
             return cache
     except Exception:  # noqa: BLE001 - any unusable cache is rebuilt
         pass
-    cache, _ = run_prepare(source, ImagingOptions(size=size), cache_dir)
+    cache, _ = run_prepare(source, ImagingOptions(size=size, max_image_mb=source.max_image_mb),
+                           cache_dir)
     return cache
 
 
 
-def _inspect(args: tuple[str, ImagingOptions]) -> tuple[str | None, str, list[str]]:
-    """Decode one file fully: (problem code or None, reason, identifying DICOM fields)."""
+@dataclass(frozen=True)
+class Inspection:
+    """What decoding one file found: its problem (code None: usable), what was worked
+    around, the identifying DICOM attributes it fills in, and its content hash."""
+
+    code: str | None
+    reason: str = ""
+    notes: tuple[tuple[str, str], ...] = ()
+    phi: tuple[str, ...] = ()
+    content: str = ""
+
+
+def _inspect(args: tuple[str, ImagingOptions]) -> Inspection:
+    """Decode one file fully. Never raises: whatever goes wrong is this file's problem."""
     path, options = args
-    phi: list[str] = []
-    if is_dicom(Path(path)):
-        header = read_dicom_header(Path(path))
-        phi = phi_fields(header) if header else []
     try:
-        decode(Path(path), options)
-    except ImageRejected as exc:
-        return exc.code, exc.reason, phi
-    return None, "", phi
+        phi: list[str] = []
+        if is_dicom(Path(path)):
+            header = read_dicom_header(Path(path), options)
+            phi = phi_fields(header) if header else []
+        notes: list[tuple[str, str]] = []
+        try:
+            decode(Path(path), options, notes)
+            digest = content_hash(path)
+        except ImageRejected as exc:
+            return Inspection(exc.code, exc.reason, tuple(notes), tuple(phi))
+        return Inspection(None, "", tuple(notes), tuple(phi), digest)
+    except Exception as exc:  # noqa: BLE001 - the tool never fails on one file
+        return Inspection("decoder_failed", f"{type(exc).__name__}: {str(exc)[:100]}")
 
 
 def check(source: SiteSource, options: ImagingOptions | None = None) -> dict:
@@ -93,18 +118,26 @@ def check(source: SiteSource, options: ImagingOptions | None = None) -> dict:
     usable = np.zeros(len(rows), dtype=bool)
     phi_counter: Counter[str] = Counter()
     jobs = [(p, options) for p in rows["path"]]
+    first_copy: dict[str, int] = {}
     with progress_bar(f"checking {source.data_dir.name}") as update:
-        for i, (code, reason, phi) in enumerate(parallel_map(_inspect, jobs, progress=update)):
+        for i, found in enumerate(parallel_map(_inspect, jobs, progress=update)):
             path = rows.at[i, "path"]
+            code, reason = found.code, found.reason
             if code is None and rows.at[i, "view"] == "LATERAL" and not options.include_laterals:
                 code, reason = "lateral", "lateral view (manifest)"
+            if code is None:
+                j = first_copy.setdefault(found.content, i)
+                if j != i:
+                    code, reason = "duplicate_image", _duplicate_reason(rows, i, j)
             if code is None:
                 usable[i] = True
             else:
                 problems.append(Problem(code, reason, path))
-            if phi:
-                phi_counter.update(phi)
-                problems.append(Problem("phi_in_header", "header carries " + ", ".join(phi), path))
+            problems.extend(Problem(c, m, path) for c, m in found.notes)
+            if found.phi:
+                phi_counter.update(found.phi)
+                problems.append(Problem("phi_in_header",
+                                        "header fills in " + ", ".join(found.phi), path))
     good = rows[usable]
     labels = {}
     for name in LABELS:
@@ -135,7 +168,19 @@ def check(source: SiteSource, options: ImagingOptions | None = None) -> dict:
         "splits": mix(splits),
         "phi_fields": dict(phi_counter),
         "problems": group_problems(problems),
+        # every problem row (check.json lists three examples a code): problems.csv
+        PROBLEM_ROWS: [(p.code, p.where, p.message) for p in problems],
     }
+
+
+def _duplicate_reason(rows: pd.DataFrame, i: int, j: int) -> str:
+    """Why row i is a duplicate of row j, and the split conflict it would cause."""
+    text = f"same bytes as {Path(rows.at[j, 'path']).name}"
+    if rows.at[i, "patient_id"] != rows.at[j, "patient_id"]:
+        text += " under another patient (the two could land in train and test)"
+    elif rows.at[i, "split"] and rows.at[j, "split"] and rows.at[i, "split"] != rows.at[j, "split"]:
+        text += f" in split {rows.at[i, 'split']} (the first is in {rows.at[j, 'split']})"
+    return text + "; only the first is used"
 
 
 def render_check(report: dict, console: Console) -> None:
@@ -168,7 +213,8 @@ def render_check(report: dict, console: Console) -> None:
         console.print(probs)
     if report["phi_fields"]:
         console.print(
-            "[yellow]warning:[/] DICOM headers still carry identifying values: "
+            "[yellow]warning:[/] DICOM headers still fill in attributes of the PS3.15 basic "
+            "confidentiality profile (names only; no value was read out): "
             + ", ".join(f"{k} ({v} files)" for k, v in report["phi_fields"].items())
             + ". Images never leave the site, but de-identify before any other sharing."
         )
@@ -177,16 +223,47 @@ def render_check(report: dict, console: Console) -> None:
 
 
 def write_check(report: dict, out_dir: Path) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    """check.json (the summary) and problems.csv (every problem row, for fixing them all)."""
     path = out_dir / "check.json"
-    path.write_text(json.dumps(report, indent=2))
+    rows = report.get(PROBLEM_ROWS, [])
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({k: v for k, v in report.items() if k != PROBLEM_ROWS},
+                                   indent=2))
+        pd.DataFrame(rows, columns=["code", "where", "message"]).to_csv(
+            out_dir / "problems.csv", index=False)
+    except OSError as exc:
+        raise FedcxrError(f"{path}: cannot write check.json ({exc.strerror}); pass --out "
+                          "with a writable folder") from exc
     return path
+
+
+def writable_cache(cache_dir: Path, needed_bytes: int, given: bool) -> None:
+    """Fail before decoding, in one line, when the cache cannot be written or would not fit
+    (a read-only data folder, a full disk, an --image-size far above the images' own)."""
+    hint = "pass --cache with a writable folder" if not given else "choose another --cache"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        probe = cache_dir / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise FedcxrError(f"{cache_dir}: cannot write the cache here ({exc.strerror}); "
+                          f"{hint}") from exc
+    free = shutil.disk_usage(cache_dir).free
+    if needed_bytes > free:
+        raise FedcxrError(f"{cache_dir}: the cache needs about {needed_bytes / 2**30:.1f} GiB "
+                          f"and {free / 2**30:.1f} GiB are free; free space, {hint}, or lower "
+                          "--image-size")
 
 
 def run_prepare(source: SiteSource, options: ImagingOptions, cache_dir: Path | None,
                 dtype: str = "uint8") -> tuple[SiteCache, dict]:
     result = source.read()
+    given = cache_dir is not None
     cache_dir = cache_dir or default_cache_dir(source.data_dir, options.size)
+    itemsize = 2 if dtype == "uint16" else 1
+    writable_cache(cache_dir, len(result.rows) * options.size**2 * itemsize, given)
     with progress_bar(f"decoding {source.data_dir.name}") as update:
         cache, stats = prepare(result.rows, cache_dir, options, dtype=dtype, progress=update)
     summary = {

@@ -145,7 +145,8 @@ def test_16_bit_png(tmp_path):
 
 
 def test_colour_jpeg_rejected_but_grey_rgb_accepted(tmp_path):
-    grey = np.full((80, 80, 3), 120, np.uint8)
+    grey = np.repeat(np.tile(np.linspace(40, 200, 80, dtype=np.uint8), (80, 1))[..., None], 3,
+                     axis=2)
     Image.fromarray(grey).save(tmp_path / "g.jpg")
     assert decode(tmp_path / "g.jpg", OPTS).shape == (80, 80)
     colour = grey.copy()
@@ -155,13 +156,37 @@ def test_colour_jpeg_rejected_but_grey_rgb_accepted(tmp_path):
 
 
 def test_load_squares_and_resizes(tmp_path):
-    Image.fromarray(np.full((100, 160), 128, np.uint8)).save(tmp_path / "wide.png")
+    ramp = np.tile(np.linspace(0, 255, 160, dtype=np.uint8), (100, 1))
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
     out = load(tmp_path / "wide.png", OPTS)
     assert out.shape == (64, 64)
 
 
 def test_phi_fields_reported(tmp_path):
+    """Every filled-in attribute of the PS3.15 basic profile is named (the identifiers the
+    adversarial trial found unchecked among them); a header without them names none."""
     path = write_test_dicom(tmp_path / "a.dcm", patient_name="Doe^Jane", institution="General")
-    assert phi_fields(read_dicom_header(path)) == ["PatientName", "InstitutionName"]
+    ds = pydicom.dcmread(path)
+    ds.OtherPatientIDs = "H-12345"
+    ds.PatientAddress = "1 Main Street"
+    ds.PatientTelephoneNumbers = "555-0100"
+    ds.add_new(0x00291010, "LO", "vendor secret")  # a private attribute
+    ds.save_as(path)
+    assert set(phi_fields(read_dicom_header(path))) == {
+        "PatientName", "InstitutionName", "PatientID", "AccessionNumber", "StudyDate",
+        "OtherPatientIDs", "PatientAddress", "PatientTelephoneNumbers", "private attributes"}
     clean = write_test_dicom(tmp_path / "b.dcm")
+    ds = pydicom.dcmread(clean)
+    for keyword in ("PatientID", "AccessionNumber", "StudyDate"):
+        delattr(ds, keyword)
+    ds.save_as(clean)
     assert phi_fields(read_dicom_header(clean)) == []
+
+
+def test_profile_keywords_are_dicom_keywords():
+    from pydicom.datadict import tag_for_keyword
+
+    from common.deidentification import BASIC_PROFILE
+
+    assert len(BASIC_PROFILE) == len(set(BASIC_PROFILE)) > 150
+    assert [k for k in BASIC_PROFILE if tag_for_keyword(k) is None] == []

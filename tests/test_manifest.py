@@ -172,7 +172,10 @@ def test_patient_in_two_given_splits(tmp_path):
     )
     result = read_manifest(tmp_path / "m.csv")
     assert codes(result) == ["patient_in_two_splits"]
-    assert "p1" in str(result.problems[0])
+    from common.manifest.base import patient_ref
+
+    text = str(result.problems[0])  # the patient named by a hash prefix, never by the id
+    assert patient_ref("p1") in text and "p1" not in text.replace(patient_ref("p1"), "")
     assert list(result.rows["split"]) == ["train", "train", "test"]
 
 

@@ -61,7 +61,11 @@ def test_check_reports_every_problem_and_counts_good_rows(mixed_site):
     assert report["rows"] == GOOD + 1 + len(bad) + 2
     assert report["usable_images"] == GOOD + 1  # six good + the one with PHI in its header
     assert report["labels"]["Effusion"] == {"positive": 4, "negative": 3, "unknown": 0}
-    assert report["phi_fields"] == {"PatientName": 1}
+    # every DICOM fills in PatientID, StudyDate and AccessionNumber; one also PatientName
+    dicoms = GOOD + 1 + len(bad)
+    assert report["phi_fields"] == {"PatientName": 1, "PatientID": dicoms,
+                                    "StudyDate": dicoms, "AccessionNumber": dicoms}
+    assert "Doe^John" not in json.dumps(report)  # names of attributes, never their values
     assert report["format"] == "canonical"
 
 
@@ -140,7 +144,9 @@ def test_partly_given_splits_never_put_a_patient_in_two_splits(tmp_path):
     result = read_manifest(tmp_path / "manifest.csv", tmp_path, format="canonical")
     index = result.rows
     problems = [p for p in result.problems if p.code == "patient_in_two_splits"]
-    assert len(problems) == 1 and "PX" in problems[0].message
+    from common.manifest.base import patient_ref
+
+    assert len(problems) == 1 and patient_ref("PX") in problems[0].message
     assert "line 62" in problems[0].message and "line 63" in problems[0].message
     splits = assign_splits(index.reset_index(drop=True), seed=0)
     per_patient = splits.groupby(index["patient_id"].to_numpy()).nunique()

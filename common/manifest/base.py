@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -41,25 +42,66 @@ class ReadContext:
     site: str
     uncertain: dict[str, UncertainPolicy]
     problems: list[Problem] = field(default_factory=list)
-    _names: dict[str, Path] | None = None
+    # The file line of each table row (rows can span lines, and ragged or empty rows are
+    # skipped, so row i is not always line i + 2).
+    lines: list[int] | None = None
+    _names: dict[str, list[Path]] | None = None
+    _unreadable: list[str] = field(default_factory=list)
+
+    def line(self, row_index: int) -> int:
+        if self.lines is not None and 0 <= row_index < len(self.lines):
+            return self.lines[row_index]
+        return row_index + 2
 
     def where(self, row_index: int) -> str:
         """``file:line`` for a data row (header is line 1)."""
-        return f"{self.manifest.name}:{row_index + 2}"
+        return f"{self.manifest.name}:{self.line(row_index)}"
 
     def problem(self, code: str, message: str, row_index: int | None = None) -> None:
         where = self.where(row_index) if row_index is not None else str(self.manifest)
         self.problems.append(Problem(code, message, where))
 
-    def find_by_name(self, name: str) -> Path:
-        """Locate an image by file name anywhere under the data folder (NIH/PadChest layouts
-        spread images over several sub-folders). The folder is scanned once per read."""
+    def _scan(self) -> dict[str, list[Path]]:
         if self._names is None:
             self._names = {}
-            for root, _dirs, files in os.walk(self.data_dir):
-                for f in files:
-                    self._names.setdefault(f, Path(root) / f)
-        return self._names.get(name, self.data_dir / name)
+
+            def unreadable(exc: OSError) -> None:
+                where = os.path.relpath(exc.filename, self.data_dir) if exc.filename else "?"
+                self._unreadable.append(where)
+                self.problems.append(Problem(
+                    "permission_denied", f"folder {where} cannot be read ({exc.strerror}); "
+                    "its images are not listed", str(self.data_dir)))
+
+            for root, dirs, files in os.walk(self.data_dir, onerror=unreadable):
+                dirs.sort()
+                for f in sorted(files):
+                    self._names.setdefault(f, []).append(Path(root) / f)
+        return self._names
+
+    def find_by_name(self, name: str, row_index: int) -> Path | None:
+        """Locate an image by file name anywhere under the data folder (NIH/PadChest layouts
+        spread images over several sub-folders). The folder is scanned once per read. A name
+        that is a relative path is taken as given. None (and a problem for the row) when
+        several files have the name (a stale copy must not win silently) or when it is not
+        found but some folder could not be read."""
+        if "/" in name or "\\" in name:
+            return self.resolve(name)
+        copies = self._scan().get(name, [])
+        if len(copies) > 1:
+            shown = ", ".join(os.path.relpath(c, self.data_dir) for c in copies[:3])
+            more = f" and {len(copies) - 3} more" if len(copies) > 3 else ""
+            example = os.path.relpath(copies[0], self.data_dir)
+            self.problem("ambiguous_file", f"{len(copies)} files are named {name} ({shown}"
+                         f"{more}); write the row's path, e.g. {example}", row_index)
+            return None
+        if copies:
+            return copies[0]
+        if self._unreadable:
+            self.problem("permission_denied", f"{name} was not found, and folder(s) "
+                         f"{', '.join(self._unreadable[:3])} could not be read: it may be there",
+                         row_index)
+            return None
+        return self.data_dir / name
 
     def resolve(self, rel: str) -> Path:
         """Resolve a manifest path relative to the data folder, tolerating a leading dataset
@@ -68,10 +110,27 @@ class ReadContext:
         if p.is_absolute():
             return p
         direct = self.data_dir / p
-        if direct.exists() or len(p.parts) < 2:
+        if _exists(direct) or len(p.parts) < 2:
             return direct
         stripped = self.data_dir / Path(*p.parts[1:])
-        return stripped if stripped.exists() else direct
+        return stripped if _exists(stripped) else direct
+
+
+def _exists(path: Path) -> bool:
+    """Whether something is there; a path that cannot be examined (permission) counts as
+    there, so the decoder reports *why* it cannot be read instead of "not found"."""
+    try:
+        os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def patient_ref(patient_id: str) -> str:
+    """How a patient is named in check.json and logs: a hash prefix, never the id itself."""
+    return "patient#" + hashlib.sha256(str(patient_id).encode()).hexdigest()[:8]
 
 
 @dataclass(frozen=True)
@@ -130,21 +189,29 @@ def parse_age(raw: object) -> float:
 
 def parse_view(raw: object) -> str:
     text = "" if raw is None else str(raw).strip().upper()
-    if text in {"PA", "POSTERO_ANTERIOR", "PA_HORIZONTAL"}:
+    if text in {"PA", "POSTERO_ANTERIOR", "POSTEROANTERIOR", "PA_HORIZONTAL"}:
         return "PA"
-    if text.startswith("AP"):
+    if text.startswith("AP") or text in {"ANTEROPOSTERIOR", "ANTERO_POSTERIOR"}:
         return "AP"
     if text in {"LATERAL", "LL", "RL", "L", "LAT", "LLD", "RLD"}:
         return "LATERAL"
     return ""
 
 
+MAX_AGE = 120.0
+
+
 def age_or_problem(raw: object, ctx: ReadContext, i: int) -> float:
     try:
-        return parse_age(raw)
+        age = parse_age(raw)
     except ValueError:
-        ctx.problem("bad_age", f"age {raw!r} is not a number or DICOM age string", i)
+        ctx.problem("bad_age", f"age {str(raw)[:20]!r} is not a number or DICOM age string", i)
         return math.nan
+    if not math.isnan(age) and not 0 <= age <= MAX_AGE:
+        ctx.problem("bad_age", f"age {str(raw)[:20]!r} is outside 0-{MAX_AGE:g} years; "
+                    "left unknown", i)
+        return math.nan
+    return age
 
 
 def empty_labels() -> dict[str, float]:

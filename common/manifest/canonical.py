@@ -47,6 +47,7 @@ def read(table: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
     records = []
     for i, values in enumerate(table.to_dict(orient="records")):
         record = {
+            "_line": ctx.line(i),
             "path": str(ctx.resolve(str(values["path"]).strip())),
             "patient_id": str(values["patient_id"]).strip(),
             "study_id": str(values.get("study_id", "") or "").strip(),

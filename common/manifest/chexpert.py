@@ -51,6 +51,7 @@ def read(table: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
         view = "LATERAL" if frontal == "lateral" else parse_view(values.get("AP/PA"))
         records.append(
             {
+                "_line": ctx.line(i),
                 "path": str(ctx.resolve(rel)),
                 "patient_id": patient_id,
                 "study_id": f"{patient_id}/{study.group(0)}" if study else patient_id,

@@ -50,6 +50,7 @@ def read(table: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
             path = by_uid.get(uid, ctx.data_dir / f"{uid}.dcm")
         header = read_dicom_header(path) or {}
         record = {
+            "_line": ctx.line(i),
             "path": str(path),
             "patient_id": str(header.get("PatientID", "") or path.stem),
             "study_id": str(header.get("StudyInstanceUID", "") or ""),

@@ -41,6 +41,7 @@ def read(table: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
         rel = f"files/p{subject[:2]}/p{subject}/s{study}/{dicom_id}.jpg"
         records.append(
             {
+                "_line": ctx.line(i),
                 "path": str(ctx.resolve(rel)),
                 "patient_id": subject,
                 "study_id": study,

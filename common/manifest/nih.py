@@ -34,9 +34,13 @@ def read(table: pd.DataFrame, ctx: ReadContext) -> pd.DataFrame:
                 )
         name = str(values["Image Index"]).strip()
         patient = str(values["Patient ID"]).strip()
+        path = ctx.find_by_name(name, i)
+        if path is None:
+            continue
         records.append(
             {
-                "path": str(ctx.find_by_name(name)),
+                "_line": ctx.line(i),
+                "path": str(path),
                 "patient_id": patient,
                 "study_id": f"{patient}_{values.get('Follow-up #', i)}",
                 "site": ctx.site,
