@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cli.args import IMAGE_SIZES, int_in
 from common.errors import FedcxrError
 from common.labels import LABELS
 
@@ -129,7 +130,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--manifest")
     p.add_argument("--format")
     p.add_argument("--cache")
-    p.add_argument("--image-size", type=int, help="default: from the checkpoint, else 224")
+    p.add_argument("--image-size", type=int_in(*IMAGE_SIZES),
+                   help="default: from the checkpoint, else 224")
     p.add_argument("--extra-model", action="append", metavar="NAME=PATH",
                    help="a model compared with the first --model as secondary analysis only")
     p.add_argument("--primary-labels", default="",

@@ -14,6 +14,9 @@ import sys
 import traceback
 from pathlib import Path
 
+from cli.args import int_in as _int_in
+from cli.args import positive as _positive
+from cli.args import uncertain as _uncertain
 from common.errors import FedcxrError
 
 EXIT_NOTHING_USABLE, EXIT_USER_ERROR, EXIT_TOOL_FAILED, EXIT_INTERRUPTED = 1, 2, 3, 130
@@ -38,39 +41,6 @@ def _imaging(args: argparse.Namespace, size: int):
     return ImagingOptions(size=size, min_side=args.min_side,
                           include_laterals=args.include_laterals,
                           max_image_mb=args.max_image_mb)
-
-
-def _int_in(low: int, high: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"{value} is outside {low}-{high}")
-        return value
-
-    return parse
-
-
-def _positive(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
-    return value
-
-
-def _uncertain(text: str) -> str:
-    from common.labels import parse_uncertain_policy
-
-    try:
-        parse_uncertain_policy(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
 
 
 def cmd_site_check(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ import logging
 import uuid
 from pathlib import Path
 
+from cli.args import IMAGE_SIZES, int_in
 from common.config import DEFAULT_MAX_EPSILON
 from common.errors import FedcxrError
 from common.privacy import PRIVACY_UNITS
@@ -74,7 +75,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-local", help="train one site alone (baseline / debugging)")
     p.add_argument("--site", required=True, help="a site data folder")
     p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--image-size", type=int_in(*IMAGE_SIZES), default=224)
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)

@@ -37,27 +37,40 @@ from common.labels import LABELS
 from common.parallel import parallel_map
 from common.problems import Problem
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: fingerprints relative to the data folder; content hashes
 DTYPES = {"uint8": (np.uint8, 255, "images.u8"), "uint16": (np.uint16, 65535, "images.u16")}
 
 
-def fingerprint(path: str, options: ImagingOptions) -> str:
-    """Changes when the file or the preprocessing changes (a missing file has none)."""
+def fingerprint(path: str, options: ImagingOptions, root: Path | None = None) -> str:
+    """Changes when the file or the preprocessing changes (a missing file has none). The path
+    counts relative to the data folder ``root``, so the same archive under another mount
+    point (prepared on the host, used in the container) has the same fingerprints."""
     try:
         st = os.stat(path)
     except OSError:
         return ""
-    key = f"{path}|{st.st_size}|{st.st_mtime_ns}|{options.key()}"
+    key_path = path
+    if root is not None:
+        rel = os.path.relpath(path, root)
+        key_path = path if rel.startswith("..") else rel
+    key = f"{key_path}|{st.st_size}|{st.st_mtime_ns}|{options.key()}"
     return hashlib.sha1(key.encode()).hexdigest()
 
 
 def content_hash(path: str) -> str:
     """A hash of the file's bytes (the same image under two names has one)."""
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.sha256()  # SHA-NI: about 3x faster here than blake2b
     with open(path, "rb") as fh:
         while block := fh.read(2**20):
             digest.update(block)
-    return digest.hexdigest()
+    return digest.hexdigest()[:32]
+
+
+def _hash_or_none(path: str) -> str | None:
+    try:
+        return content_hash(path)
+    except OSError:
+        return None
 
 
 def _decode_one(args: tuple[str, ImagingOptions, int]
@@ -143,8 +156,12 @@ def prepare(
     dtype: str = "uint8",
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    root: Path | None = None,
 ) -> tuple[SiteCache, PrepareStats]:
-    """Build or refresh the cache for ``rows`` (canonical rows). Returns it opened."""
+    """Build or refresh the cache for ``rows`` (canonical rows) of the data folder ``root``.
+    An image is reused from the old cache when its fingerprint is unchanged, or, failing
+    that (a copy with new mtimes, a renamed file), when its bytes are (content hash; read only
+    for files the fingerprint missed). Returns the cache opened."""
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     np_dtype, scale, name = DTYPES[dtype]
@@ -162,10 +179,14 @@ def prepare(
     old_hashes = (dict(zip(old.index["fingerprint"], old.index["content_hash"], strict=True))
                   if old is not None and "content_hash" in old.index else {})
     old_slots = {fp: i for fp, i in old_slots.items() if fp in old_hashes}
+    same_options = old is not None and old.meta.get("options") == options.key()
+    by_content = ({h: i for i, h in enumerate(old.index["content_hash"])}
+                  if same_options and "content_hash" in old.index else {})
     rows = rows.reset_index(drop=True).copy()
-    rows["fingerprint"] = [fingerprint(p, options) for p in rows["path"]]
+    rows["fingerprint"] = [fingerprint(p, options, root) for p in rows["path"]]
     todo: list[int] = []
     kept: list[int] = []
+    moved: dict[int, int] = {}  # row -> old slot, found by content
     for i, (path, view, fp) in enumerate(zip(rows["path"], rows["view"], rows["fingerprint"],
                                                strict=True)):
         if not fp:
@@ -174,11 +195,18 @@ def prepare(
             stats.rejected.append(Problem("lateral", "lateral view (manifest)", path))
         else:
             kept.append(i)
-            if fp not in old_slots:
+            if fp in old_slots:
+                continue
+            digest = _hash_or_none(path) if by_content else None
+            if digest in by_content:
+                moved[i] = by_content[digest]
+            else:
                 todo.append(i)
 
     decoded: dict[int, np.ndarray] = {}
     hashes = {i: old_hashes[fp] for i, fp in enumerate(rows["fingerprint"]) if fp in old_slots}
+    hashes.update({i: old.index.at[slot, "content_hash"] for i, slot in moved.items()})
+    slot_of = {i: moved.get(i, old_slots.get(rows.at[i, "fingerprint"])) for i in kept}
     jobs = [(rows.at[i, "path"], options, scale) for i in todo]
     results = parallel_map(_decode_one, jobs, workers=workers, progress=progress)
     interrupted: BaseException | None = None
@@ -191,7 +219,7 @@ def prepare(
     except KeyboardInterrupt as exc:  # keep what was decoded; a re-run continues from it
         interrupted = exc
 
-    usable = [i for i in kept if i in decoded or rows.at[i, "fingerprint"] in old_slots]
+    usable = [i for i in kept if i in decoded or slot_of[i] is not None]
     usable = _first_copies(usable, rows, hashes, stats)
     # From here on the folder is inconsistent until cache.json is rewritten last: remove it
     # first so a crash leaves "no cache" (rebuilt next time), never a wrong one.
@@ -205,7 +233,7 @@ def prepare(
                     out[slot] = decoded[i]
                     stats.decoded += 1
                 else:
-                    out[slot] = old.images[old_slots[rows.at[i, "fingerprint"]]]
+                    out[slot] = old.images[slot_of[i]]
                     stats.reused += 1
             out.flush()
             del out

@@ -122,6 +122,9 @@ def _check_deflated(path: Path, options: ImagingOptions) -> None:
 
     try:
         with open(path, "rb") as fh:
+            if _DEFLATED.encode() not in fh.read(4096):  # the file meta group is up front
+                return
+            fh.seek(0)
             read_preamble(fh, False)
             meta = _read_file_meta_info(fh)
             if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
@@ -231,10 +234,9 @@ def _window(arr: np.ndarray, ds, notes: Notes) -> np.ndarray:
                 if not (np.isfinite(center) and np.isfinite(width) and width >= 1):
                     raise ValueError(f"window centre {center:g}, width {width:g}")
             lo, hi = _voi_output_range(ds)
-            out = np.clip((apply_voi_lut(arr, ds) - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
-            if np.isfinite(out).all():
-                return out
-            raise ValueError("the VOI step gave non-numeric values")
+            if not (np.isfinite(lo) and np.isfinite(hi)):
+                raise ValueError("the VOI output range is not finite")
+            return np.clip((apply_voi_lut(arr, ds) - lo) / max(hi - lo, 1e-9), 0.0, 1.0)
         except Exception as exc:  # noqa: BLE001 - any invalid VOI falls back, with a note
             detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
             notes.append(("window_ignored", f"the header's window / VOI LUT is unusable "
@@ -242,7 +244,8 @@ def _window(arr: np.ndarray, ds, notes: Notes) -> np.ndarray:
     return _percentile_window(arr)
 
 
-def decode_dicom(path: Path, options: ImagingOptions, notes: Notes | None = None) -> np.ndarray:
+def decode_dicom(path: Path, options: ImagingOptions, notes: Notes | None = None,
+                 identifying: list[str] | None = None) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut
 
@@ -252,6 +255,8 @@ def decode_dicom(path: Path, options: ImagingOptions, notes: Notes | None = None
         ds = pydicom.dcmread(path)
     except Exception as exc:  # noqa: BLE001
         raise ImageRejected("unreadable", f"not a readable DICOM file ({exc})") from exc
+    if identifying is not None:  # from the header just read: no second parse of the file
+        identifying.extend(identifying_attributes(ds))
     modality = _text(ds, "Modality").upper()
     if modality and modality not in CHEST_MODALITIES:
         raise ImageRejected("not_cr_dx", f"modality {modality} is not CR or DX")
@@ -280,14 +285,15 @@ def decode_dicom(path: Path, options: ImagingOptions, notes: Notes | None = None
     except Exception as exc:  # noqa: BLE001 - truncated data, missing decoder, ...
         raise ImageRejected("unreadable", f"pixel data cannot be decoded ({exc})") from exc
     try:
+        rescale = [float(ds.get(k, 0) or 0) for k in ("RescaleSlope", "RescaleIntercept")]
         arr = apply_modality_lut(raw, ds).astype(np.float64)
     except Exception as exc:  # noqa: BLE001 - RescaleSlope 'abcd', a broken modality LUT
         raise ImageRejected("bad_header", "RescaleSlope / RescaleIntercept or the modality "
                             f"LUT cannot be applied ({str(exc)[:80]}); re-export the file"
                             ) from exc
-    if not np.isfinite(arr).all():
-        raise ImageRejected("bad_header", "RescaleSlope / RescaleIntercept give non-numeric "
-                            "pixel values (nan or inf); re-export the file")
+    if not all(np.isfinite(rescale)):  # judged on the header, not by scanning the pixels
+        raise ImageRejected("bad_header", "RescaleSlope / RescaleIntercept is nan or inf; "
+                            "re-export the file")
     arr = _window(arr, ds, notes)
     if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
         arr = 1.0 - arr  # MONOCHROME1: high values are dark; flip so air is dark
@@ -341,16 +347,18 @@ def _is_blank(arr: np.ndarray) -> bool:
     return float(sample.std()) < BLANK_STD
 
 
-def decode(path: Path, options: ImagingOptions, notes: Notes | None = None) -> np.ndarray:
+def decode(path: Path, options: ImagingOptions, notes: Notes | None = None,
+           identifying: list[str] | None = None) -> np.ndarray:
     """Native-resolution float32 image in [0, 1] with air dark; raises ImageRejected, and
     only that: a decoder's own failure on one odd file is that file's problem
-    (``decoder_failed``), never the run's. ``notes`` collects what was worked around."""
+    (``decoder_failed``), never the run's. ``notes`` collects what was worked around;
+    ``identifying`` the de-identification profile's attributes a DICOM header fills in."""
     path = Path(path)
     try:
         regular_file(path)
         kind = sniff(path)
         if kind == "dicom":
-            arr = decode_dicom(path, options, notes)
+            arr = decode_dicom(path, options, notes, identifying)
         elif kind in {"png", "jpeg"}:
             arr = decode_raster(path, options)
         elif path.stat().st_size == 0:

@@ -28,9 +28,6 @@ from common.imaging import (
     ImageRejected,
     ImagingOptions,
     decode,
-    is_dicom,
-    phi_fields,
-    read_dicom_header,
 )
 from common.labels import LABELS
 from common.manifest import ManifestResult, find_manifest, read_manifest
@@ -95,12 +92,9 @@ def _inspect(args: tuple[str, ImagingOptions]) -> Inspection:
     path, options = args
     try:
         phi: list[str] = []
-        if is_dicom(Path(path)):
-            header = read_dicom_header(Path(path), options)
-            phi = phi_fields(header) if header else []
         notes: list[tuple[str, str]] = []
         try:
-            decode(Path(path), options, notes)
+            decode(Path(path), options, notes, phi)
             digest = content_hash(path)
         except ImageRejected as exc:
             return Inspection(exc.code, exc.reason, tuple(notes), tuple(phi))
@@ -265,7 +259,8 @@ def run_prepare(source: SiteSource, options: ImagingOptions, cache_dir: Path | N
     itemsize = 2 if dtype == "uint16" else 1
     writable_cache(cache_dir, len(result.rows) * options.size**2 * itemsize, given)
     with progress_bar(f"decoding {source.data_dir.name}") as update:
-        cache, stats = prepare(result.rows, cache_dir, options, dtype=dtype, progress=update)
+        cache, stats = prepare(result.rows, cache_dir, options, dtype=dtype, progress=update,
+                               root=source.data_dir)
     summary = {
         "cache": str(cache_dir),
         "images": len(cache.index),

@@ -181,6 +181,14 @@ def test_phi_fields_reported(tmp_path):
         delattr(ds, keyword)
     ds.save_as(clean)
     assert phi_fields(read_dicom_header(clean)) == []
+    # a header declaring PS3.15 de-identification keeps its PatientID pseudonym unflagged
+    declared = write_test_dicom(tmp_path / "c.dcm", study_date="", accession="",
+                                deidentified=True)
+    assert phi_fields(read_dicom_header(declared)) == []
+    ds = pydicom.dcmread(declared)
+    ds.PatientName = "Doe^Jane"  # ... but not anything else it still fills in
+    ds.save_as(declared)
+    assert phi_fields(read_dicom_header(declared)) == ["PatientName"]
 
 
 def test_profile_keywords_are_dicom_keywords():

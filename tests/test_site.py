@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -82,7 +83,10 @@ def test_prepare_caches_the_good_rows_and_reuses_them(mixed_site, tmp_path):
     st = os.stat(d / "good3.dcm")
     os.utime(d / "good3.dcm", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
     _, summary3 = run_prepare(SiteSource(d), ImagingOptions(size=32, min_side=32), cache_dir)
-    assert summary3["decoded"] == 1 and summary3["reused"] == GOOD
+    assert summary3["decoded"] == 0  # touched, same bytes: found by content
+    write_test_dicom(d / "good3.dcm", i=33)  # new bytes
+    _, summary4 = run_prepare(SiteSource(d), ImagingOptions(size=32, min_side=32), cache_dir)
+    assert summary4["decoded"] == 1 and summary4["reused"] == GOOD
 
 
 def test_cli_check_writes_json_and_exit_codes(mixed_site, tmp_path, capsys):
@@ -155,3 +159,27 @@ def test_partly_given_splits_never_put_a_patient_in_two_splits(tmp_path):
     raw = pd.DataFrame({"patient_id": ["A", "A", "A", "B", "B"],
                         "split": ["", "val", "", "test", "train"]})
     assert assign_splits(raw).tolist() == ["val", "val", "val", "test", "test"]
+
+
+def test_a_moved_or_copied_site_reuses_its_cache(mixed_site, tmp_path):
+    """Fingerprints count paths relative to the data folder, and a file whose fingerprint
+    changed but whose bytes did not is found by content: preparing on the host and running
+    in a container (another mount point), or copying the archive (new mtimes), decodes
+    nothing again."""
+    import shutil
+
+    d, _ = mixed_site
+    opts = ImagingOptions(size=32, min_side=32)
+    cache, first = run_prepare(SiteSource(d), opts, None)  # DATA_DIR/.fedcxr/cache-32
+    assert first["decoded"] == GOOD + 1
+    moved = shutil.move(d, tmp_path / "mounted-elsewhere")
+    again, summary = run_prepare(SiteSource(Path(moved)), opts, None)
+    assert summary["decoded"] == 0 and summary["reused"] == GOOD + 1
+    assert again.fingerprint == cache.fingerprint  # the data a model saw: the same data
+    copied = tmp_path / "copied"
+    shutil.copytree(moved, copied, copy_function=shutil.copyfile)  # new mtimes everywhere
+    _, summary = run_prepare(SiteSource(copied), opts, None)
+    assert summary["decoded"] == 0 and summary["reused"] == GOOD + 1
+    (copied / "good2.dcm").write_bytes((copied / "good3.dcm").read_bytes()[:-2] + b"\0\1")
+    _, summary = run_prepare(SiteSource(copied), opts, None)
+    assert summary["decoded"] == 1  # changed bytes: decoded again

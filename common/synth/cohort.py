@@ -234,11 +234,12 @@ def write_plan(args: tuple[ImagePlan, Path]) -> None:
     elif plan.style == "chexpert":
         write_jpeg(path, img)
     else:
-        study_date = f"2024{1 + plan.index % 12:02d}{1 + plan.index % 28:02d}"
+        # A research cohort's export: de-identified (no study date or accession number,
+        # the patient id a pseudonym the header declares as such).
         facts = DicomFacts(
             patient_id=plan.patient_id, study_uid=plan.uids[0], series_uid=plan.uids[1],
             sop_uid=plan.uids[2], sex=plan.sex, age_years=plan.age, view=plan.view,
-            study_date=study_date, accession=f"A{plan.site_index}{plan.index:06d}",
+            study_date="", accession="", deidentified=True,
         )
         write_dicom(path, img, facts, plan.profile.acquisition)
 

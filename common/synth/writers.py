@@ -39,6 +39,9 @@ class DicomFacts:
     accession: str
     institution: str = ""
     patient_name: str = ""
+    # A research export de-identified by PS3.15's basic profile: no dates or accession
+    # numbers, PatientID a pseudonym, declared by PatientIdentityRemoved = YES.
+    deidentified: bool = False
 
 
 def dicom_age(years: float) -> str:
@@ -78,6 +81,9 @@ def write_dicom(path: Path, img: np.ndarray, facts: DicomFacts, acq: Acquisition
     ds.PatientAge = dicom_age(facts.age_years)
     ds.StudyDate = facts.study_date
     ds.AccessionNumber = facts.accession
+    if facts.deidentified:
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = "PS3.15 Basic Application Level Confidentiality Profile"
     ds.Manufacturer = acq.manufacturer
     ds.InstitutionName = facts.institution
     ds.BurnedInAnnotation = "NO"
