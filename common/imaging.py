@@ -145,29 +145,36 @@ def _check_deflated(path: Path, options: ImagingOptions) -> None:
         return  # not deflated DICOM we can judge; dcmread reports it
 
 
-def read_dicom_header(path: Path, options: ImagingOptions | None = None) -> dict | None:
-    """The header fields the data layer uses (no pixels read), plus ``identifying``: the
-    de-identification profile's attributes still filled in. None if not readable DICOM."""
+def _header(path: Path, options: ImagingOptions | None = None):
+    """The pydicom dataset without pixels; raises on anything that is not readable DICOM."""
     import pydicom
 
+    regular_file(path)
+    _check_deflated(path, options or ImagingOptions())
+    return pydicom.dcmread(path, stop_before_pixels=True)
+
+
+def read_dicom_header(path: Path, options: ImagingOptions | None = None) -> dict | None:
+    """The header fields the data layer uses (no pixels read); None if not readable DICOM."""
     try:
-        regular_file(path)
-        _check_deflated(path, options or ImagingOptions())
-        ds = pydicom.dcmread(path, stop_before_pixels=True)
+        ds = _header(path, options)
         fields = (
             "SOPInstanceUID", "StudyInstanceUID", "PatientID", "PatientSex", "PatientAge",
             "ViewPosition", "Manufacturer", "Modality", "BodyPartExamined",
         )
-        header = {f: _text(ds, f) for f in fields}
-        header["identifying"] = identifying_attributes(ds)
+        return {f: _text(ds, f) for f in fields}
     except Exception:  # noqa: BLE001 - any unreadable file is simply "not a header"
         return None
-    return header
 
 
-def phi_fields(header: dict) -> list[str]:
-    """Identifying header attributes that still hold a value (names only)."""
-    return list(header.get("identifying", []))
+def phi_fields(path: Path) -> list[str]:
+    """The de-identification profile's attributes a DICOM file's header still fills in
+    (names only); [] for a file that is not readable DICOM. ``site check`` gets the same
+    from ``decode(..., identifying=...)`` without parsing the header twice."""
+    try:
+        return identifying_attributes(_header(Path(path)))
+    except Exception:  # noqa: BLE001
+        return []
 
 
 def _text(ds, keyword: str) -> str:
