@@ -273,10 +273,20 @@ class PrepareInterrupted(KeyboardInterrupt):
         self.kept, self.total = kept, total
 
 
+def duplicate_reason(rows: pd.DataFrame, i: int, j: int) -> str:
+    """Why row i is a duplicate of row j, and the split conflict it would cause (one wording
+    for ``site check`` and ``prepare``)."""
+    text = f"same bytes as {Path(rows.at[j, 'path']).name}"
+    if rows.at[i, "patient_id"] != rows.at[j, "patient_id"]:
+        text += " under another patient (the two could land in train and test)"
+    elif rows.at[i, "split"] and rows.at[j, "split"] and rows.at[i, "split"] != rows.at[j, "split"]:
+        text += f" in split {rows.at[i, 'split']} (the first is in {rows.at[j, 'split']})"
+    return text + "; only the first is used"
+
+
 def _first_copies(usable: list[int], rows: pd.DataFrame, hashes: dict[int, str],
                   stats: PrepareStats) -> list[int]:
-    """Drop every later row whose image bytes equal an earlier row's (``duplicate_image``),
-    saying when the copy belongs to another patient (it could land in another split)."""
+    """Drop every later row whose image bytes equal an earlier row's (``duplicate_image``)."""
     first: dict[str, int] = {}
     out = []
     for i in usable:
@@ -284,9 +294,6 @@ def _first_copies(usable: list[int], rows: pd.DataFrame, hashes: dict[int, str],
         if j == i:
             out.append(i)
             continue
-        other = rows.at[i, "patient_id"] != rows.at[j, "patient_id"]
-        stats.rejected.append(Problem(
-            "duplicate_image", f"same bytes as {Path(rows.at[j, 'path']).name}"
-            + ("; listed under another patient (a train/test leak if used)" if other else "")
-            + "; this copy is not used", rows.at[i, "path"]))
+        stats.rejected.append(Problem("duplicate_image", duplicate_reason(rows, i, j),
+                                      rows.at[i, "path"]))
     return out

@@ -15,6 +15,11 @@ class ManifestError(FedcxrError):
     """A manifest that cannot be read at all (as opposed to a bad row, which is a Problem)."""
 
 
+class UnreadableManifest(ManifestError):
+    """A CSV that cannot be read at all (permission, I/O, a header that is not CSV), as
+    opposed to one that reads but is not a manifest: auto-detection names the former."""
+
+
 class ConfigError(FedcxrError):
     """A config key that is unknown, missing or of the wrong type."""
 

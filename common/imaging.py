@@ -30,7 +30,6 @@ MAX_IMAGE_MB = 64.0
 # A decoded image whose spread (standard deviation on [0, 1]) is below this is blank: a black
 # export, a constant DICOM, a RescaleSlope of 0. Real radiographs sit near 0.2.
 BLANK_STD = 0.005
-_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 class ImageRejected(Exception):
@@ -119,15 +118,16 @@ def _check_deflated(path: Path, options: ImagingOptions) -> None:
     disk can be 288 MB inflated): count the inflated bytes in bounded chunks first."""
     import pydicom
     from pydicom.filereader import _read_file_meta_info, read_preamble
+    from pydicom.uid import DeflatedExplicitVRLittleEndian as DEFLATED
 
     try:
         with open(path, "rb") as fh:
-            if _DEFLATED.encode() not in fh.read(4096):  # the file meta group is up front
+            if DEFLATED.encode() not in fh.read(4096):  # the file meta group is up front
                 return
             fh.seek(0)
             read_preamble(fh, False)
             meta = _read_file_meta_info(fh)
-            if str(meta.get("TransferSyntaxUID", "")) != _DEFLATED:
+            if meta.get("TransferSyntaxUID") != DEFLATED:
                 return
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             total, limit = 0, options.max_bytes + 2**20  # header slack

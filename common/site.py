@@ -19,7 +19,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from common.cache import SiteCache, content_hash, open_cache, prepare
+from common.cache import SiteCache, content_hash, duplicate_reason, open_cache, prepare
 from common.data import assign_splits
 from common.errors import FedcxrError
 from common.evaluation.subgroups import age_band
@@ -122,7 +122,7 @@ def check(source: SiteSource, options: ImagingOptions | None = None) -> dict:
             if code is None:
                 j = first_copy.setdefault(found.content, i)
                 if j != i:
-                    code, reason = "duplicate_image", _duplicate_reason(rows, i, j)
+                    code, reason = "duplicate_image", duplicate_reason(rows, i, j)
             if code is None:
                 usable[i] = True
             else:
@@ -165,16 +165,6 @@ def check(source: SiteSource, options: ImagingOptions | None = None) -> dict:
         # every problem row (check.json lists three examples a code): problems.csv
         PROBLEM_ROWS: [(p.code, p.where, p.message) for p in problems],
     }
-
-
-def _duplicate_reason(rows: pd.DataFrame, i: int, j: int) -> str:
-    """Why row i is a duplicate of row j, and the split conflict it would cause."""
-    text = f"same bytes as {Path(rows.at[j, 'path']).name}"
-    if rows.at[i, "patient_id"] != rows.at[j, "patient_id"]:
-        text += " under another patient (the two could land in train and test)"
-    elif rows.at[i, "split"] and rows.at[j, "split"] and rows.at[i, "split"] != rows.at[j, "split"]:
-        text += f" in split {rows.at[i, 'split']} (the first is in {rows.at[j, 'split']})"
-    return text + "; only the first is used"
 
 
 def render_check(report: dict, console: Console) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from common.errors import ManifestError
+from common.errors import ManifestError, UnreadableManifest
 from common.labels import UncertainPolicy, parse_uncertain_policy
 from common.manifest import canonical, chexpert, dicom_folder, mimic, nih, padchest
 from common.manifest.base import (
@@ -78,10 +78,10 @@ def read_csv(path: Path) -> tuple[pd.DataFrame, list[Problem]]:
     try:
         data = Path(path).read_bytes()
     except PermissionError as exc:
-        raise ManifestError(f"{path}: no permission to read the manifest; grant the site's "
+        raise UnreadableManifest(f"{path}: no permission to read the manifest; grant the site's "
                             "user read access") from exc
     except OSError as exc:
-        raise ManifestError(f"{path}: cannot read the manifest ({exc.strerror})") from exc
+        raise UnreadableManifest(f"{path}: cannot read the manifest ({exc.strerror})") from exc
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -107,7 +107,7 @@ def read_csv(path: Path) -> tuple[pd.DataFrame, list[Problem]]:
             break
         except csv.Error as exc:
             if header is None:
-                raise ManifestError(f"{path}:{start}: the header row is not readable CSV "
+                raise UnreadableManifest(f"{path}:{start}: the header row is not readable CSV "
                                     f"({exc}); check the delimiter") from exc
             problems.append(Problem("ragged_row", f"not readable CSV ({exc}); row skipped",
                                     f"{Path(path).name}:{start}"))
@@ -178,9 +178,10 @@ def find_manifest(data_dir: Path) -> Path:
         try:
             table, _ = read_csv(manifest)
             detect_format(set(table.columns), manifest)
-        except ManifestError as exc:
-            if "permission" in str(exc) or "not readable CSV" in str(exc):
-                unreadable.append(str(exc))
+        except UnreadableManifest as exc:
+            unreadable.append(str(exc))
+            continue
+        except ManifestError:
             continue
         found.append(manifest)
     # MIMIC ships its labels CSV beside the metadata; the metadata file is the manifest.
