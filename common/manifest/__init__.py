@@ -78,8 +78,8 @@ def read_csv(path: Path) -> tuple[pd.DataFrame, list[Problem]]:
     try:
         data = Path(path).read_bytes()
     except PermissionError as exc:
-        raise UnreadableManifest(f"{path}: no permission to read the manifest; grant the site's "
-                            "user read access") from exc
+        raise UnreadableManifest(f"{path}: no permission to read the manifest; grant the "
+                                 "site's user read access") from exc
     except OSError as exc:
         raise UnreadableManifest(f"{path}: cannot read the manifest ({exc.strerror})") from exc
     try:
@@ -107,8 +107,8 @@ def read_csv(path: Path) -> tuple[pd.DataFrame, list[Problem]]:
             break
         except csv.Error as exc:
             if header is None:
-                raise UnreadableManifest(f"{path}:{start}: the header row is not readable CSV "
-                                    f"({exc}); check the delimiter") from exc
+                raise UnreadableManifest(f"{path}:{start}: the header row is not readable "
+                                         f"CSV ({exc}); check the delimiter") from exc
             problems.append(Problem("ragged_row", f"not readable CSV ({exc}); row skipped",
                                     f"{Path(path).name}:{start}"))
             continue
