@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint bench clean chromium
+.PHONY: install demo test lint bench clean system-packages
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,19 +18,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedcxr demo
 
-# The report test renders report.html in Debian's headless Chromium.
+# Servers and programs the tests use, from Debian's packages: headless Chromium renders
+# report.html; nginx is the SuperLink's reverse proxy (deploy/proxy, tests/e2e/test_proxy.py).
 CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+NGINX := $(shell command -v nginx || ls /usr/sbin/nginx 2>/dev/null)
+DEBS := $(if $(CHROMIUM),,chromium) $(if $(NGINX),,nginx-light)
+APT := DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-test: $(STAMP) chromium
+test: $(STAMP) system-packages
 	$(PY) -m pytest -q -p no:cacheprovider
 
-chromium:
-	@if [ -z "$(CHROMIUM)" ]; then \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
-	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && \
-	    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
-	  else echo "chromium missing and no root: the report rendering test will be skipped"; fi; \
+system-packages:
+	@if [ -n "$(strip $(DEBS))" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && $(APT) $(DEBS); \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo $(APT) $(DEBS); \
+	  else echo "$(DEBS) missing and no root: the tests that need them are skipped"; fi; \
 	fi
 
 lint: $(STAMP)

@@ -26,6 +26,10 @@ Correction = Literal["holm", "bh"]
 GradSampleMode = Literal["bk", "ghost", "hooks"]
 TransportDtype = Literal["float32", "float16"]
 ClientDP = Literal["off", "fixed-server", "fixed-client", "adaptive-server", "adaptive-client"]
+# Which round checkpoints stay on disk (latest.pt always: it alone resumes a run and holds
+# every arm's selected model). "last,best": the last round's file and the round of the
+# federated arm's selected model; "all": every round (about 2 x 28 MB per arm and round).
+KeepCheckpoints = Literal["last,best", "last", "all"]
 STRATEGIES = get_args(Strategy)
 ROLES = get_args(Role)
 
@@ -41,6 +45,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "client_dp": get_args(ClientDP),
     "selection": get_args(Selection),
     "primary_metric": get_args(PrimaryMetric),
+    "keep_checkpoints": get_args(KeepCheckpoints),
 }
 
 
@@ -146,6 +151,7 @@ class RunConfig:
     grad_sample_mode: GradSampleMode = "bk"  # DP per-image clipping (speed only)
     transport_dtype: TransportDtype = "float32"
     resume_from: str = ""
+    keep_checkpoints: KeepCheckpoints = "last,best"
     out_dir: str = "runs"
     run_name: str = ""
     cohort: str = ""  # simulation: cohort.toml mapping partition id -> site

@@ -99,6 +99,16 @@ def compose_epsilon(spends: list[Spend], delta: float, accountant: str) -> float
     return _compose(tuple(sorted(merged.items())), delta, accountant)
 
 
+def full_batch_is_exact():
+    """Opacus' PRV of the subsampled Gaussian takes ``log(1 - q)``; at sample rate 1 (a batch
+    at least as large as the site's training set) that is -inf and numpy warns "divide by
+    zero", though the comparison it feeds is then exact (every t lies above it: the plain
+    Gaussian mechanism). The warning only misleads an operator, so it is silenced here."""
+    import numpy as np
+
+    return np.errstate(divide="ignore")
+
+
 @functools.lru_cache(maxsize=256)
 def _compose(history: tuple[tuple[tuple[float, float], int], ...], delta: float,
              accountant: str) -> float:
@@ -115,7 +125,8 @@ def _compose(history: tuple[tuple[tuple[float, float], int], ...], delta: float,
     acc = accountant_with_history(make_accountant(accountant),
                                   [(noise, rate, steps) for (noise, rate), steps in history])
     try:
-        eps = float(acc.get_epsilon(delta=delta))
+        with full_batch_is_exact():
+            eps = float(acc.get_epsilon(delta=delta))
     except (ValueError, OverflowError, FloatingPointError, ZeroDivisionError):
         return math.inf
     return eps if math.isfinite(eps) else math.inf
@@ -128,9 +139,10 @@ def noise_for_target(target_epsilon: float, delta: float, sample_rate: float, to
     Cached: both arms of a round ask the same question (seconds of PRV search each)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                      sample_rate=sample_rate, steps=total_steps,
-                                      accountant=accountant))
+    with full_batch_is_exact():
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=total_steps,
+                                          accountant=accountant))
 
 
 class LedgerError(FedcxrError):

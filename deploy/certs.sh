@@ -21,3 +21,4 @@ openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 
 rm -f server.csr server.ext ca.srl
 chmod 600 ca.key server.key
 echo "wrote $out/ca.pem, $out/server.pem, $out/server.key (SANs: $san)"
+echo "move $out/ca.key off this machine: it signs certificates, nothing at run time needs it"

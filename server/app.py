@@ -48,9 +48,10 @@ from common.model import build_model, load_checkpoint
 from common.privacy import Spend, compose_epsilon, default_delta
 from common.records import pack, record_arrays, to_record, unpack
 from common.releases import release_rows
+from common.run_status import ArmRound, RunStatus
 from common.training import arm_seed
 from server import checkpoint
-from server.exchange import send, stream_replies
+from server.exchange import failure_reason, send, stream_replies
 from server.state import (
     CENTRALISED,
     CENTRALISED_LABEL,
@@ -178,7 +179,7 @@ def open_run(run: RunConfig, context: Context) -> tuple[str, Path, RunState]:
     """A new run, or the one ``resume-from`` names with its state after its last round."""
     st = RunState()
     if run.resume_from:
-        saved = checkpoint.load(run.resume_from)
+        saved = checkpoint.load(run.resume_from, run.out_dir)
         run_name = saved["run_name"]
         st = saved["state"]
         log.info("resume: continuing %s after round %d (%s)", run_name, st.round, saved["path"])
@@ -214,7 +215,8 @@ def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node]):
 
 
 def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
-                 train_nodes: dict[int, Node], run_name: str, run_dir: Path) -> None:
+                 train_nodes: dict[int, Node], run_name: str, run_dir: Path,
+                 board: RunStatus) -> None:
     """Every remaining round, each followed by a checkpoint and metrics.csv."""
     for rnd in range(st.round + 1, run.num_rounds + 1):
         began = time.monotonic()
@@ -222,11 +224,14 @@ def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
         st.round = rnd
         st.strategy = strategy_state(strategy)
         saving = time.monotonic()
-        path = checkpoint.save(run_name, as_flower(run), st, run_dir, rnd)
+        best = st.selected.get(FEDERATED)
+        path = checkpoint.save(run_name, as_flower(run), st, run_dir, rnd,
+                               keep=run.keep_checkpoints, best_round=best and best.round)
         done = time.monotonic()
         # The round's wall time, first message to checkpoint written.
         st.federated_row(rnd).seconds = round(done - began, 2)
         _write_metrics_csv(run_dir, st)
+        follow(board, st)
         log.info("round %d: checkpoint %s (%.1f s)", rnd, path.name, done - saving)
 
 
@@ -289,14 +294,15 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
         arm = result.arm
         st.arms[arm] = dict(unpack(record_arrays(result.arrays), st.arms[arm]))
         st.trained.setdefault(arm, []).append(rnd)
-        _record_history(st, rnd, arm, [metrics], mean_val=result.val_mean_auc)
+        _record_history(st, rnd, arm, [metrics], mean_val=result.val_mean_auc,
+                        validated=int(result.val_mean_auc is not None))
         own = PooledValidation()
         own.add(sites[node], result.val)
         _consider(st, arm, rnd, own, st.arms[arm], run.selection)
 
     def take(r: Message) -> None:
         if r.has_error():
-            errors.setdefault(r.metadata.src_node_id, r.error.reason)
+            errors.setdefault(r.metadata.src_node_id, failure_reason(r))
             return
         reply = wire.TrainReply.decode(r.content)
         if reply.received is not None:
@@ -335,12 +341,14 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
     finally:
         store.close()
     # This round's global model is validated by the next round's train message.
-    _record_history(st, rnd, FEDERATED, [fed_metrics[u.node] for u in kept], mean_val=None,
-                    answered=0)
+    aggregated = rnd in st.trained.get(FEDERATED, [])
+    _record_history(st, rnd, FEDERATED, [fed_metrics[u.node] for u in kept] if aggregated
+                    else [], mean_val=None, validated=0)
     prev = (f"; round {rnd - 1} global: mean val AUC {_auc(previous.mean)} at "
             f"{len(previous.sites)} sites" if rnd > 1 else "")
-    log.info("round %d: federated %d/%d sites, rejected %d%s; eps %s; %.1f s (replies %.1f s)",
-             rnd, len(kept), len(train_ids), len(store.rejected), prev,
+    log.info("round %d: federated %d/%d sites trained, rejected %d%s; eps %s; %.1f s "
+             "(replies %.1f s)", rnd, len(kept) if aggregated else 0, len(train_ids),
+             len(store.rejected), prev,
              {k: round(v, 2) for k, v in st.epsilon.items()} or "n/a",
              time.monotonic() - started, replied - started)
 
@@ -350,7 +358,7 @@ def _validated(st: RunState, rnd: int, val: PooledValidation, weights: dict[str,
     """Round ``rnd``'s global model (``weights``) was validated: fill its history row and
     consider it for selection."""
     row = st.federated_row(rnd)
-    row.val_auc, row.sites_answered = val.mean, len(val.sites)
+    row.val_auc, row.sites_validated = val.mean, len(val.sites)
     _consider(st, FEDERATED, rnd, val, weights, rule)
 
 
@@ -370,11 +378,12 @@ def _consider(st: RunState, arm: str, rnd: int, val: PooledValidation,
 
 
 def _record_history(st: RunState, rnd: int, arm: str, metrics: list[dict], *,
-                    mean_val: float | None, answered: int | None = None) -> None:
+                    mean_val: float | None, validated: int) -> None:
+    """One arm's row of round ``rnd`` from the metrics of the updates it took."""
     losses = [m["loss"] for m in metrics]
     eps = [m["epsilon"] for m in metrics if m["epsilon"] >= 0]
     st.history.append(HistoryRow(
-        round=rnd, arm=arm, sites_answered=answered if answered is not None else len(metrics),
+        round=rnd, arm=arm, sites_trained=len(metrics), sites_validated=validated,
         loss=float(np.mean(losses)) if losses else None, val_auc=mean_val,
         epsilon=max(eps) if eps else None))
 
@@ -638,11 +647,19 @@ def main(grid: Grid, context: Context) -> None:
     run = parse(RunConfig, dict(context.run_config), what="run config")
     started = time.time()
     run_name, run_dir, st = open_run(run, context)
+    board = RunStatus(run_name, str(run_dir.resolve()), started, run.num_rounds)
+    with board.tracking():
+        experiment(grid, run, st, run_name, run_dir, started, board)
 
+
+def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir: Path,
+               started: float, board: RunStatus) -> None:
+    """The protocol, phase by phase; ``board`` (status.json) follows it for the coordinator."""
     # 1. Discover; the prespecified analysis is fixed (and checked) before any training.
     nodes = discover(grid, run)
     train_nodes = {n: v for n, v in nodes.items() if v.role == "train"}
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
+    board.sites = {v.site: v.role for v in nodes.values()}
     if not train_nodes:
         raise RuntimeError("no node has role=train; nothing to train")
     role_probe = probe_roles(grid, run, nodes)
@@ -654,16 +671,20 @@ def main(grid: Grid, context: Context) -> None:
              f"; extra models {', '.join(extra)}" if extra else "", time.time() - started)
 
     # 2. Train, interleaved, checkpoint every round.
+    board.enter("training")
     strategy = prepare_arms(run, st, train_nodes)
     nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
-    train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir)
+    train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board)
 
     # 3. Select every arm by one rule; operating points from training-site validation only.
+    board.enter("selection")
     selection = select_arms(grid, run, st, train_nodes, run_dir)
+    follow(board, st)
     log.info("thresholds fixed on training-site validation data (%s, target %.2f; %.1f s "
              "into the run)", run.threshold_method, run.threshold_target, time.time() - started)
 
     # 4. Internal validation: every training site, every selected model, its test split.
+    board.enter("internal validation")
     reference = {n: w for n, w in extra.items() if n == CENTRALISED}
     internal = internal_validation(grid, run, {**selection.weights, **reference}, train_nodes,
                                    primary)
@@ -672,6 +693,7 @@ def main(grid: Grid, context: Context) -> None:
 
     # 5. External validation at every held-out node; extra models (not trained here) come
     # after the arms: secondary analysis only.
+    board.enter("external validation")
     models = {**selection.weights, **extra}
     norms = {**{a: run.norm for a in selection.weights}, **extra_norms}
     thresholds = {**{name: {} for name in extra}, **selection.thresholds}
@@ -683,8 +705,21 @@ def main(grid: Grid, context: Context) -> None:
              len(site_results), time.time() - started)
 
     # 6. Verdict and report.
+    board.enter("report")
     report(run, st, selection, nodes, evaluation, internal, site_results, primary,
            thresholds, role_probe, run_dir, started)
+    board.enter("finished")
+
+
+def follow(board: RunStatus, st: RunState) -> None:
+    """status.json after a round: every arm's latest row, the failures and ε so far."""
+    board.round = st.round
+    for h in st.history:
+        board.arms[h.arm] = ArmRound(h.round, h.sites_trained, h.sites_validated)
+    board.failures = [{"round": f.round, "arm": f.arm, "site": f.site, "reason": f.reason}
+                      for f in st.failures]
+    board.epsilon = dict(st.epsilon)
+    board.write()
 
 
 def report(run: RunConfig, st: RunState, selection: Selection, nodes: dict[int, Node],

@@ -38,8 +38,10 @@ def _convert(obj, kind: type, fn):
     return obj
 
 
-def save(run_name: str, config: dict, state: RunState, run_dir: Path, round: int) -> Path:
-    """Checkpoint ``state`` after ``round`` (``round-NNN.pt`` and ``latest.pt``)."""
+def save(run_name: str, config: dict, state: RunState, run_dir: Path, round: int,
+         keep: str = "all", best_round: int | None = None) -> Path:
+    """Checkpoint ``state`` after ``round`` (``round-NNN.pt`` and ``latest.pt``), then drop
+    the round files ``keep`` does not name (``prune``)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     plain = _convert(state.to_checkpoint(), np.ndarray,
@@ -54,23 +56,49 @@ def save(run_name: str, config: dict, state: RunState, run_dir: Path, round: int
     latest.unlink(missing_ok=True)
     os.link(path, latest)  # the same bytes, no second write
     os.replace(latest, ckpt_dir / "latest.pt")
+    prune(ckpt_dir, keep, {round} | ({best_round} if best_round else set()))
     return path
 
 
-def resolve(spec: str) -> Path:
+def prune(ckpt_dir: Path, keep: str, rounds: set[int]) -> list[Path]:
+    """Delete every ``round-NNN.pt`` but the last round's and, under ``last,best``, the round
+    of the federated arm's selected model (``rounds``); ``all`` keeps every file. Each file
+    holds the whole state (every arm's weights and every selected model), so ``latest.pt``
+    alone resumes a run; the kept round files are for looking back."""
+    if keep == "all":
+        return []
+    last = max(rounds)
+    wanted = {last} | (rounds if keep == "last,best" else set())
+    gone = []
+    for path in sorted(ckpt_dir.glob("round-*.pt")):
+        stem = path.stem.removeprefix("round-")
+        if stem.isdigit() and int(stem) not in wanted and int(stem) < last:
+            path.unlink(missing_ok=True)
+            gone.append(path)
+    return gone
+
+
+def resolve(spec: str, out_dir: str | Path = "runs") -> Path:
+    """The checkpoint ``resume-from`` names: a checkpoint file or a run folder, as given or,
+    when relative and not there, under ``out_dir`` (where runs land: ``resume-from="crash"``
+    finds ``<out-dir>/crash``; the ServerApp's working directory is the SuperLink's, not the
+    coordinator's)."""
     path = Path(spec)
+    if not path.is_absolute() and not path.exists() and (Path(out_dir) / path).exists():
+        path = Path(out_dir) / path
     if path.is_dir():
         for candidate in (path / "checkpoints" / "latest.pt", path / "latest.pt"):
             if candidate.is_file():
                 return candidate
     if not path.is_file():
-        raise FedcxrError(f"resume-from={spec}: no checkpoint there; give a run folder or a "
-                          "checkpoints/round-NNN.pt file")
+        raise FedcxrError(f"resume-from={spec}: no checkpoint there (looked in "
+                          f"{Path(spec).resolve()} and {(Path(out_dir) / spec).resolve()}); "
+                          "give a run folder or a checkpoints/round-NNN.pt file")
     return path
 
 
-def load(spec: str) -> dict:
-    path = resolve(spec)
+def load(spec: str, out_dir: str | Path = "runs") -> dict:
+    path = resolve(spec, out_dir)
     state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("format") != FORMAT:
         raise FedcxrError(f"{path}: not a fedcxr server checkpoint")

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 
 from flwr.app import Message
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 log = logging.getLogger("flwr")
@@ -53,3 +54,14 @@ def stream_replies(grid: Grid, messages: list[Message], timeout: float, *,
 def send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
     """All replies of a phase whose replies are small (queries, statistics)."""
     return list(stream_replies(grid, messages, timeout))
+
+
+def failure_reason(reply: Message) -> str:
+    """The one line an operator reads for an error reply. Flower's reply for a node whose
+    heartbeat stopped (``NODE_UNAVAILABLE``) becomes "disconnected" with the time the
+    SuperLink gave up on it, not a timeout (a killed node is known gone long before
+    ``round-timeout``)."""
+    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+        return ("disconnected: the node stopped sending heartbeats (the SuperLink gave it up "
+                f"at {time.strftime('%H:%M:%S', time.gmtime())} UTC)")
+    return reply.error.reason

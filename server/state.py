@@ -62,11 +62,18 @@ class SelectedModel:
 
 @dataclass
 class HistoryRow:
-    """One arm in one round (a metrics.csv row)."""
+    """One arm in one round (a metrics.csv row and a results.json history entry).
+
+    ``sites_trained``: the sites whose update of this round went into the arm (the federated
+    arm: accepted updates that were aggregated; a single-site arm: 1). ``sites_validated``:
+    the sites that validated the arm's model of this round (the federated arm's round-r model
+    is validated by round r+1's train messages, so a site can train in one round and not the
+    other: the two counts differ after a failure or a resume)."""
 
     round: int
     arm: str
-    sites_answered: int
+    sites_trained: int
+    sites_validated: int
     loss: float | None
     val_auc: float | None
     epsilon: float | None
@@ -117,10 +124,22 @@ class RunState:
             state["selected"] = {FEDERATED: best} if best else {}
         state["selected"] = {arm: SelectedModel(**s)
                              for arm, s in state.get("selected", {}).items()}
-        state["history"] = [HistoryRow(**h) for h in state.get("history", [])]
+        state["history"] = [HistoryRow(**_history_row(h)) for h in state.get("history", [])]
         state["rejections"] = [Rejection(**r) for r in state.get("rejections", [])]
         state["failures"] = [Failure(**f) for f in state.get("failures", [])]
         if "trained" not in state:  # a checkpoint from before: every arm trained every round
             state["trained"] = {arm: list(range(1, int(state.get("round", 0)) + 1))
                                 for arm in state.get("arms", {})}
         return cls(**state)
+
+
+def _history_row(h: dict) -> dict:
+    """A history row of a checkpoint written before sites_trained / sites_validated: its one
+    count was the validating sites of the federated arm and the training site of a single."""
+    if "sites_answered" not in h:
+        return h
+    h = dict(h)
+    answered = h.pop("sites_answered")
+    h["sites_validated"] = answered
+    h["sites_trained"] = answered if h["arm"] != FEDERATED else 0
+    return h

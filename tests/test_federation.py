@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -20,6 +21,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedTrimmedAvg
 
 from cli.simulate import simulate
 from common.config import RunConfig, as_flower
+from common.errors import FedcxrError
 from common.labels import LABELS
 from common.model import build_model, save_checkpoint
 from common.synth import SynthOptions, generate
@@ -101,7 +103,8 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     assert [h["round"] for h in history] == [1, 2]
     # Every global model was validated at both training sites: round 1's by the train
     # messages of round 2, round 2's with the single-site models before thresholds.
-    assert all(h["val_auc"] is not None and h["sites_answered"] == 2 for h in history), history
+    assert all(h["val_auc"] is not None and h["sites_validated"] == 2
+               and h["sites_trained"] == 2 for h in history), history
     best = max(history, key=lambda h: h["val_auc"])
     assert arms["federated"]["best_round"] == best["round"]
     assert results["provenance"]["config"]["validation_mean_auc"]["federated"] == \
@@ -122,8 +125,26 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     assert (run_dir / "report.html").is_file()
     lines = (run_dir / "metrics.csv").read_text().strip().splitlines()
     assert len(lines) == 1 + 2 * 3
-    assert {p.name for p in (run_dir / "checkpoints").iterdir()} >= {"round-001.pt",
-                                                                     "round-002.pt"}
+    # keep-checkpoints "last,best" (the default): latest.pt, the last round and the round
+    # of the federated arm's selected model, nothing else
+    best = arms["federated"]["best_round"]
+    assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
+        "latest.pt", "round-002.pt", f"round-{best:03d}.pt"}
+    # status.json (fedcxr status) followed the run to its end
+    from common.run_status import RunStatus
+
+    status = RunStatus.read(run_dir)
+    assert (status.state, status.phase, status.round) == ("finished", "finished", 2)
+    assert status.sites == {"site1": "train", "site2": "train", "site3": "evaluate"}
+    assert status.arms["federated"].sites_validated == 2 and status.failures == []
+    # metrics.csv is the history results.json reports, row for row
+    with open(run_dir / "metrics.csv", newline="") as fh:
+        rows = [{k: (None if v == "" else v) for k, v in r.items()} for r in csv.DictReader(fh)]
+    reported = sorted((h for a in results["arms"] for h in a["history"]),
+                      key=lambda h: (h["round"], h["arm"]))
+    assert sorted((int(r["round"]), r["arm"], int(r["sites_trained"]),
+                    int(r["sites_validated"])) for r in rows) == [
+        (h["round"], h["arm"], h["sites_trained"], h["sites_validated"]) for h in reported]
 
 
 def test_no_processes_left_behind(run_a):
@@ -286,7 +307,8 @@ def test_a_site_failing_mid_round_leaves_its_arm_incomplete(small_cohort, tmp_pa
     assert {(f["arm"], f["round"]) for f in failures} == {("federated", 2),
                                                           ("single:site2", 2)}
     fed = [h for h in arms["federated"]["history"] if h["round"] == 2][0]
-    assert fed["sites_answered"] == 2  # validation still at both; training from site1 only
+    assert fed["sites_validated"] == 2  # validation still at both; training from site1 only
+    assert fed["sites_trained"] == 1
 
 
 def test_dp_run_spends_from_each_sites_ledger(small_cohort, tmp_path):
@@ -509,7 +531,7 @@ def test_run_state_round_trips_through_a_checkpoint(tmp_path):
     st = RunState(round=2, arms={"federated": w},
                   selected={"single:s1": SelectedModel(1, 0.7, np.ones((14, 3), np.int64),
                                                        np.zeros((14, 3), np.int64), ["s1"], w)},
-                  history=[HistoryRow(1, "federated", 2, 0.5, 0.6, None, 3.2)],
+                  history=[HistoryRow(1, "federated", 2, 2, 0.5, 0.6, None, 3.2)],
                   rejections=[Rejection(1, 3, "s3", "non-finite values")],
                   failures=[Failure(2, "single:s2", "s2", 4, "no reply")], epsilon={"s1": 1.5})
     checkpoint.save("r", {"seed": 0}, st, tmp_path, 2)
@@ -522,6 +544,33 @@ def test_run_state_round_trips_through_a_checkpoint(tmp_path):
     old = RunState.from_checkpoint({"round": 1, "best": {
         "round": 1, "mean_val_auc": 0.6, "pos": None, "neg": None, "sites": [], "weights": w}})
     assert old.selected["federated"].mean_val_auc == 0.6
+    # a history row of before sites_trained / sites_validated keeps its one count as validated
+    older = RunState.from_checkpoint({"round": 1, "history": [
+        {"round": 1, "arm": "federated", "sites_answered": 3, "loss": 0.5, "val_auc": 0.6,
+         "epsilon": None, "seconds": 1.0}]})
+    assert (older.history[0].sites_validated, older.history[0].sites_trained) == (3, 0)
+
+
+@pytest.mark.parametrize("keep,best,kept", [
+    ("all", 2, {1, 2, 3, 4}), ("last", 2, {4}), ("last,best", 2, {2, 4}),
+    ("last,best", None, {4}), ("last,best", 4, {4})])
+def test_checkpoints_kept_are_the_last_and_the_selected_round(tmp_path, keep, best, kept):
+    """keep-checkpoints prunes round files after each save; latest.pt always resumes, and a
+    run folder named relative to out-dir is found there (the SuperLink's working directory
+    is not the coordinator's)."""
+    from server import checkpoint
+    from server.state import RunState
+
+    st = RunState(arms={"federated": {"a": np.zeros(3, np.float32)}})
+    for rnd in range(1, 5):
+        st.round = rnd
+        checkpoint.save("r", {"seed": 0}, st, tmp_path / "out" / "r", rnd, keep=keep,
+                        best_round=best if best is None or best <= rnd else None)
+    names = {p.name for p in (tmp_path / "out" / "r" / "checkpoints").iterdir()}
+    assert names == {"latest.pt"} | {f"round-{r:03d}.pt" for r in kept}
+    assert checkpoint.load("r", tmp_path / "out")["state"].round == 4
+    with pytest.raises(FedcxrError, match="no checkpoint there"):
+        checkpoint.load("missing", tmp_path / "out")
 
 
 def test_a_site_budget_means_dp_or_nothing_whatever_the_coordinator_says(small_cohort,
@@ -619,6 +668,7 @@ def test_client_level_dp_runs_flowers_wrappers_and_reports_the_sites_epsilon(
     clip = 1e-3
     code = simulate(small_cohort, {**CONFIG, "out-dir": str(tmp_path), "run-name": "cdp",
                                    "client-dp": mode, "client-noise-multiplier": 1e-5,
+                                   "keep-checkpoints": "all",
                                    "client-clipping-norm": clip})
     assert code == 0
     results = json.loads((tmp_path / "cdp" / "results.json").read_text())

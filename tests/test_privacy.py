@@ -396,3 +396,29 @@ def test_the_ledgers_running_epsilon_is_its_composition(tmp_path):
     ledger.complete(unit, Spend(20, 0.05, 1.1), 1e-5, run_id="r", arm="single:s", round=3)
     assert ledger.spent() == pytest.approx(ledger.epsilon(1e-5))
     assert PrivacyLedger(tmp_path / "none.jsonl").spent() == 0.0
+
+
+def test_a_full_batch_is_the_gaussian_mechanism_without_a_warning():
+    """Sample rate 1 (batch >= the site's training set): PRV's ε is the exact ε of the
+    composed Gaussian mechanism (Balle & Wang 2018, Theorem 8: mu = sqrt(k) / sigma), and
+    Opacus' log(1 - q) = -inf raises no divide-by-zero warning at the operator."""
+    import warnings
+
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    from common.privacy import Spend, compose_epsilon, noise_for_target
+
+    steps, sigma, delta = 20, 2.0, 1e-5
+    mu = steps ** 0.5 / sigma
+
+    def gap(eps):
+        return norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * norm.cdf(-eps / mu - mu / 2) - delta
+
+    exact = brentq(gap, 1e-6, 100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # numpy's "divide by zero"
+        eps = compose_epsilon([Spend(steps, 1.0, sigma)], delta, "prv")
+        noise = noise_for_target(exact, delta, 1.0, steps, "prv")
+    assert eps == pytest.approx(exact, rel=0.02)
+    assert noise == pytest.approx(sigma, rel=0.02)

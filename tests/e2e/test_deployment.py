@@ -8,6 +8,7 @@ is bounded.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import socket
@@ -197,6 +198,15 @@ def test_full_run_over_tls_with_node_auth(fed):
     assert {r["site"] for r in results["external"]} == {"site4", "site5"}
     probe = {p["site"]: p["refused"] for p in results["screening"]["role_probe"]}
     assert probe == {"site4": True, "site5": True}  # held-out nodes refuse to train
+    # ... as an expected refusal: one line, no traceback, no Flower exit-code ERROR
+    for site in ("site4", "site5"):
+        log = fed.cluster.log(site)
+        assert "Traceback" not in log and "Exit Code" not in log, log[-1500:]
+    # the coordinator's status view followed the run to its end
+    status = subprocess.run([sys.executable, "-m", "cli.main", "status",
+                             str(fed.tmp / "runs" / "full")], capture_output=True, text=True,
+                            cwd=ROOT)
+    assert status.returncode == 0 and "finished: finished" in status.stdout, status.stdout
     assert (fed.tmp / "runs" / "full" / "report.html").is_file()
     assert results["verdict"]["overall"].startswith("H1")
     # each site's audit log names the approved app that handled every message
@@ -299,11 +309,18 @@ def test_superlink_killed_mid_run_then_resumed(fed):
         fed.kill(site)
         fed.start_site(site)
     fed.wait_online()
-    status, results = fed.run(name, **{"num-rounds": 2, "resume-from": str(first)})
+    # resume-from names the run; it is found under out-dir, wherever the SuperLink runs
+    status, results = fed.run(name, **{"num-rounds": 2, "resume-from": name})
     assert status == "finished:completed"
     assert results is not None
     fed_arm = next(a for a in results["arms"] if a["name"] == "federated")
     assert [h["round"] for h in fed_arm["history"]] == [1, 2]
+    # metrics.csv agrees with results.json after the resume, row for row
+    with open(fed.tmp / "runs" / name / "metrics.csv", newline="") as fh:
+        rows = {(int(r["round"]), r["arm"]): (int(r["sites_trained"]), int(r["sites_validated"]))
+                for r in csv.DictReader(fh)}
+    assert rows == {(h["round"], h["arm"]): (h["sites_trained"], h["sites_validated"])
+                    for a in results["arms"] for h in a["history"]}
     assert (fed.tmp / "runs" / name / "checkpoints" / "round-002.pt").exists()
 
 

@@ -1,0 +1,72 @@
+"""status.json and ``fedcxr status``: the coordinator's view of a run while it goes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cli.main import main
+from common.run_status import ArmRound, RunStatus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def board(tmp_path: Path) -> RunStatus:
+    return RunStatus("r", str(tmp_path), time.time() - 300, num_rounds=5)
+
+
+def test_status_follows_the_phases_and_names_the_failure(tmp_path, capsys):
+    b = board(tmp_path)
+    with b.tracking():
+        b.sites = {"st-mary": "train", "north": "evaluate"}
+        b.enter("training")
+        b.round = 2
+        b.arms = {"federated": ArmRound(2, 2, 3), "single:st-mary": ArmRound(2, 1, 1)}
+        b.failures = [{"round": 2, "arm": "federated", "site": "east", "reason": "timeout"}]
+        b.epsilon = {"st-mary": 1.25}
+        b.write()
+    assert main(["status", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "running: training, round 2 of 5 done (phase 2 of 6)" in out
+    assert "st-mary (train)" in out and "north (evaluate)" in out
+    assert "federated" in out and "st-mary 1.25" in out
+    assert "round 2 federated at east: timeout" in out
+    with pytest.raises(RuntimeError), b.tracking():
+        raise RuntimeError("no node has role=train; nothing to train")
+    back = RunStatus.read(tmp_path)
+    assert back.state == "failed" and "no node has role=train" in back.error
+    assert back.arms["federated"] == ArmRound(2, 2, 3)
+    assert main(["status", str(tmp_path), "--watch", "0.1"]) == 1  # failed: stops watching
+    assert json.loads(subprocess.run(
+        [sys.executable, "-m", "cli.main", "status", str(tmp_path), "--json"], cwd=ROOT,
+        capture_output=True, text=True, check=False).stdout)["state"] == "failed"
+
+
+@pytest.mark.parametrize("content,message", [
+    (None, "no such file"), ("{torn", "unreadable"), ('{"run_name": 3}', "not a fedcxr status")])
+def test_a_missing_or_torn_status_file_is_one_line(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / "status.json").write_text(content)
+    r = subprocess.run([sys.executable, "-m", "cli.main", "status", str(tmp_path)], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_a_node_that_stopped_heartbeating_is_reported_disconnected(task_identity):
+    from flwr.app import Error, Message, RecordDict
+    from flwr.common.constant import ErrorCode
+
+    from server.exchange import failure_reason
+
+    sent = Message(RecordDict(), dst_node_id=7, message_type="train", group_id="1")
+    gone = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable"),
+                   reply_to=sent)
+    assert failure_reason(gone).startswith("disconnected: the node stopped sending heartbeats")
+    refused = Message(Error(code=4001, reason="held-out site"), reply_to=sent)
+    assert failure_reason(refused) == "held-out site"
