@@ -30,7 +30,9 @@ def render(status: RunStatus, now: float | None = None) -> str:
     if status.error:
         lines.append(f"  error: {status.error}")
     if status.sites:
-        lines.append("  sites: " + ", ".join(f"{s} ({r})" for s, r in sorted(status.sites.items())))
+        lines.append("  sites: " + ", ".join(
+            f"{s} ({r}" + (f", node {status.node_ids[s]})" if s in status.node_ids else ")")
+            for s, r in sorted(status.sites.items())))
     if status.arms:
         lines.append(f"  {'arm':<24} {'round':>5} {'trained':>8} {'validated':>10}")
         lines += [f"  {arm:<24} {a.round:>5} {a.sites_trained:>8} {a.sites_validated:>10}"

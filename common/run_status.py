@@ -46,6 +46,8 @@ class RunStatus:
     round: int = 0
     updated_at: float = 0.0
     sites: dict[str, str] = field(default_factory=dict)  # site -> role
+    # site -> Flower node id: `flwr supernode list` shows ids only
+    node_ids: dict[str, int] = field(default_factory=dict)
     arms: dict[str, ArmRound] = field(default_factory=dict)
     failures: list[dict] = field(default_factory=list)  # round, arm, site, reason
     epsilon: dict[str, float] = field(default_factory=dict)

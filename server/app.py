@@ -119,8 +119,8 @@ def discover(grid: Grid, run: RunConfig) -> dict[int, Node]:
         nodes[r.metadata.src_node_id] = Node(r.metadata.src_node_id,
                                              wire.SiteFacts.decode(r.content))
     for n in sorted(nodes.values(), key=lambda n: n.site):
-        log.info("discover: %s role=%s images=%d train=%d", n.site, n.role, n.facts.n_images,
-                 n.facts.n_train)
+        log.info("discover: %s node %d role=%s images=%d train=%d", n.site, n.node_id, n.role,
+                 n.facts.n_images, n.facts.n_train)
     return nodes
 
 
@@ -351,6 +351,9 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
              len(store.rejected), prev,
              {k: round(v, 2) for k, v in st.epsilon.items()} or "n/a",
              time.monotonic() - started, replied - started)
+    singles = [h for h in st.history if h.round == rnd and h.arm != FEDERATED]
+    log.info("round %d: single-site arms %s", rnd, "; ".join(
+        f"{h.arm} loss {_auc(h.loss)} val AUC {_auc(h.val_auc)}" for h in singles) or "none")
 
 
 def _validated(st: RunState, rnd: int, val: PooledValidation, weights: dict[str, np.ndarray],
@@ -660,6 +663,7 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     train_nodes = {n: v for n, v in nodes.items() if v.role == "train"}
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
     board.sites = {v.site: v.role for v in nodes.values()}
+    board.node_ids = {v.site: n for n, v in nodes.items()}
     if not train_nodes:
         raise RuntimeError("no node has role=train; nothing to train")
     role_probe = probe_roles(grid, run, nodes)

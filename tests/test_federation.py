@@ -137,6 +137,7 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     assert (status.state, status.phase, status.round) == ("finished", "finished", 2)
     assert status.sites == {"site1": "train", "site2": "train", "site3": "evaluate"}
     assert status.arms["federated"].sites_validated == 2 and status.failures == []
+    assert set(status.node_ids) == set(status.sites)
     # metrics.csv is the history results.json reports, row for row
     with open(run_dir / "metrics.csv", newline="") as fh:
         rows = [{k: (None if v == "" else v) for k, v in r.items()} for r in csv.DictReader(fh)]

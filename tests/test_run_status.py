@@ -24,6 +24,7 @@ def test_status_follows_the_phases_and_names_the_failure(tmp_path, capsys):
     b = board(tmp_path)
     with b.tracking():
         b.sites = {"st-mary": "train", "north": "evaluate"}
+        b.node_ids = {"st-mary": 8113}
         b.enter("training")
         b.round = 2
         b.arms = {"federated": ArmRound(2, 2, 3), "single:st-mary": ArmRound(2, 1, 1)}
@@ -33,7 +34,7 @@ def test_status_follows_the_phases_and_names_the_failure(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "running: training, round 2 of 5 done (phase 2 of 6)" in out
-    assert "st-mary (train)" in out and "north (evaluate)" in out
+    assert "st-mary (train, node 8113)" in out and "north (evaluate)" in out
     assert "federated" in out and "st-mary 1.25" in out
     assert "round 2 federated at east: timeout" in out
     with pytest.raises(RuntimeError), b.tracking():

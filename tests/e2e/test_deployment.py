@@ -183,6 +183,9 @@ def test_only_tls_and_registered_keys_get_in(fed):
         code = fed.cluster.wait_exit(name, 120)
         assert code not in (None, 0), f"{name} did not exit"
         assert evidence in fed.cluster.log(name), fed.cluster.log(name)[-800:]
+        if name == "unregistered":  # the site launcher says what Flower's message does not
+            assert "rogue.pub" in fed.cluster.log(name) and "is not registered" in \
+                fed.cluster.log(name), fed.cluster.log(name)[-800:]
         fed.kill(name)
     with pytest.raises(httpx.HTTPError):  # the SuperLink speaks TLS only
         httpx.get(f"http://127.0.0.1:{fed.port}/health", timeout=5)
@@ -196,6 +199,8 @@ def test_full_run_over_tls_with_node_auth(fed):
         "federated": "complete", "single:site1": "complete", "single:site2": "complete",
         "single:site3": "complete"}
     assert {r["site"] for r in results["external"]} == {"site4", "site5"}
+    # each training line once at the node (the first run of the module)
+    assert fed.cluster.log("site1").count("site site1 arm federated round 1:") == 1
     probe = {p["site"]: p["refused"] for p in results["screening"]["role_probe"]}
     assert probe == {"site4": True, "site5": True}  # held-out nodes refuse to train
     # ... as an expected refusal: one line, no traceback, no Flower exit-code ERROR

@@ -9,8 +9,10 @@ Control and Runtime APIs there; the coordinator's door reaches both.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
@@ -179,3 +181,32 @@ def test_a_registered_hospital_connects_through_its_door(doors):
     control = f"https://127.0.0.1:{doors['ports']['control']}"
     with httpx.Client(verify=ssl.create_default_context(cafile=doors["ca"]), timeout=10) as http:
         assert http.post(control + "/v1/runtime/acquire-task", content=b"").status_code == 403
+
+
+def children_of(home: Path) -> list[str]:
+    """Live processes (not zombies) whose FLWR_HOME is ``home``: a node's SuperExec and
+    ClientApps inherit it from the SuperNode."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            name = (proc / "comm").read_text().strip()
+        except (OSError, IndexError):
+            continue
+        if f"FLWR_HOME={home}".encode() in env and state != "Z":
+            found.append(f"{proc.name} {name}")
+    return found
+
+
+def test_a_killed_node_leaves_no_children(doors):
+    """SIGKILL to the SuperNode alone, and nobody reaps it (a zombie, as under a supervisor
+    that is slow to wait): its SuperExec still ends, by the parent-death signal that the
+    site image's flower-superexec wrapper (deploy/site-bin) sets. Flower's own --parent-pid
+    watch asks whether the pid exists, which a zombie's does."""
+    home = doors["tmp"] / "homes" / "site1"
+    node = doors["cluster"].procs["site1"]
+    wait_for(lambda: any("superexe" in c for c in children_of(home)), 60, "site1's SuperExec")
+    os.kill(node.pid, signal.SIGKILL)  # the node only, not its process group; not reaped
+    wait_for(lambda: children_of(home) == [], 30, "site1's SuperExec to end with its node")
+    node.wait(timeout=10)
