@@ -121,7 +121,7 @@ def _registrars():
     from importlib import import_module
 
     for module in ("cli.synth", "cli.demo", "cli.evaluate",
-                   "cli.train_local", "cli.simulate", "cli.status"):
+                   "cli.train_local", "cli.simulate", "cli.status", "cli.export"):
         try:
             yield import_module(module).register
         except ModuleNotFoundError as exc:

@@ -152,6 +152,8 @@ class RunConfig:
     transport_dtype: TransportDtype = "float32"
     resume_from: str = ""
     keep_checkpoints: KeepCheckpoints = "last,best"
+    # MLflow tracking store: "" = SQLite at <out-dir>/mlflow.db; an http(s):// server; "off"
+    tracking_uri: str = ""
     out_dir: str = "runs"
     run_name: str = ""
     cohort: str = ""  # simulation: cohort.toml mapping partition id -> site

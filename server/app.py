@@ -26,6 +26,7 @@ import csv
 import json
 import logging
 import math
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -44,7 +45,7 @@ from common.evaluation.metrics import choose_threshold
 from common.evaluation.report import build_results, write_report
 from common.evaluation.verdict import Protocol
 from common.labels import LABELS
-from common.model import build_model, load_checkpoint
+from common.model import build_model, load_checkpoint, save_checkpoint
 from common.privacy import Spend, compose_epsilon, default_delta
 from common.records import pack, record_arrays, to_record, unpack
 from common.releases import release_rows
@@ -64,6 +65,7 @@ from server.state import (
     single,
 )
 from server.strategy import TrainNodesGrid, make_strategy, restore_strategy_state, strategy_state
+from server.tracking import Tracker
 from server.updates import UpdateStore
 
 log = logging.getLogger("flwr")
@@ -216,7 +218,7 @@ def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node]):
 
 def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
                  train_nodes: dict[int, Node], run_name: str, run_dir: Path,
-                 board: RunStatus) -> None:
+                 board: RunStatus, tracker: Tracker) -> None:
     """Every remaining round, each followed by a checkpoint and metrics.csv."""
     for rnd in range(st.round + 1, run.num_rounds + 1):
         began = time.monotonic()
@@ -232,7 +234,16 @@ def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
         st.federated_row(rnd).seconds = round(done - began, 2)
         _write_metrics_csv(run_dir, st)
         follow(board, st)
+        tracker.rounds([h for h in st.history if (h.round, h.arm) in final_rows(st, rnd)],
+                       st.epsilon)
         log.info("round %d: checkpoint %s (%.1f s)", rnd, path.name, done - saving)
+
+
+def final_rows(st: RunState, rnd: int) -> set[tuple[int, str]]:
+    """The (round, arm) history rows that no later round changes, after round ``rnd``: every
+    arm's up to ``rnd`` but round ``rnd``'s global model, which the next round's train
+    messages validate."""
+    return {(h.round, h.arm) for h in st.history if h.round < rnd or h.arm != FEDERATED}
 
 
 def train_requests(run: RunConfig, rnd: int, st: RunState, strategy, grid: Grid,
@@ -651,13 +662,21 @@ def main(grid: Grid, context: Context) -> None:
     started = time.time()
     run_name, run_dir, st = open_run(run, context)
     board = RunStatus(run_name, str(run_dir.resolve()), started, run.num_rounds)
+    tracker = Tracker(run.tracking_uri, Path(run.out_dir))
+    tracker.start(run_name, as_flower(run), logged=final_rows(st, st.round)
+                  if run.resume_from else None)
     with board.tracking():
-        experiment(grid, run, st, run_name, run_dir, started, board)
+        try:
+            experiment(grid, run, st, run_name, run_dir, started, board, tracker)
+        except BaseException:
+            tracker.failed()
+            raise
 
 
 def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir: Path,
-               started: float, board: RunStatus) -> None:
-    """The protocol, phase by phase; ``board`` (status.json) follows it for the coordinator."""
+               started: float, board: RunStatus, tracker: Tracker) -> None:
+    """The protocol, phase by phase; ``board`` (status.json) and ``tracker`` (MLflow) follow
+    it for the coordinator."""
     # 1. Discover; the prespecified analysis is fixed (and checked) before any training.
     nodes = discover(grid, run)
     train_nodes = {n: v for n, v in nodes.items() if v.role == "train"}
@@ -678,12 +697,13 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     board.enter("training")
     strategy = prepare_arms(run, st, train_nodes)
     nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
-    train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board)
+    train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board, tracker)
 
     # 3. Select every arm by one rule; operating points from training-site validation only.
     board.enter("selection")
     selection = select_arms(grid, run, st, train_nodes, run_dir)
     follow(board, st)
+    tracker.rounds(st.history, st.epsilon)  # the last global model is validated now
     log.info("thresholds fixed on training-site validation data (%s, target %.2f; %.1f s "
              "into the run)", run.threshold_method, run.threshold_target, time.time() - started)
 
@@ -710,9 +730,24 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
 
     # 6. Verdict and report.
     board.enter("report")
-    report(run, st, selection, nodes, evaluation, internal, site_results, primary,
-           thresholds, role_probe, run_dir, started)
+    results = report(run, st, selection, nodes, evaluation, internal, site_results, primary,
+                     thresholds, role_probe, run_dir, started)
     board.enter("finished")
+    if tracker.on:
+        with tempfile.TemporaryDirectory() as tmp:
+            tracker.finish(results, run_dir, save_selected(selection, run, Path(tmp)))
+
+
+def save_selected(selection: Selection, run: RunConfig, folder: Path) -> dict[str, Path]:
+    """Every arm's selected model as a fedcxr checkpoint (for the tracker's artifacts)."""
+    paths = {}
+    for arm, weights in selection.weights.items():
+        model = build_model(norm=run.norm)
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
+        paths[arm] = save_checkpoint(model, folder / f"{arm.replace(':', '_')}.pt",
+                                     image_size=run.image_size, arm=arm,
+                                     round=selection.rounds.get(arm))
+    return paths
 
 
 def follow(board: RunStatus, st: RunState) -> None:
@@ -728,9 +763,9 @@ def follow(board: RunStatus, st: RunState) -> None:
 
 def report(run: RunConfig, st: RunState, selection: Selection, nodes: dict[int, Node],
            evaluation: dict, internal: dict, site_results: list[dict], primary: list[str],
-           thresholds: dict, role_probe: list[dict], run_dir: Path, started: float) -> None:
+           thresholds: dict, role_probe: list[dict], run_dir: Path, started: float) -> dict:
     """Phase 6: results.json (the verdict decided by ``common.evaluation.verdict``) and
-    report.html."""
+    report.html; returns the results."""
     train_nodes = [v for v in nodes.values() if v.role == "train"]
     cohort = [{"site": v.site, "role": v.role, "n_images": v.facts.n_images,
                "format": v.facts.format, "prevalence_withheld": v.facts.prevalence_withheld,
@@ -765,3 +800,4 @@ def report(run: RunConfig, st: RunState, selection: Selection, nodes: dict[int, 
     log.info("%s", results["verdict"]["overall"])
     log.info("results: %s ; report: %s (%.1f s)", rpath.resolve(), hpath.resolve(),
              time.time() - started)
+    return results
