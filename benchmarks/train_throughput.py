@@ -19,8 +19,9 @@ import torchvision
 
 from common.cache import prepare
 from common.data import CachedImages
+from common.errors import FedcxrError
 from common.imaging import ImagingOptions
-from common.model import build_model
+from common.model import build_model, resolve_device
 from common.privacy import DPConfig, PrivacyLedger
 from common.training import DPPlan, TrainConfig, local_train
 
@@ -45,47 +46,58 @@ def synthetic_site(root: Path, size: int, n: int) -> CachedImages:
     return CachedImages(cache)
 
 
-def plain_rate(size: int, batch: int, steps: int) -> float:
-    model = torchvision.models.densenet121(num_classes=14)
+def sync(device: str) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously) before reading a clock."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def plain_rate(size: int, batch: int, steps: int, device: str = "cpu") -> float:
+    model = torchvision.models.densenet121(num_classes=14).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    x, y = torch.rand(batch, 3, size, size), torch.rand(batch, 14).round()
+    x = torch.rand(batch, 3, size, size, device=device)
+    y = torch.rand(batch, 14, device=device).round()
     loss_fn = torch.nn.BCEWithLogitsLoss()
     model.train()
     loss_fn(model(x), y).backward()  # warm-up
+    sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         opt.zero_grad()
         loss_fn(model(x), y).backward()
         opt.step()
+    sync(device)
     return steps * batch / (time.perf_counter() - start)
 
 
 def ours_rate(ds: CachedImages, batch: int, steps: int, dp: DPPlan | None,
-              norm: str = "batch") -> tuple[float, float, float]:
+              norm: str = "batch", device: str = "cpu") -> tuple[float, float, float]:
     """Images/s over the training steps of one local_train call, and the set-up seconds
     before the first step of the warm-up call and of the timed call (under DP: noise
     calibration and the ledger check, accountant work whatever the number of steps)."""
     torch.manual_seed(0)
     model = build_model(norm=norm)
-    cfg = TrainConfig(epochs=100, batch_size=batch, max_steps=1)
+    cfg = TrainConfig(epochs=100, batch_size=batch, max_steps=1, device=device)
     first = local_train(model, ds, cfg, dp=dp)  # warm-up (and Opacus set-up)
     cfg.max_steps = steps
     r = local_train(model, ds, cfg, dp=dp)
     return r.examples / (r.seconds - r.setup_seconds), first.setup_seconds, r.setup_seconds
 
 
-def step_breakdown(size: int, batch: int, steps: int) -> dict[str, dict[str, float]]:
+def step_breakdown(size: int, batch: int, steps: int, device: str = "cpu"
+                   ) -> dict[str, dict[str, float]]:
     """Milliseconds per step in each part of a training step, GroupNorm model, without DP
     and in bk mode: where the DP step's extra time goes."""
     from common.dp_grad_sample import BookkeepingPrivacyEngine, clipped_backward, register
     from common.training import masked_bce
 
     register()
-    x, y = torch.rand(batch * 2, 1, size, size), (torch.rand(batch * 2, 14) < 0.2).float()
+    x = torch.rand(batch * 2, 1, size, size, device=device)
+    y = (torch.rand(batch * 2, 14, device=device) < 0.2).float()
     out = {}
     for name in ("GroupNorm non-DP", "DP bk"):
         torch.manual_seed(0)
-        model = build_model(norm="group")
+        model = build_model(norm="group").to(device)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
         net = model
         if name == "DP bk":
@@ -98,16 +110,20 @@ def step_breakdown(size: int, batch: int, steps: int) -> dict[str, dict[str, flo
         parts = {"forward": 0.0, "backward (+ clipping)": 0.0, "optimizer (+ noise)": 0.0}
         for i in range(steps + 1):
             xb = x[:batch].clone().requires_grad_(name == "DP bk")
+            sync(device)
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
             per_image = masked_bce(net(xb), y[:batch], per_image=True)
+            sync(device)
             t1 = time.perf_counter()
             if name == "DP bk":
                 clipped_backward(net, per_image, xb)
             else:
                 per_image.mean().backward()
+            sync(device)
             t2 = time.perf_counter()
             opt.step()
+            sync(device)
             t3 = time.perf_counter()
             if i:  # the first step is warm-up
                 for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
@@ -126,15 +142,22 @@ def dp_plan(tmp: Path, name: str, mode: str = "hooks") -> DPPlan:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", type=int, nargs="+", default=[64, 224])
+    ap.add_argument("--sizes", "--image-size", type=int, nargs="+", default=[64, 224])
+    ap.add_argument("--device", default="auto",
+                    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved tries; best is kept")
     ap.add_argument("--breakdown", action="store_true",
                     help="also time the parts of a step (forward, backward, optimizer)")
     args = ap.parse_args()
-    print(f"torch threads: {torch.get_num_threads()}, batch {args.batch}, {args.steps} steps, "
-          f"best of {args.repeats} interleaved tries")
+    try:
+        device = resolve_device(args.device)
+    except FedcxrError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    card = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
+    print(f"device {device} ({card}), torch threads: {torch.get_num_threads()}, batch "
+          f"{args.batch}, {args.steps} steps, best of {args.repeats} interleaved tries")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for size in args.sizes:
@@ -145,12 +168,13 @@ def main() -> None:
             best: dict[str, float] = {}
             dp_setups: list[tuple[float, float]] = []  # (warm-up call, timed call)
             for rep in range(args.repeats):
-                rates = {"plain": plain_rate(size, args.batch, steps)}
+                rates = {"plain": plain_rate(size, args.batch, steps, device)}
                 loops = [("ours", None, "batch"), ("ours_gn", None, "group"),
                          *[(mode, dp_plan(tmp, f"dp{size}{mode}{rep}", mode), "group")
                            for mode in MODES]]
                 for key, plan, norm in loops:
-                    rates[key], first, again = ours_rate(ds, args.batch, steps, plan, norm)
+                    rates[key], first, again = ours_rate(ds, args.batch, steps, plan, norm,
+                                                         device)
                     if plan is not None:
                         dp_setups.append((first, again))
                 best = {k: max(v, best.get(k, 0.0)) for k, v in rates.items()}
@@ -164,7 +188,7 @@ def main() -> None:
             print(f"  DP set-up before the first step (noise calibration, ledger check), "
                   f"first call {dp_setups[0][0]:.1f} s, then cached {dp_setups[-1][1]:.2f} s")
             if args.breakdown:
-                for name, parts in step_breakdown(size, args.batch, steps).items():
+                for name, parts in step_breakdown(size, args.batch, steps, device).items():
                     print(f"  ms per step, {name}: " + ", ".join(
                         f"{k} {v:.0f}" for k, v in parts.items())
                         + f"; total {sum(parts.values()):.0f}")

@@ -52,9 +52,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from common.evaluation.external import EvaluationOptions, combine_sites, evaluate_site
     from common.evaluation.report import build_results, write_report
     from common.evaluation.verdict import Protocol
-    from common.model import load_checkpoint
+    from common.model import load_checkpoint, resolve_device
     from common.site import SiteSource, ensure_cache
 
+    resolve_device(args.device)  # a wrong device is one line, before any work
     paths = _models(args.model)
     extra = _models(args.extra_model or [])
     clash = set(paths) & set(extra)
@@ -78,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         lb for lb, known in zip(LABELS, (~np.isnan(labels)).any(axis=0), strict=True) if known]
     protocol = Protocol(primary_labels=primary, selection="given", margin=args.margin,
                         alpha=args.alpha, correction=args.correction)
-    options = EvaluationOptions(shift=not args.no_shift,
+    options = EvaluationOptions(shift=not args.no_shift, device=resolve_device(args.device),
                                 gradcam_dir=out / "gradcam" if args.gradcam else None,
                                 primary_labels=primary, primary_pairs=primary_pairs)
     evaluation = combine_sites([evaluate_site(cache, models, thresholds, site=site_dir.name,
@@ -143,6 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alpha", type=float, default=0.05)
     p.add_argument("--correction", choices=("holm", "bh"), default="holm")
     p.add_argument("--no-shift", action="store_true", help="skip simulated device shift")
+    p.add_argument("--device", default="auto",
+                   help="where models score: auto (CUDA when present, else CPU), cpu, cuda")
     p.add_argument("--gradcam", action="store_true",
                    help="write Grad-CAM overlays to OUT/gradcam (stays on this machine)")
     p.set_defaults(func=cmd_evaluate)

@@ -25,6 +25,9 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     from common.training import DPPlan, TrainConfig, dp_dataset, local_train, validate
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from common.model import resolve_device
+
+    device = resolve_device(args.device)  # before any work: a wrong device is one line
     site = Path(args.site)
     source = SiteSource(site, Path(args.manifest) if args.manifest else None, args.format)
     cache = ensure_cache(source, args.image_size, Path(args.cache) if args.cache else None)
@@ -52,10 +55,10 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     if args.dp:
         print("DP on: the model uses GroupNorm (BatchNorm cannot give per-sample gradients)")
     tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     seed=args.seed, proximal_mu=0.0)
+                     seed=args.seed, proximal_mu=0.0, device=device)
     with progress_bar(f"training {site.name}") as update:
         result = local_train(model, splits["train"], tc, dp=dp, progress=update)
-    val = validate(model, splits["val"])
+    val = validate(model, splits["val"], device=device)
     out = Path(args.out)
     save_checkpoint(model, out / "model.pt", image_size=args.image_size, site=site.name)
     metrics = {"site": site.name, "examples": result.examples, "steps": result.steps,
@@ -81,6 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--init-weights", help="local DenseNet-121 weights (torchvision format)")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     p.add_argument("--manifest")
     p.add_argument("--format")
     p.add_argument("--cache")

@@ -182,12 +182,13 @@ def _train_arm(run: RunConfig, site, splits, request: wire.TrainRequest, task: w
     model = _model(task.arrays, request.norm)
     min_cell = site.config.min_cell
     counts = sends_roc_counts(run, site)
-    received = summary(validate(model, splits["val"]), min_cell, counts) if validate_first \
-        else None
+    device = site.device
+    received = summary(validate(model, splits["val"], device=device), min_cell, counts) \
+        if validate_first else None
     dp = _dp_plan(run, site, request, task, unit, pos_weight) if run.dp else None
-    tc = _train_config(run, task, mu)
+    tc = replace(_train_config(run, task, mu), device=device)
     result = local_train(model, splits["train"], tc, dp=dp)
-    val = validate(model, splits["val"])
+    val = validate(model, splits["val"], device=device)
     log.info("site %s arm %s round %d: %d images, loss %.4f, val AUC %s%s", site.name,
              task.arm, rnd, result.examples, result.loss,
              f"{val.mean_auc:.3f}" if val.mean_auc is not None else "n/a",
@@ -336,8 +337,8 @@ def validate_models(msg: Message, context: Context) -> Message:
     request = wire.ValidateRequest.decode(msg.content)
     val_ds = site.splits(run)["val"]
     return Message(wire.ValidateReply(site.name, {
-        name: summary(validate(_model(rec, request.norm), val_ds), site.config.min_cell,
-                      sends_roc_counts(run, site))
+        name: summary(validate(_model(rec, request.norm), val_ds, device=site.device),
+                      site.config.min_cell, sends_roc_counts(run, site))
         for name, rec in request.models.items()}).encode(), reply_to=msg)
 
 
@@ -350,7 +351,7 @@ def internal(msg: Message, context: Context) -> Message:
     test = site.splits(run)["test"]
     labels, scores = score_dataset(
         test, {name: _model(rec, request.norm) for name, rec in request.models.items()},
-        run.batch_size)
+        run.batch_size, device=site.device)
     result = internal_validation(labels, scores, test.cache.index.iloc[test.rows],
                                  site=site.name, primary=request.primary)
     log.info("site %s: internal validation of %d models on %d test images", site.name,
@@ -383,7 +384,7 @@ def score(msg: Message, context: Context) -> Message:
     n = score_into_store(site.cache(run.image_size), request.name,
                          _model(request.arrays, request.norm),
                          _external_store(site, request.run_name), site=site.name,
-                         options=EvaluationOptions(shift=run.shift,
+                         options=EvaluationOptions(shift=run.shift, device=site.device,
                                                    min_cell=site.config.min_cell))
     log.info("site %s: scored %s on %d images (kept locally)", site.name, request.name, n)
     return Message(wire.ScoreReply(site.name, request.name, n).encode(), reply_to=msg)

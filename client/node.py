@@ -28,6 +28,14 @@ class Site:
     source: SiteSource
 
     @property
+    def device(self) -> str:
+        """Where this node trains and scores (node config ``device``, default auto: CUDA
+        when the node's machine has it)."""
+        from common.model import resolve_device
+
+        return resolve_device(self.config.device)
+
+    @property
     def name(self) -> str:
         return self.config.site_name
 

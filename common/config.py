@@ -234,6 +234,8 @@ class NodeConfig:
     # and no file whose header declares more raw pixel bytes than this is decoded.
     allow_outside: bool = False
     max_image_mb: float = 64.0
+    # Where the node trains and scores: auto (CUDA when this machine has it), cpu, cuda[:N].
+    device: str = "auto"
     # set by Flower's simulation engine
     partition_id: int = -1
     num_partitions: int = 0

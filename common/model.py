@@ -194,6 +194,26 @@ def load_checkpoint(path: Path) -> CxrDenseNet:
     return model
 
 
+def resolve_device(spec: str = "auto") -> str:
+    """``auto``: CUDA when this machine has it, else the CPU; ``cpu``, ``cuda``, ``cuda:N``
+    as given, refused in one line when this machine cannot run them."""
+    spec = (spec or "auto").strip().lower()
+    if spec == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return spec
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise FedcxrError(f"device {spec!r}: this machine has no CUDA device (torch "
+                              f"{torch.__version__}); use --device cpu or auto")
+        index = spec.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise FedcxrError(f"device {spec!r}: there are {torch.cuda.device_count()} CUDA "
+                              "device(s)")
+        return spec
+    raise FedcxrError(f"device {spec!r}: use auto, cpu, cuda or cuda:N")
+
+
 @torch.no_grad()
 def predict(model: nn.Module, loader, *, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Sigmoid probabilities (N, L) and labels (N, L) over a loader, in eval mode."""

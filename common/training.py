@@ -47,6 +47,7 @@ class TrainConfig:
     seed: int = 0
     augment: bool = True
     max_steps: int | None = None  # cap per call (tests, smoke runs)
+    device: str = "cpu"  # a torch device (common.model.resolve_device turns "auto" into one)
 
 
 @dataclass
@@ -173,12 +174,15 @@ def local_train(
     """
     seed_everything(config.seed)
     start = time.perf_counter()
+    device = torch.device(config.device)
+    model.to(device)  # in place; moved back to the CPU (where weights are read) at the end
     model.train()  # whatever ran before (a validation) left; Opacus refuses eval mode
     if dp is None:
         pos_weight = pos_weight_from(train.labels(), config.pos_weight_cap)
     else:
         pos_weight = torch.ones(len(LABELS)) if dp.pos_weight is None else \
             torch.as_tensor(dp.pos_weight, dtype=torch.float32)
+    pos_weight = pos_weight.to(device)
     anchor = [p.detach().clone() for p in model.parameters()] if config.proximal_mu else None
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr,
                                  weight_decay=config.weight_decay)
@@ -222,7 +226,7 @@ def local_train(
             module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise,
             max_grad_norm=dp.config.max_grad_norm, poisson_sampling=True,
             grad_sample_mode="ghost" if mode == "bk" else mode,
-            noise_generator=torch.Generator().manual_seed(config.seed + 2),
+            noise_generator=torch.Generator(device=device).manual_seed(config.seed + 2),
         )
         if mode in ("ghost", "bk"):  # Opacus' fast-gradient-clipping objects (+ criterion)
             net, optimizer, _, loader = private
@@ -247,6 +251,7 @@ def local_train(
                 continue
             if config.augment:
                 x = augment_batch(x, aug_gen)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             if mode == "bk":
                 # One backward: per-image norms and the clipped gradient sum (book-keeping).
@@ -296,6 +301,7 @@ def local_train(
         result.delta, result.noise_multiplier = delta, planned.noise_multiplier
         if hasattr(net, "_close"):
             net._close()  # remove Opacus hooks; `model` is trained in place
+    model.to("cpu")
     return result
 
 
@@ -319,9 +325,12 @@ class Validation:
     roc_counts: dict[str, tuple[list[int], list[int]]]  # for pooled threshold choice
 
 
-def validate(model: nn.Module, val: CachedImages, batch_size: int = 64) -> Validation:
+def validate(model: nn.Module, val: CachedImages, batch_size: int = 64,
+             device: str = "cpu") -> Validation:
     """Per-label AUC on the local validation split, plus ROC counts (aggregate only)."""
-    probs, labels = predict(model, make_loader(val, batch_size, shuffle=False))
+    probs, labels = predict(model.to(device), make_loader(val, batch_size, shuffle=False),
+                            device=device)
+    model.to("cpu")
     probs, labels = probs.numpy(), labels.numpy()
     aucs: dict[str, float | None] = {}
     counts = {}

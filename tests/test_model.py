@@ -124,3 +124,52 @@ def test_packed_weights_from_another_model_are_refused():
     record = to_record(build_model(norm="batch").state_dict())
     with pytest.raises(ValueError, match="different model"):
         from_record(record, build_model(norm="group").state_dict())
+
+
+def test_the_device_is_resolved_or_refused_in_one_line():
+    """--device / node config device: auto takes CUDA only where there is one; a device
+    this machine cannot run is refused before any work, in one line."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from common.errors import FedcxrError
+    from common.model import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("CPU") == "cpu"
+    with pytest.raises(FedcxrError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    if torch.cuda.is_available():
+        with pytest.raises(FedcxrError, match="CUDA device"):
+            resolve_device(f"cuda:{torch.cuda.device_count()}")
+        return
+    with pytest.raises(FedcxrError, match="no CUDA device"):
+        resolve_device("cuda")
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "cli.main", "train-local", "--site", "/nowhere",
+                        "--out", "/nowhere/out", "--device", "cuda"], cwd=root,
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no CUDA device" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_training_on_a_device_leaves_the_weights_on_the_cpu(tmp_path):
+    """local_train moves the model to TrainConfig.device and back: the weights a node sends
+    are read on the CPU whatever device trained them (here: this machine's auto device)."""
+    from common.data import CachedImages
+    from common.model import resolve_device
+    from common.site import SiteSource, ensure_cache
+    from common.synth import SynthOptions, generate
+    from common.training import TrainConfig, local_train, validate
+
+    generate(tmp_path / "c", SynthOptions(sites=1, held_out=0, images_per_site=12, size=64,
+                                          seed=1))
+    ds = CachedImages(ensure_cache(SiteSource(tmp_path / "c" / "site1"), 32, tmp_path / "k"))
+    model = build_model(norm="group")
+    device = resolve_device("auto")
+    r = local_train(model, ds, TrainConfig(batch_size=4, max_steps=2, device=device))
+    assert r.steps == 2
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    validate(model, ds, device=device)
+    assert {p.device.type for p in model.parameters()} == {"cpu"}

@@ -50,6 +50,7 @@ ROC_POINTS = 101
 @dataclass
 class EvaluationOptions:
     batch_size: int = 64
+    device: str = "cpu"  # where models score (common.model.resolve_device)
     comparisons: list[tuple[str, str]] | None = None  # default: first model vs each other
     shift: bool = True
     shift_models: list[str] | None = None  # default: all
@@ -246,37 +247,43 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
 
 
 def score_models(cache: SiteCache, models: dict[str, torch.nn.Module], batch_size: int = 64,
-                 transform=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+                 transform=None, device: str = "cpu") -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Labels (N, L) and each model's sigmoid scores (N, L) over the whole site."""
-    return score_dataset(CachedImages(cache), models, batch_size, transform)
+    return score_dataset(CachedImages(cache), models, batch_size, transform, device)
 
 
 def score_dataset(ds: CachedImages, models: dict[str, torch.nn.Module], batch_size: int = 64,
-                  transform=None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Labels (N, L) and each model's sigmoid scores (N, L) over ``ds`` (e.g. a split)."""
+                  transform=None, device: str = "cpu"
+                  ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Labels (N, L) and each model's sigmoid scores (N, L) over ``ds`` (e.g. a split), on
+    ``device`` (the models go back to the CPU after)."""
     loader = make_loader(ds, batch_size, shuffle=False)
     scores: dict[str, list[np.ndarray]] = {n: [] for n in models}
     for m in models.values():
-        m.eval()
+        m.eval().to(device)
     with torch.no_grad():
         for b, (x, _y) in enumerate(loader):
             if transform is not None:
                 x = transform(x, b)
+            x = x.to(device)
             for name, m in models.items():
-                scores[name].append(torch.sigmoid(m(x)).numpy())
+                scores[name].append(torch.sigmoid(m(x)).cpu().numpy())
+    for m in models.values():
+        m.to("cpu")
     return ds.labels(), {n: np.concatenate(v) if v else np.zeros((0, len(LABELS)))
                          for n, v in scores.items()}
 
 
 def device_shift(cache: SiteCache, models: dict[str, torch.nn.Module], labels: np.ndarray,
-                 batch_size: int, site: str) -> list[dict]:
+                 batch_size: int, site: str, device: str = "cpu") -> list[dict]:
     """AUC per model x label under each simulated shift (macro mean reported too)."""
     rows = []
     for kind, strengths in SHIFTS.items():
         for strength in strengths:
             _, scores = score_models(
                 cache, models, batch_size,
-                transform=lambda x, b, k=kind, s=strength: apply_shift(x, k, s, seed=b))
+                transform=lambda x, b, k=kind, s=strength: apply_shift(x, k, s, seed=b),
+                device=device)
             for name, s in scores.items():
                 aucs = []
                 for k in range(len(LABELS)):
@@ -296,14 +303,15 @@ def evaluate_site(cache: SiteCache, models: dict[str, torch.nn.Module],
     """Score every model on the whole site and return aggregate statistics only."""
     options = options or EvaluationOptions()
     _check_thresholds(list(models), thresholds)  # before any work
-    labels, scores = score_models(cache, models, options.batch_size)
+    labels, scores = score_models(cache, models, options.batch_size, device=options.device)
     result = evaluate_scores(labels, scores, thresholds, site=site, meta=cache.index,
                              options=options)
     result["shift"] = []
     if options.shift:
         chosen = {n: m for n, m in models.items()
                   if options.shift_models is None or n in options.shift_models}
-        result["shift"] = device_shift(cache, chosen, labels, options.batch_size, site)
+        result["shift"] = device_shift(cache, chosen, labels, options.batch_size, site,
+                                       options.device)
     if options.gradcam_dir is not None and len(labels):
         name = next(iter(models))
         n = min(options.gradcam_images, len(labels))
@@ -353,10 +361,12 @@ def score_into_store(cache: SiteCache, name: str, model: torch.nn.Module, store:
                      *, site: str, options: EvaluationOptions | None = None) -> int:
     """Score one model on the whole site (plus device shift when asked) into ``store``."""
     options = options or EvaluationOptions()
-    labels, scores = score_models(cache, {name: model}, options.batch_size)
+    labels, scores = score_models(cache, {name: model}, options.batch_size,
+                                  device=options.device)
     shift = []
     if options.shift and (options.shift_models is None or name in options.shift_models):
-        shift = device_shift(cache, {name: model}, labels, options.batch_size, site)
+        shift = device_shift(cache, {name: model}, labels, options.batch_size, site,
+                             options.device)
     store.save(name, scores[name], shift)
     return len(labels)
 
