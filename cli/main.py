@@ -3,8 +3,8 @@
 Each subcommand imports its implementation lazily, so ``fedcxr site check`` starts fast and
 works without Flower or torch being imported. Exit codes: 0 done; 1 done, but nothing usable
 (see the problems listed); 2 a user error (FedcxrError or a bad argument: one line, no
-traceback); 3 the tool itself failed (a bug: the traceback is printed to report it); 130
-interrupted (what ``site prepare`` had decoded is kept).
+traceback); 3 the tool itself failed (a bug: the traceback is printed to report it); 4 an
+alert fired (``site monitor``); 130 interrupted (what ``site prepare`` had decoded is kept).
 """
 
 from __future__ import annotations
@@ -108,8 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("uint8", "uint16"), default="uint8")
     p.set_defaults(func=cmd_site_prepare)
     from cli.governance import register_site
+    from cli.monitor import register_monitor
 
     register_site(site)
+    register_monitor(site)
 
     for register in _registrars():
         register(sub)

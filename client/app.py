@@ -354,9 +354,27 @@ def internal(msg: Message, context: Context) -> Message:
         run.batch_size, device=site.device)
     result = internal_validation(labels, scores, test.cache.index.iloc[test.rows],
                                  site=site.name, primary=request.primary)
+    write_baselines(site, request.run_name, run.image_size, test, labels, scores)
     log.info("site %s: internal validation of %d models on %d test images", site.name,
              len(scores), len(labels))
     return Message(wire.StatisticsReply(result).encode(), reply_to=msg)
+
+
+def write_baselines(site, run_name: str, image_size: int, test, labels: np.ndarray,
+                    scores: dict[str, np.ndarray]) -> Path:
+    """Each model's monitoring baseline on this site's test split, kept on this site's disk
+    (``<state>/baselines/<run>/<model>.json``; read by ``fedcxr site monitor``)."""
+    from common.monitoring import make_baseline
+
+    folder = run_folder(site.state_dir / "baselines", run_name)
+    folder.mkdir(parents=True, exist_ok=True)
+    images = np.asarray(test.cache.images[test.rows])
+    meta = test.cache.index.iloc[test.rows]
+    for name, s in scores.items():
+        make_baseline(model=name, site=site.name, run_name=run_name, image_size=image_size,
+                      scores=s, labels=labels, images=images, scale=float(test.cache.scale),
+                      meta=meta).write(folder / f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}.json")
+    return folder
 
 
 def run_folder(parent: Path, run_name: str) -> Path:

@@ -487,17 +487,19 @@ class InternalRequest:
     models: dict[str, ArrayRecord]
     norm: str
     primary: list[str]
+    run_name: str  # the site keeps each model's monitoring baseline under it
 
     def encode(self) -> RecordDict:
         return RecordDict({**_models(self.models), CONFIG: ConfigRecord(
-            {"norm": self.norm, "primary": _json(self.primary)})})
+            {"norm": self.norm, "primary": _json(self.primary), "run-name": self.run_name})})
 
     @classmethod
     @_schema
     def decode(cls, content: RecordDict) -> InternalRequest:
         c = content[CONFIG]
         return cls(_models_in(content), checked_norm(c["norm"]),
-                   checked_labels(checked_json(c["primary"], "primary"), "primary"))
+                   checked_labels(checked_json(c["primary"], "primary"), "primary"),
+                   checked_text(c["run-name"], "run-name"))
 
 
 @dataclass(frozen=True)

@@ -480,14 +480,15 @@ def fix_thresholds(run: RunConfig, pos: np.ndarray | None, neg: np.ndarray | Non
 
 
 def internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict],
-                        train_nodes: dict[int, Node], primary: list[str]) -> dict:
+                        train_nodes: dict[int, Node], primary: list[str], run_name: str
+                        ) -> dict:
     """Every training site evaluates every selected model on its own test split, in one
     message per site (aggregate AUCs only): the internal side of the internal-to-external
     drop."""
     if not models:
         return combine_sites([])
     request = wire.InternalRequest({name: _record(w, run) for name, w in models.items()},
-                                   run.norm, primary).encode()
+                                   run.norm, primary, run_name).encode()
     group = run.num_rounds + PHASE_AFTER_TRAINING["internal"]
     results = []
     for r in send(grid, [_msg(request, n, wire.INTERNAL, group) for n in train_nodes],
@@ -711,7 +712,7 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     board.enter("internal validation")
     reference = {n: w for n, w in extra.items() if n == CENTRALISED}
     internal = internal_validation(grid, run, {**selection.weights, **reference}, train_nodes,
-                                   primary)
+                                   primary, run_name)
     log.info("internal validation done at %d training site(s) (%.1f s into the run)",
              len(internal["clustering"]), time.time() - started)
 

@@ -804,3 +804,23 @@ def test_the_mlflow_ui_shows_the_run_and_its_charts(run_a, tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_each_training_site_keeps_its_monitoring_baselines(run_a, small_cohort):
+    """Internal validation leaves, at each training site and on its disk only, a baseline
+    per selected model (what `fedcxr site monitor` compares new images with)."""
+    from common.monitoring import QUANTILES, Baseline
+
+    run_dir, _ = run_a
+    results = json.loads((run_dir / "results.json").read_text())
+    models = {a["name"] for a in results["arms"] if a["kind"] != "extra"}
+    for site in ("site1", "site2"):
+        folder = small_cohort.parent / site / ".fedcxr" / "baselines" / "a"
+        found = {p.stem for p in folder.glob("*.json")}
+        assert found == {m.replace(":", "_") for m in models}, found
+        b = Baseline.read(folder / "federated.json")
+        assert (b.model, b.site, b.run_name, b.image_size) == ("federated", site, "a", 32)
+        assert 0 < b.n_images < 40  # the site's test split
+        assert all(len(q) == len(QUANTILES) for q in b.score_quantiles.values())
+        assert sum(b.intensity) == pytest.approx(1.0)
+    assert not (small_cohort.parent / "site3" / ".fedcxr" / "baselines").exists()

@@ -65,7 +65,7 @@ MESSAGES = [
     wire.ValidateRequest({"federated": arrays(7), "single:x": arrays(8)}, "batch"),
     wire.ValidateReply("x", {"federated": summary(6), "single:x": summary(7, None)}),
     wire.InternalRequest({"federated": arrays(9), "single:x": arrays(10)}, "group",
-                         ["Effusion", "Edema"]),
+                         ["Effusion", "Edema"], "run-a"),
     wire.ScoreRequest("federated", arrays(10), "batch", "run-a"),
     wire.ScoreReply("site5", "federated", 300),
     wire.ExternalRequest("run-a", ["federated", "single:x"],
