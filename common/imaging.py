@@ -167,6 +167,19 @@ def read_dicom_header(path: Path, options: ImagingOptions | None = None) -> dict
         return None
 
 
+def stored_size(path: Path) -> str:
+    """The image's size as acquired, ``"<columns>x<rows>"`` from its header (DICOM Columns
+    and Rows, a PNG's or JPEG's own header; no pixels read), or ``"unknown"``."""
+    try:
+        if sniff(path) == "dicom":
+            ds = _header(path)
+            return f"{_int_field(ds, 'Columns', 0)}x{_int_field(ds, 'Rows', 0)}"
+        with Image.open(path) as im:
+            return f"{im.size[0]}x{im.size[1]}"
+    except Exception:  # noqa: BLE001 - a file that cannot say is "unknown", never an error
+        return "unknown"
+
+
 def phi_fields(path: Path) -> list[str]:
     """The de-identification profile's attributes a DICOM file's header still fills in
     (names only); [] for a file that is not readable DICOM. ``site check`` gets the same

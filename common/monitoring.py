@@ -9,7 +9,8 @@ deployed model and compares them:
 - scores, per label: the population stability index (PSI, on the baseline's deciles) and a
   one-sample Kolmogorov-Smirnov test against the baseline's score distribution (its CDF
   interpolated from the 101 stored quantiles; scipy's ``kstest``);
-- inputs: PSI of the pixel-intensity histogram, of the view mix and of the manufacturer mix;
+- inputs: PSI of the pixel-intensity histogram, of the view mix, of the manufacturer mix and
+  of the mix of image sizes as acquired (each file's header);
 - where labels have arrived, AUC per time window (the image file's modification time: when it
   reached the archive) with a DeLong 95% CI, against the baseline AUC.
 
@@ -52,6 +53,7 @@ class Baseline:
     intensity: list[float]  # pixel-intensity histogram over [0, 1], shares summing to 1
     view: dict[str, float] = field(default_factory=dict)  # category -> share
     manufacturer: dict[str, float] = field(default_factory=dict)
+    acquired_size: dict[str, float] = field(default_factory=dict)  # "WxH" as acquired -> share
     version: str = BASELINE_VERSION
 
     def write(self, path: Path) -> Path:
@@ -111,19 +113,31 @@ def label_aucs(labels: np.ndarray, scores: np.ndarray
     return aucs, var
 
 
+def input_mix(meta) -> dict[str, dict[str, float]]:
+    """View, manufacturer and acquired image size shares of the images in ``meta`` (a cache
+    index): the sizes read from each file's header."""
+    from common.imaging import stored_size
+
+    out = {key: mix(meta[key]) for key in ("view", "manufacturer") if key in meta}
+    if "path" in meta:
+        out["acquired_size"] = mix([stored_size(Path(p)) for p in meta["path"]])
+    return out
+
+
 def make_baseline(*, model: str, site: str, run_name: str, image_size: int,
                   scores: np.ndarray, labels: np.ndarray, images: np.ndarray, scale: float,
                   meta) -> Baseline:
     """The baseline of ``model`` on the images it was validated on at ``site``."""
     aucs, var = label_aucs(labels, scores)
+    mixes = input_mix(meta)
     return Baseline(
         model=model, site=site, run_name=run_name, image_size=image_size,
         n_images=len(scores),
         score_quantiles={lb: np.quantile(scores[:, k], QUANTILES).tolist()
                          for k, lb in enumerate(LABELS)} if len(scores) else {},
         auc=aucs, auc_var=var, intensity=intensity_histogram(images, scale).tolist(),
-        view=mix(meta["view"]) if "view" in meta else {},
-        manufacturer=mix(meta["manufacturer"]) if "manufacturer" in meta else {})
+        view=mixes.get("view", {}), manufacturer=mixes.get("manufacturer", {}),
+        acquired_size=mixes.get("acquired_size", {}))
 
 
 def psi(expected, actual) -> float:
@@ -213,11 +227,10 @@ def compare(baseline: Baseline, scores: np.ndarray, images: np.ndarray, scale: f
     out["labels"] = rows
     hist = intensity_histogram(images, scale)
     inputs = {"intensity": psi(baseline.intensity, hist)}
-    new_meta = {"view": mix(meta["view"]) if "view" in meta else {},
-                "manufacturer": mix(meta["manufacturer"]) if "manufacturer" in meta else {}}
-    for key in ("view", "manufacturer"):
+    new_meta = input_mix(meta)
+    for key in ("view", "manufacturer", "acquired_size"):
         base = getattr(baseline, key)
-        if base and new_meta[key]:
+        if base and new_meta.get(key):
             inputs[key] = mix_psi(base, new_meta[key])
     out["inputs"] = {k: float(v) for k, v in inputs.items()}
     out["intensity_histogram"] = hist.tolist()

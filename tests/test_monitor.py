@@ -142,3 +142,35 @@ def test_a_baseline_is_refused_when_it_is_not_one(tmp_path):
 
     with pytest.raises(FedcxrError, match="not a fedcxr baseline"):
         Baseline.read(tmp_path / "b.json")
+
+
+def test_a_new_detector_size_is_input_drift(tmp_path):
+    """The acquired image size comes from each file's header (DICOM Rows/Columns, PNG size);
+    a batch from a detector of another size fires the size alert, the same size does not."""
+    import pandas as pd
+    from PIL import Image
+
+    from common.imaging import stored_size
+    from common.monitoring import Thresholds, compare
+    from tests.conftest import write_test_dicom
+
+    dcm = write_test_dicom(tmp_path / "a.dcm", np.full((96, 80), 0.5, np.float32))
+    assert stored_size(dcm) == "80x96"
+    for i, size in enumerate([(64, 64)] * 40 + [(128, 100)] * 40):
+        Image.fromarray(np.full(size[::-1], 100, np.uint8)).save(tmp_path / f"{i}.png")
+    assert stored_size(tmp_path / "41.png") == "128x100"
+    assert stored_size(tmp_path / "missing.png") == "unknown"
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(size=(40, 14))
+    images = rng.integers(0, 255, size=(40, 8, 8)).astype(np.uint8)
+    meta = pd.DataFrame({"path": [str(tmp_path / f"{i}.png") for i in range(40)]})
+    base = make_baseline(model="m", site="s", run_name="r", image_size=8, scores=scores,
+                         labels=np.full((40, 14), np.nan), images=images, scale=255.0,
+                         meta=meta)
+    assert base.acquired_size == {"64x64": 1.0}
+    same = compare(base, scores, images, 255.0, meta, Thresholds())
+    assert same["inputs"]["acquired_size"] == pytest.approx(0.0)
+    assert not any("acquired_size" in a for a in same["alerts"])
+    moved = meta.assign(path=[str(tmp_path / f"{i}.png") for i in range(40, 80)])
+    drift = compare(base, scores, images, 255.0, moved, Thresholds())
+    assert any(a.startswith("input acquired_size: PSI") for a in drift["alerts"])

@@ -95,6 +95,32 @@ class Host:
         (tmp / "cohort" / "site1").rename(tmp / "data")
         (tmp / "srv").mkdir()
 
+    def deployed_model(self, argv: list[str]) -> None:
+        """The model file and the baseline a monitor line names: a fedcxr checkpoint and
+        the baseline a run would have written for it on this site's images."""
+        import numpy as np
+        import torch
+
+        from common.data import CachedImages
+        from common.model import build_model, save_checkpoint
+        from common.monitoring import make_baseline
+        from common.site import SiteSource, ensure_cache
+
+        model_path = Path(argv[argv.index("--model") + 1])
+        baseline_path = Path(argv[argv.index("--baseline") + 1])
+        torch.manual_seed(0)
+        model = build_model().eval()
+        save_checkpoint(model, model_path, image_size=32)
+        cache = ensure_cache(SiteSource(self.tmp / "data"), 32, self.tmp / "baseline-cache")
+        ds = CachedImages(cache)
+        with torch.no_grad():
+            x = torch.stack([ds[i][0] for i in range(len(ds))])
+            scores = torch.sigmoid(model(x)).numpy()
+        baseline_path.parent.mkdir(parents=True, exist_ok=True)
+        make_baseline(model="federated", site="st-mary", run_name="trial-1", image_size=32,
+                      scores=scores, labels=ds.labels(), images=np.asarray(cache.images),
+                      scale=float(cache.scale), meta=cache.index).write(baseline_path)
+
     def map(self, arg: str) -> str:
         return remap(arg, self.paths)
 
@@ -135,6 +161,8 @@ def test_hospital_runbook_runs_as_written(host):
                 check_supernode(inner, mounts)
                 parsed.append(inner[0])
                 continue
+            if inner[:3] == ["fedcxr", "site", "monitor"]:
+                host.deployed_model(inner)  # what a run and `fedcxr export` leave there
             if inner[:3] == ["fedcxr", "site", "approve"]:  # needs the coordinator's .fab
                 assert "--state" in inner
                 parsed.append(" ".join(inner[:3]))
@@ -151,6 +179,7 @@ def test_hospital_runbook_runs_as_written(host):
     assert (host.tmp / "srv" / "check" / "check.json").is_file()
     assert any((host.tmp / "srv" / "site" / "cache-224").iterdir())
     assert (host.tmp / "srv" / "keys" / "st-mary.pub").is_file()
+    assert (host.tmp / "srv" / "monitor" / "monitor.json").is_file()  # the model watched
     assert "flower-supernode" in parsed
 
 
