@@ -26,7 +26,6 @@ import csv
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -733,10 +732,8 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     board.enter("report")
     results = report(run, st, selection, nodes, evaluation, internal, site_results, primary,
                      thresholds, role_probe, run_dir, started)
+    tracker.finish(results, run_dir, lambda folder: save_selected(selection, run, folder))
     board.enter("finished")
-    if tracker.on:
-        with tempfile.TemporaryDirectory() as tmp:
-            tracker.finish(results, run_dir, save_selected(selection, run, Path(tmp)))
 
 
 def save_selected(selection: Selection, run: RunConfig, folder: Path) -> dict[str, Path]:

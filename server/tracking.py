@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import re
+import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("flwr")
@@ -130,10 +132,14 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=metrics[i:i + 500])
         self.logged_rows |= {(h.round, h.arm) for h in fresh}
 
-    def finish(self, results: dict, run_dir: Path, models: dict[str, Path]) -> None:
+    def finish(self, results: dict, run_dir: Path,
+               models: Callable[[Path], dict[str, Path]] | None = None) -> None:
+        """The verdict, the outputs, and the models ``models(folder)`` writes into a
+        temporary folder (called only while tracking is on)."""
         self._guard("logging the results", self._finish, results, Path(run_dir), models)
 
-    def _finish(self, results: dict, run_dir: Path, models: dict[str, Path]) -> None:
+    def _finish(self, results: dict, run_dir: Path,
+                models: Callable[[Path], dict[str, Path]] | None) -> None:
         c = self.client
         verdict = results.get("verdict", {})
         c.set_tag(self.run_id, "h1.verdict", verdict.get("status", "none"))
@@ -153,8 +159,10 @@ class Tracker:
         for name in ("results.json", "report.html", "metrics.csv", "status.json"):
             if (run_dir / name).is_file():
                 c.log_artifact(self.run_id, str(run_dir / name))
-        for path in models.values():
-            c.log_artifact(self.run_id, str(path), artifact_path="models")
+        if models is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                for path in models(Path(tmp)).values():
+                    c.log_artifact(self.run_id, str(path), artifact_path="models")
         c.set_terminated(self.run_id, "FINISHED")
 
     def failed(self) -> None:

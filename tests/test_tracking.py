@@ -49,6 +49,23 @@ def test_rounds_are_steps_logged_once_and_a_resume_continues_the_run(tmp_path):
     assert history(client, first, "epsilon_site/st-mary") == [(1, 1.5), (2, 2.5), (3, 3.5)]
     assert [r.info.run_name for r in client.search_runs(
         [client.get_experiment_by_name("fedcxr").experiment_id])] == ["trial-1"]
+    # the end: verdict tags, the outputs, and the models the callback writes
+    (tmp_path / "results.json").write_text("{}")
+
+    def models(folder):
+        (folder / "federated.pt").write_bytes(b"weights")
+        return {"federated": folder / "federated.pt"}
+
+    again.finish({"verdict": {"status": "supported", "overall": "H1 supported."},
+                  "protocol": {"primary_metric": "macro-auc", "primary_labels": ["Effusion"]},
+                  "primary_auc": [{"model": "single:st-mary", "site": "h1", "macro_auc": 0.7}]},
+                 tmp_path, models)
+    run = client.get_run(first)
+    assert run.info.status == "FINISHED" and run.data.tags["h1.verdict"] == "supported"
+    assert run.data.tags["primary_endpoint"] == "macro-auc over Effusion"
+    assert run.data.metrics["external_macro_auc/single_st-mary/h1"] == 0.7
+    assert {a.path for a in client.list_artifacts(first)} == {"results.json", "models"}
+    assert [a.path for a in client.list_artifacts(first, "models")] == ["models/federated.pt"]
 
 
 def test_an_unreachable_store_never_stops_the_run_and_says_so_once(tmp_path, caplog):
@@ -60,7 +77,7 @@ def test_an_unreachable_store_never_stops_the_run_and_says_so_once(tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="flwr"):
         t.start("r", {"seed": 0})
         t.rounds(rows(1), {})
-        t.finish({"verdict": {}}, tmp_path, {})
+        t.finish({"verdict": {}}, tmp_path, lambda folder: {})
         t.failed()
     assert time.monotonic() - began < 30  # no minutes of retries
     assert not t.on
