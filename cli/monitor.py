@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     from common.atomic import write_text
     from common.data import CachedImages, make_loader
     from common.model import resolve_device
-    from common.monitoring import Baseline, Thresholds, compare, windows
+    from common.monitoring import Baseline, Thresholds, compare, windows, with_acquired_size
     from common.site import SiteSource, ensure_cache
 
     since = _since(args.since) if args.since else None  # bad input: one line, before work
@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
         for x, _ in make_loader(ds, 64, shuffle=False):
             scores.append(predict(x.to(device)).cpu().numpy())
     scores = np.concatenate(scores)
-    labels, meta = ds.labels(), cache.index.iloc[rows]
+    labels, meta = ds.labels(), with_acquired_size(cache.index.iloc[rows])  # headers once
     images = np.asarray(cache.images[rows])
     t = Thresholds(psi=args.psi, input_psi=args.input_psi, ks_alpha=args.ks_alpha,
                    auc_margin=args.auc_margin, auc_alpha=args.auc_alpha,

@@ -364,12 +364,12 @@ def write_baselines(site, run_name: str, image_size: int, test, labels: np.ndarr
                     scores: dict[str, np.ndarray]) -> Path:
     """Each model's monitoring baseline on this site's test split, kept on this site's disk
     (``<state>/baselines/<run>/<model>.json``; read by ``fedcxr site monitor``)."""
-    from common.monitoring import make_baseline
+    from common.monitoring import make_baseline, with_acquired_size
 
     folder = run_folder(site.state_dir / "baselines", run_name)
     folder.mkdir(parents=True, exist_ok=True)
     images = np.asarray(test.cache.images[test.rows])
-    meta = test.cache.index.iloc[test.rows]
+    meta = with_acquired_size(test.cache.index.iloc[test.rows])  # headers read once
     for name, s in scores.items():
         make_baseline(model=name, site=site.name, run_name=run_name, image_size=image_size,
                       scores=s, labels=labels, images=images, scale=float(test.cache.scale),

@@ -113,15 +113,21 @@ def label_aucs(labels: np.ndarray, scores: np.ndarray
     return aucs, var
 
 
-def input_mix(meta) -> dict[str, dict[str, float]]:
-    """View, manufacturer and acquired image size shares of the images in ``meta`` (a cache
-    index): the sizes read from each file's header."""
+def with_acquired_size(meta):
+    """``meta`` (a cache index) with an ``acquired_size`` column read from each file's header
+    once, so that every baseline and window computed from it reads no header again."""
     from common.imaging import stored_size
 
-    out = {key: mix(meta[key]) for key in ("view", "manufacturer") if key in meta}
-    if "path" in meta:
-        out["acquired_size"] = mix([stored_size(Path(p)) for p in meta["path"]])
-    return out
+    if "acquired_size" in meta or "path" not in meta:
+        return meta
+    return meta.assign(acquired_size=[stored_size(Path(p)) for p in meta["path"]])
+
+
+def input_mix(meta) -> dict[str, dict[str, float]]:
+    """View, manufacturer and acquired image size shares of the images in ``meta``."""
+    meta = with_acquired_size(meta)
+    return {key: mix(meta[key]) for key in ("view", "manufacturer", "acquired_size")
+            if key in meta}
 
 
 def make_baseline(*, model: str, site: str, run_name: str, image_size: int,

@@ -233,8 +233,8 @@ def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
         st.federated_row(rnd).seconds = round(done - began, 2)
         _write_metrics_csv(run_dir, st)
         follow(board, st)
-        tracker.rounds([h for h in st.history if (h.round, h.arm) in final_rows(st, rnd)],
-                       st.epsilon)
+        final = final_rows(st, rnd)
+        tracker.rounds([h for h in st.history if (h.round, h.arm) in final], st.epsilon)
         log.info("round %d: checkpoint %s (%.1f s)", rnd, path.name, done - saving)
 
 
