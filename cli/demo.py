@@ -92,6 +92,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
         console.print(results["verdict"]["reference"]["sentence"])
     if cohort.get("expected-verdict"):
         console.print(truth_line(cohort, results["verdict"]["status"]))
+    from common.evaluation.report_h2h3 import summary_lines
+
+    for line in summary_lines(results):
+        console.print(line)
     console.print(f"report: {(run_dir / 'report.html').resolve()}")
     console.print(f"done in {time.perf_counter() - start:.0f} s")
     return 0

@@ -50,6 +50,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     from common.config import label_list
     from common.evaluation.external import EvaluationOptions, combine_sites, evaluate_site
+    from common.evaluation.localisation import LocalisationOptions
     from common.evaluation.report import build_results, write_report
     from common.evaluation.verdict import Protocol
     from common.model import load_checkpoint, resolve_device
@@ -71,7 +72,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         meta = torch.load(next(iter(paths.values())), map_location="cpu", weights_only=True)
         size = int(meta.get("image_size", 224)) if isinstance(meta, dict) else 224
     site_dir = Path(args.site)
-    source = SiteSource(site_dir, Path(args.manifest) if args.manifest else None, args.format)
+    source = SiteSource(site_dir, Path(args.manifest) if args.manifest else None, args.format,
+                        annotations=tuple(Path(p) for p in (args.readers, args.boxes) if p))
     cache = ensure_cache(source, size, Path(args.cache) if args.cache else None)
     out = Path(args.out)
     labels = cache.labels()
@@ -81,7 +83,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         alpha=args.alpha, correction=args.correction)
     options = EvaluationOptions(shift=not args.no_shift, device=resolve_device(args.device),
                                 gradcam_dir=out / "gradcam" if args.gradcam else None,
-                                primary_labels=primary, primary_pairs=primary_pairs)
+                                primary_labels=primary, primary_pairs=primary_pairs,
+                                localisation=LocalisationOptions(
+                                    max_images=args.gradcam_max_images,
+                                    device=resolve_device(args.device),
+                                    overlays=out / "gradcam" if args.gradcam else None)
+                                if args.gradcam_max_images > 0 else None)
     evaluation = combine_sites([evaluate_site(cache, models, thresholds, site=site_dir.name,
                                               options=options)])
     cohort = [{"site": site_dir.name, "role": "evaluate", "n_images": len(labels),
@@ -130,6 +137,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--manifest")
     p.add_argument("--format")
+    p.add_argument("--readers", help="reader annotations CSV (default: found beside the "
+                   "manifest)")
+    p.add_argument("--boxes", help="box annotations CSV (default: found beside the manifest)")
+    p.add_argument("--gradcam-max-images", type=int_in(0, 100_000), default=100,
+                   help="Grad-CAM localisation against the site's boxes: at most this many "
+                        "images per label and model (0: none)")
     p.add_argument("--cache")
     p.add_argument("--image-size", type=int_in(*IMAGE_SIZES),
                    help="default: from the checkpoint, else 224")

@@ -32,6 +32,7 @@ def _site_source(args: argparse.Namespace):
         uncertain=args.uncertain,
         allow_outside=args.allow_outside,
         max_image_mb=args.max_image_mb,
+        annotations=tuple(Path(p) for p in (args.readers, args.boxes) if p),
     )
 
 
@@ -77,6 +78,10 @@ def _add_site_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("data_dir", help="the site's data folder (images + manifest)")
     p.add_argument("--manifest", help="manifest CSV (default: the one recognised CSV in DATA_DIR)")
     p.add_argument("--format", help="manifest format (default: detected from the columns)")
+    p.add_argument("--readers", help="reader annotations CSV (VinDr-CXR per-reader rows, Google "
+                   "expert labels; default: any such file beside the manifest)")
+    p.add_argument("--boxes", help="box annotations CSV (NIH BBox_List, RSNA, VinDr; default: "
+                   "any such file beside the manifest)")
     p.add_argument("--uncertain", default="ignore", type=_uncertain,
                    help="CheXpert -1 policy: ignore|zeros|ones, per label as Edema=ones,...")
     p.add_argument("--min-side", type=_int_in(1, 100_000), default=64,

@@ -62,7 +62,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shortcut", help="SITE[:LABEL]: a burned-in token tracks LABEL "
                    "(default Effusion) at SITE only")
-    p.add_argument("--readers", type=int, default=0, help="simulated readers at held-out sites")
+    p.add_argument("--readers", type=int, default=0,
+                   help="simulated radiologists at held-out sites, written as a VinDr-CXR "
+                   "annotations_readers.csv (every site also gets its drawn lesions and "
+                   "markers in NIH BBox_List format)")
     p.add_argument("--label-noise", action="append", default=[], metavar="SITE=FRACTION",
                    help="the site's labeller misses this fraction of positives")
     p.add_argument("--laterals", action="store_true", help="also write lateral views")

@@ -52,9 +52,11 @@ from common.evaluation.external import (
     ScoreStore,
     evaluate_stored,
     internal_validation,
+    localise_site,
     score_dataset,
     score_into_store,
 )
+from common.evaluation.localisation import LocalisationOptions
 from common.labels import LABELS
 from common.model import build_model
 from common.privacy import BudgetExceeded, DPConfig, LedgerError, Spend
@@ -349,11 +351,17 @@ def internal(msg: Message, context: Context) -> Message:
     run, site = _setup(context)
     request = wire.InternalRequest.decode(msg.content)
     test = site.splits(run)["test"]
-    labels, scores = score_dataset(
-        test, {name: _model(rec, request.norm) for name, rec in request.models.items()},
-        run.batch_size, device=site.device)
+    models = {name: _model(rec, request.norm) for name, rec in request.models.items()}
+    labels, scores = score_dataset(test, models, run.batch_size, device=site.device)
     result = internal_validation(labels, scores, test.cache.index.iloc[test.rows],
                                  site=site.name, primary=request.primary)
+    options = _localisation(run, site, run_folder(site.state_dir / "internal",
+                                                  request.run_name))
+    if options is not None:  # boxes on the test split: localisation and shortcut reliance
+        for name, model in models.items():
+            for key, rows in localise_site(test.cache, name, model, site=site.name,
+                                           options=options, rows=test.rows).items():
+                result.setdefault(key, []).extend(rows)
     write_baselines(site, request.run_name, run.image_size, test, labels, scores)
     log.info("site %s: internal validation of %d models on %d test images", site.name,
              len(scores), len(labels))
@@ -390,6 +398,17 @@ def run_folder(parent: Path, run_name: str) -> Path:
     return folder
 
 
+def _localisation(run: RunConfig, site, folder: Path) -> LocalisationOptions | None:
+    """Grad-CAM against the site's boxes (H3), bounded by the run's gradcam-max-images;
+    overlays under ``folder``/gradcam only when the site's own config asks."""
+    if run.gradcam_max_images <= 0:
+        return None
+    return LocalisationOptions(max_images=run.gradcam_max_images,
+                               min_cell=site.config.min_cell, device=site.device,
+                               overlays=folder / "gradcam" if site.config.gradcam_overlays
+                               else None)
+
+
 def _external_store(site, run_name: str) -> ScoreStore:
     return ScoreStore(run_folder(site.state_dir / "external", run_name))
 
@@ -399,11 +418,13 @@ def score(msg: Message, context: Context) -> Message:
     """Score one model on the whole held-out site; its scores stay on this disk."""
     run, site = _setup(context)
     request = wire.ScoreRequest.decode(msg.content)
+    store = _external_store(site, request.run_name)
     n = score_into_store(site.cache(run.image_size), request.name,
-                         _model(request.arrays, request.norm),
-                         _external_store(site, request.run_name), site=site.name,
-                         options=EvaluationOptions(shift=run.shift, device=site.device,
-                                                   min_cell=site.config.min_cell))
+                         _model(request.arrays, request.norm), store, site=site.name,
+                         options=EvaluationOptions(
+                             shift=run.shift, device=site.device,
+                             min_cell=site.config.min_cell,
+                             localisation=_localisation(run, site, store.directory)))
     log.info("site %s: scored %s on %d images (kept locally)", site.name, request.name, n)
     return Message(wire.ScoreReply(site.name, request.name, n).encode(), reply_to=msg)
 

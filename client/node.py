@@ -105,8 +105,15 @@ def open_site(node_config: dict, run: RunConfig) -> Site:
     config = NodeConfig(**{**config.__dict__, "site_name": name})
     source = SiteSource(Path(config.data_path), Path(config.manifest) if config.manifest else None,
                         config.format or None, site=name, allow_outside=config.allow_outside,
-                        max_image_mb=config.max_image_mb)
+                        max_image_mb=config.max_image_mb,
+                        annotations=annotation_files(config))
     return Site(config, source)
+
+
+def annotation_files(config: NodeConfig) -> tuple[Path, ...]:
+    """The node config's reader and box files (``readers``, ``boxes``: comma-separated)."""
+    named = [p.strip() for v in (config.readers, config.boxes) for p in v.split(",")]
+    return tuple(Path(p) for p in named if p)
 
 
 def prevalence(labels: np.ndarray) -> list[float]:

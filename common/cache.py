@@ -6,6 +6,8 @@ Layout of a cache folder::
     images.u8|u16     N x size x size, row i is index row i
     index.csv         canonical rows of the usable images + fingerprint
     rejected.csv      rows that could not be used, with code and reason
+    boxes.csv         annotated boxes (row, label, x0, y0, x1, y1, reader) in the cache's
+                      pixels: each followed its image through crop, padding and resize
 
 A fingerprint of (path, file size, mtime, preprocessing settings) lets a re-run copy unchanged
 images from the old array instead of decoding them again. An interrupted ``prepare`` (Ctrl-C)
@@ -23,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +41,7 @@ from common.labels import LABELS
 from common.parallel import parallel_map
 from common.problems import Problem
 
+READER_COLUMN = re.compile(r"^(reader\d+|adjudicated)/.+$")
 CACHE_VERSION = 2  # 2: fingerprints relative to the data folder; content hashes
 DTYPES = {"uint8": (np.uint8, 255, "images.u8"), "uint16": (np.uint16, 65535, "images.u16")}
 
@@ -94,6 +98,39 @@ class PrepareStats:
     decoded: int = 0
     reused: int = 0
     rejected: list[Problem] = field(default_factory=list)
+    box_problems: list[Problem] = field(default_factory=list)  # boxes not kept (image kept)
+
+
+BOX_FILE_COLUMNS = ["row", "label", "x0", "y0", "x1", "y1", "reader"]
+
+
+def cache_boxes(index: pd.DataFrame, boxes: pd.DataFrame | None, size: int,
+                stats: PrepareStats) -> pd.DataFrame:
+    """``boxes`` (by path, original pixels) in cache pixels, by index row. The original size
+    comes from each file's header; a box outside the image is a ``box_outside_image``
+    problem and is dropped."""
+    from common.imaging import box_to_square, image_dimensions
+
+    out: list[tuple] = []
+    if boxes is None or not len(boxes):
+        return pd.DataFrame(out, columns=BOX_FILE_COLUMNS)
+    slot = {p: i for i, p in enumerate(index["path"])}
+    dims: dict[str, tuple[int, int] | None] = {}
+    for b in boxes.itertuples(index=False):
+        if b.path not in slot:
+            continue  # the image itself was not usable (its problem is already reported)
+        if b.path not in dims:
+            dims[b.path] = image_dimensions(Path(b.path))
+        wh = dims[b.path]
+        mapped = box_to_square((b.x0, b.y0, b.x1, b.y1), *wh, size) if wh else None
+        if mapped is None:
+            where = f"{wh[0]}x{wh[1]}" if wh else "of unknown size"
+            stats.box_problems.append(Problem(
+                "box_outside_image", f"{b.label} box ({b.x0:g}, {b.y0:g}, {b.x1:g}, {b.y1:g}) "
+                f"is outside the {where} image; the box is not used", b.path))
+            continue
+        out.append((slot[b.path], b.label, *(round(v, 3) for v in mapped), b.reader))
+    return pd.DataFrame(out, columns=BOX_FILE_COLUMNS)
 
 
 @dataclass
@@ -104,6 +141,15 @@ class SiteCache:
     images: np.ndarray
     index: pd.DataFrame
     meta: dict
+
+    @property
+    def boxes(self) -> pd.DataFrame:
+        """Annotated boxes in this cache's pixels (``BOX_FILE_COLUMNS``); empty if none."""
+        path = self.root / "boxes.csv"
+        if not path.is_file():
+            return pd.DataFrame(columns=BOX_FILE_COLUMNS)
+        return pd.read_csv(path, dtype={"label": str, "reader": str}, keep_default_na=False,
+                           na_values={c: [""] for c in ("x0", "y0", "x1", "y1")})
 
     @property
     def size(self) -> int:
@@ -141,6 +187,9 @@ def open_cache(root: Path) -> SiteCache:
                         keep_default_na=False, na_values={c: [""] for c in LABELS})
     for col in ("sex", "view", "manufacturer", "split", "site"):
         index[col] = index[col].astype(str).replace("nan", "")
+    for col in index.columns:
+        if READER_COLUMN.match(col):  # reader calls: 1 / 0 / blank (not read)
+            index[col] = pd.to_numeric(index[col].replace("", np.nan), errors="coerce")
     expected = n * size * size * np.dtype(dtype).itemsize
     if len(index) != n or (n and (root / name).stat().st_size != expected):
         raise FedcxrError(f"{root}: cache is incomplete; run `fedcxr site prepare` again")
@@ -160,6 +209,7 @@ def prepare(
     workers: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     root: Path | None = None,
+    boxes: pd.DataFrame | None = None,
 ) -> tuple[SiteCache, PrepareStats]:
     """Build or refresh the cache for ``rows`` (canonical rows) of the data folder ``root``.
     An image is reused from the old cache when its fingerprint is unchanged, or, failing
@@ -244,6 +294,8 @@ def prepare(
     index["content_hash"] = [hashes[i] for i in usable]
     with atomic.atomic_path(cache_dir / "index.csv") as index_tmp:
         index.to_csv(index_tmp, index=False)
+    with atomic.atomic_path(cache_dir / "boxes.csv") as boxes_tmp:
+        cache_boxes(index, boxes, options.size, stats).to_csv(boxes_tmp, index=False)
     rejected = pd.DataFrame(
         [{"path": p.where, "code": p.code, "reason": p.message} for p in stats.rejected],
         columns=["path", "code", "reason"],

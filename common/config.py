@@ -54,6 +54,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 INF = math.inf
 RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "num_rounds": (1, 10_000, False, False),
+    "gradcam_max_images": (0, 100_000, False, False),
     "local_epochs": (1, 1_000, False, False),
     "image_size": (16, 1024, False, False),
     "batch_size": (1, 65_536, False, False),
@@ -165,6 +166,9 @@ class RunConfig:
     shift: bool = False
     round_timeout: float = 900.0
     max_images_per_site: int = 0  # 0: all; a cap for smoke runs
+    # Grad-CAM localisation (H3) at held-out sites: at most this many images per label and
+    # model (each costs a forward and a backward); 0: no localisation.
+    gradcam_max_images: int = 100
     init_weights: str = ""  # coordinator-local DenseNet-121 weights (torchvision format)
     # The prespecified analysis (results.json "protocol"), fixed before training.
     selection: Selection = "best-val"  # every arm: its best validation round, or the last round
@@ -236,6 +240,11 @@ class NodeConfig:
     max_image_mb: float = 64.0
     # Where the node trains and scores: auto (CUDA when this machine has it), cpu, cuda[:N].
     device: str = "auto"
+    # Reader / box annotation files (comma-separated; "": found beside the manifest) and
+    # whether Grad-CAM overlays are written under the site's state folder (never sent).
+    readers: str = ""
+    boxes: str = ""
+    gradcam_overlays: bool = False
     # set by Flower's simulation engine
     partition_id: int = -1
     num_partitions: int = 0

@@ -167,17 +167,25 @@ def read_dicom_header(path: Path, options: ImagingOptions | None = None) -> dict
         return None
 
 
-def stored_size(path: Path) -> str:
-    """The image's size as acquired, ``"<columns>x<rows>"`` from its header (DICOM Columns
-    and Rows, a PNG's or JPEG's own header; no pixels read), or ``"unknown"``."""
+def image_dimensions(path: Path) -> tuple[int, int] | None:
+    """``(width, height)`` as acquired, from the header (DICOM Columns and Rows, a PNG's or
+    JPEG's own header; no pixels read), or None when the file cannot say."""
     try:
         if sniff(path) == "dicom":
             ds = _header(path)
-            return f"{_int_field(ds, 'Columns', 0)}x{_int_field(ds, 'Rows', 0)}"
-        with Image.open(path) as im:
-            return f"{im.size[0]}x{im.size[1]}"
-    except Exception:  # noqa: BLE001 - a file that cannot say is "unknown", never an error
-        return "unknown"
+            size = _int_field(ds, "Columns", 0), _int_field(ds, "Rows", 0)
+        else:
+            with Image.open(path) as im:
+                size = im.size
+    except Exception:  # noqa: BLE001 - a file that cannot say is unknown, never an error
+        return None
+    return (int(size[0]), int(size[1])) if min(size) > 0 else None
+
+
+def stored_size(path: Path) -> str:
+    """The image's size as acquired, ``"<columns>x<rows>"``, or ``"unknown"``."""
+    dims = image_dimensions(path)
+    return f"{dims[0]}x{dims[1]}" if dims else "unknown"
 
 
 def phi_fields(path: Path) -> list[str]:
@@ -427,6 +435,29 @@ def to_square(arr: np.ndarray, size: int) -> np.ndarray:
         im = Image.fromarray(arr.astype(np.float32), mode="F")
         arr = np.asarray(im.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32)
     return np.clip(arr, 0.0, 1.0)
+
+
+def box_to_square(box: tuple[float, float, float, float], width: int, height: int,
+                  size: int) -> tuple[float, float, float, float] | None:
+    """A box ``(x0, y0, x1, y1)`` in the original image's pixels (``width`` x ``height``) in
+    the pixels of ``to_square``'s output: the same centre crop, padding and scale. Clipped to
+    what the crop kept; None when nothing of it is left (or it was never inside the image)."""
+    x0, y0, x1, y1 = box
+    if not (x1 > x0 and y1 > y0) or x1 <= 0 or y1 <= 0 or x0 >= width or y0 >= height:
+        return None
+    limit = int(round(min(width, height) * 1.25))
+    top = (height - limit) // 2 if height > limit else 0
+    left = (width - limit) // 2 if width > limit else 0
+    h, w = min(height, limit), min(width, limit)
+    side = max(h, w)
+    off_y, off_x = (side - h) // 2 - top, (side - w) // 2 - left
+    lo_x, lo_y = (side - w) // 2, (side - h) // 2  # what the crop kept, in canvas pixels
+    cx0, cx1 = max(x0 + off_x, lo_x), min(x1 + off_x, lo_x + w)
+    cy0, cy1 = max(y0 + off_y, lo_y), min(y1 + off_y, lo_y + h)
+    if cx1 <= cx0 or cy1 <= cy0:
+        return None
+    k = size / side
+    return cx0 * k, cy0 * k, cx1 * k, cy1 * k
 
 
 def load(path: Path, options: ImagingOptions, notes: Notes | None = None) -> np.ndarray:

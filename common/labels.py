@@ -175,3 +175,41 @@ def binary_value(raw: object) -> float:
     if text in {"0", "0.0", "false"}:
         return 0.0
     raise UnknownLabelValue(str(raw))
+
+
+# Reader and box annotation findings -> canonical label. A finding with no one-to-one
+# ChestX-ray14 label keeps its own name as an extra reference label (reader agreement and
+# boxes are reported for it; no model output is ever scored against it): never folded into
+# one of the 14.
+VINDR_CLASSES: dict[str, str] = {  # VinDr-CXR annotations_*.csv class_name
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Consolidation": "Consolidation",
+    "Infiltration": "Infiltration",
+    "Pleural effusion": "Effusion",
+    "Pleural thickening": "Pleural_Thickening",
+    "Pneumothorax": "Pneumothorax",
+    "Pulmonary fibrosis": "Fibrosis",
+}
+VINDR_EXTRA: tuple[str, ...] = ("Aortic enlargement", "Calcification", "ILD", "Lung Opacity",
+                                "Nodule/Mass", "Other lesion")
+VINDR_NO_FINDING = "No finding"
+NIH_BBOX_FINDINGS: dict[str, str] = {  # BBox_List_2017.csv Finding Label
+    "Atelectasis": "Atelectasis",
+    "Cardiomegaly": "Cardiomegaly",
+    "Effusion": "Effusion",
+    "Infiltrate": "Infiltration",  # the BBox file's spelling
+    "Infiltration": "Infiltration",
+    "Mass": "Mass",
+    "Nodule": "Nodule",
+    "Pneumonia": "Pneumonia",
+    "Pneumothorax": "Pneumothorax",
+}
+GOOGLE_EXPERT_COLUMNS: dict[str, str] = {  # Majkowska et al. 2019 adjudicated labels
+    "Pneumothorax": "Pneumothorax",
+    "Fracture": "Fracture",
+    "Airspace opacity": "Airspace opacity",
+    "Nodule or mass": "Nodule or mass",
+}
+RSNA_LABEL = "Lung Opacity"  # RSNA Pneumonia Target=1 boxes: opacities suggesting pneumonia
+MARKER_LABEL = "Marker"  # a burned-in marker's box (shortcut reliance), never a finding

@@ -50,6 +50,17 @@ PROBLEM_ADVICE: dict[str, str] = {
                        "(only the first is used; two patients or splits would leak)",
     "missing_patient_id": "rows without a patient id; each such image counts as its own "
                           "patient, so patient-level splits and DP cannot group them",
+    "bad_box": "a box is not x0 < x1, y0 < y1 with no negative coordinate; fix the row "
+               "(the finding's call is kept, the box is not used)",
+    "box_outside_image": "the box lies outside the image (or outside what the centre crop "
+                         "keeps); check its coordinates are the original image's pixels",
+    "bad_annotation": "an annotation row names no image or no reader; fix the row",
+    "unreadable_annotations": "the reader / box file cannot be read or its columns are not a "
+                              "known format; fix or rename the file",
+    "annotation_unmatched": "annotations name images that are not usable rows of the "
+                            "manifest; check the file belongs to this site",
+    "annotation_ambiguous": "an annotated image name matches several manifest rows; give the "
+                            "images distinct file names",
     "non_chest_projection": "the projection is not a frontal chest view (COSTAL, OBLICUA, "
                             "...); the row is not used",
 }

@@ -19,6 +19,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from common.annotations import find_annotations, join
 from common.cache import SiteCache, content_hash, duplicate_reason, open_cache, prepare
 from common.data import assign_splits
 from common.errors import FedcxrError
@@ -30,7 +31,7 @@ from common.imaging import (
     decode,
 )
 from common.labels import LABELS
-from common.manifest import ManifestResult, find_manifest, read_manifest
+from common.manifest import READER_RE, ManifestResult, find_manifest, read_manifest
 from common.parallel import parallel_map
 from common.problems import Problem, group_problems
 from common.progress import progress_bar
@@ -49,11 +50,21 @@ class SiteSource:
     site: str = ""
     allow_outside: bool = False  # data paths may resolve outside data_dir (site's opt-in)
     max_image_mb: float = MAX_IMAGE_MB  # the pixel budget of one file (see common.imaging)
+    annotations: tuple[Path, ...] = ()  # reader / box files (default: found beside manifest)
 
     def read(self) -> ManifestResult:
+        """The manifest's canonical rows, joined with the site's reader and box files."""
         manifest = self.manifest or find_manifest(self.data_dir)
-        return read_manifest(manifest, self.data_dir, format=self.format, site=self.site,
-                             uncertain=self.uncertain, allow_outside=self.allow_outside)
+        result = read_manifest(manifest, self.data_dir, format=self.format, site=self.site,
+                               uncertain=self.uncertain, allow_outside=self.allow_outside)
+        found, problems = find_annotations(self.data_dir, manifest, list(self.annotations))
+        result.problems.extend(problems)
+        if found:
+            joined = join(result.rows, found)
+            result.rows, result.boxes = joined.rows, joined.boxes
+            result.annotation_files = joined.files
+            result.problems.extend(joined.problems)
+        return result
 
 
 def default_cache_dir(data_dir: Path, size: int) -> Path:
@@ -146,6 +157,8 @@ def check(source: SiteSource, options: ImagingOptions | None = None) -> dict:
     def mix(values) -> dict[str, int]:
         return {str(k) if k else "unknown": int(v) for k, v in Counter(values).most_common()}
 
+    readers, boxes = annotation_summary(good.reset_index(drop=True), result.boxes,
+                                        options.size, problems)
     return {
         "site": result.rows["site"].iloc[0] if len(rows) else source.site,
         "data_dir": str(source.data_dir),
@@ -161,10 +174,47 @@ def check(source: SiteSource, options: ImagingOptions | None = None) -> dict:
         "manufacturer": mix(good["manufacturer"]),
         "splits": mix(splits),
         "phi_fields": dict(phi_counter),
+        "annotation_files": result.annotation_files,
+        "readers": readers,
+        "boxes": boxes,
         "problems": group_problems(problems),
         # every problem row (check.json lists three examples a code): problems.csv
         PROBLEM_ROWS: [(p.code, p.where, p.message) for p in problems],
     }
+
+
+def annotation_summary(good: pd.DataFrame, boxes: pd.DataFrame | None, size: int,
+                       problems: list[Problem]) -> tuple[dict, dict[str, int]]:
+    """check.json's ``readers`` (how many readers, images read, Fleiss' kappa per label) and
+    ``boxes`` (usable boxes per label, after following their image into the cache's square;
+    a box that falls outside is a problem)."""
+    from common.cache import PrepareStats, cache_boxes
+    from common.evaluation.readers import (
+        fleiss_kappa,
+        fleiss_table,
+        reader_columns,
+        reader_labels,
+    )
+
+    prefixes = {c.split("/", 1)[0] for c in good.columns if READER_RE.match(c)
+                and not c.startswith("adjudicated/")}
+    kappas: dict[str, float | None] = {}
+    read = np.zeros(len(good), dtype=bool)
+    for label in reader_labels(good):
+        cols = reader_columns(good, label)
+        if not cols:
+            continue
+        votes = good[cols].to_numpy(dtype=float)
+        read |= np.any(~np.isnan(votes), axis=1)
+        table, _ = fleiss_table(votes)
+        value = fleiss_kappa(table) if len(table) >= 2 else float("nan")
+        kappas[label] = round(value, 4) if np.isfinite(value) else None
+    stats = PrepareStats()
+    kept = cache_boxes(good, boxes, size, stats)
+    problems.extend(stats.box_problems)
+    return ({"n_readers": len(prefixes), "images_with_readers": int(read.sum()),
+             "fleiss_kappa": kappas},
+            {str(k): int(v) for k, v in Counter(kept["label"]).most_common()})
 
 
 def render_check(report: dict, console: Console) -> None:
@@ -188,6 +238,20 @@ def render_check(report: dict, console: Console) -> None:
     for key in ("sex", "age_band", "view", "manufacturer", "splits"):
         mix.add_row(key, ", ".join(f"{k}: {v}" for k, v in report[key].items()))
     console.print(mix)
+    readers = report.get("readers") or {}
+    if readers.get("n_readers") or report.get("boxes"):
+        ann = Table(title="Readers and boxes (" + ", ".join(
+            Path(f).name for f in report.get("annotation_files", [])) + ")")
+        ann.add_column("label")
+        ann.add_column("Fleiss κ", justify="right")
+        ann.add_column("boxes", justify="right")
+        for label in dict.fromkeys([*readers.get("fleiss_kappa", {}), *report["boxes"]]):
+            kappa = readers.get("fleiss_kappa", {}).get(label)
+            ann.add_row(label, "-" if kappa is None else f"{kappa:.2f}",
+                        str(report["boxes"].get(label, 0)))
+        console.print(f"readers: {readers.get('n_readers', 0)}   images with reader calls: "
+                      f"{readers.get('images_with_readers', 0)}")
+        console.print(ann)
     if report["problems"]:
         probs = Table(title="Problems (good rows were kept)")
         for col in ("code", "count", "what to do", "examples"):
@@ -250,12 +314,14 @@ def run_prepare(source: SiteSource, options: ImagingOptions, cache_dir: Path | N
     writable_cache(cache_dir, len(result.rows) * options.size**2 * itemsize, given)
     with progress_bar(f"decoding {source.data_dir.name}") as update:
         cache, stats = prepare(result.rows, cache_dir, options, dtype=dtype, progress=update,
-                               root=source.data_dir)
+                               root=source.data_dir, boxes=result.boxes)
     summary = {
         "cache": str(cache_dir),
         "images": len(cache.index),
         "decoded": stats.decoded,
         "reused": stats.reused,
         "rejected": group_problems(result.problems + stats.rejected),
+        "boxes": int(len(cache.boxes)),
+        "box_problems": group_problems(stats.box_problems),
     }
     return cache, summary

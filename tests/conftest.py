@@ -16,9 +16,9 @@ DATA = Path(__file__).resolve().parent / "data"  # test data with its source (RE
 
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Path:
-    """3 training + 2 held-out sites, 40 images each at 64 px, 2 readers, a shortcut."""
+    """3 training + 2 held-out sites, 40 images each at 64 px, 3 readers, a shortcut."""
     out = tmp_path_factory.mktemp("cohort")
-    generate(out, SynthOptions(images_per_site=40, size=64, seed=7, readers=2,
+    generate(out, SynthOptions(images_per_site=40, size=64, seed=7, readers=3,
                                shortcut="site1"))
     return out
 

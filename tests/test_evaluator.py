@@ -191,7 +191,21 @@ def test_cli_evaluate_writes_schema_and_keeps_heatmaps_local(evaluated):
     assert (primary["model_a"], primary["model_b"]) == ("federated", "single:site1")
     assert {"diff", "diff_low", "diff_high", "p_value", "p_adjusted", "mdd"} <= set(primary)
     assert results["clustering"] == [{"site": "site5", "clustered_by": "patient"}]
-    assert results["readers"] and results["readers"][0]["reference"] == "adjudicated"
+    # H2: the readers' majority is the truth at site5 (VinDr-format reader file, 3 readers);
+    # the primary endpoint against the site's own labels is beside it
+    studies = {s["label"]: s for s in results["readers"]}
+    assert studies["Effusion"]["reference"] == "majority" and studies["Effusion"]["readers"] == 3
+    assert "Nodule/Mass" in studies and not studies["Nodule/Mass"]["models"]  # extra label
+    assert {r["label"] for r in results["reference_standard"]} == {
+        "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Pneumothorax",
+        "Consolidation", "Fibrosis", "Pleural_Thickening"}
+    assert [r["model"] for r in results["primary_auc_site_labels"]] == ["federated",
+                                                                         "single:site1"]
+    # H3: localisation rows for every model, released only over min-cell images
+    loc = results["localisation"]
+    assert {r["model"] for r in loc} == {"federated", "single:site1"}
+    assert all((r["status"] == "ok") == (r["n_images"] >= 10) for r in loc)
+    assert {r["label"] for r in results["shortcut"]} == set(LABELS)
     assert {r["shift"] for r in results["shift"]} == set(SHIFTS)
     assert list((evaluated / "gradcam").glob("*.png"))
     assert "gradcam" not in json.dumps(results["external"])

@@ -6,6 +6,7 @@ import hashlib
 import tomllib
 
 import numpy as np
+import pytest
 
 from common.imaging import ImagingOptions
 from common.labels import LABELS
@@ -46,12 +47,20 @@ def test_held_out_sites_use_acquisition_no_training_site_has(cohort):
         assert (h["photometric"], h["bits"]) not in {(t["photometric"], t["bits"]) for t in train}
 
 
-def test_held_out_sites_have_readers_and_adjudication(cohort):
-    header = (cohort / "site5" / "manifest.csv").read_text().splitlines()[0].split(",")
-    assert "reader1/Effusion" in header and "reader2/Effusion" in header
-    assert "adjudicated/Effusion" in header
-    train_header = (cohort / "site3" / "manifest.csv").read_text().splitlines()[0]
-    assert "reader1/" not in train_header
+def test_held_out_sites_have_readers_in_vindr_format_and_every_site_has_boxes(cohort):
+    from common.annotations import read_annotations
+    from common.site import SiteSource
+
+    readers = read_annotations(cohort / "site5" / "annotations_readers.csv")
+    assert readers.format == "vindr" and not readers.problems
+    assert {r for _, r, _, _ in readers.calls} == {"R1", "R2", "R3"}
+    assert not (cohort / "site3" / "annotations_readers.csv").exists()  # training site
+    rows = SiteSource(cohort / "site5").read().rows
+    assert rows[["reader1/Effusion", "reader2/Effusion", "reader3/Effusion"]].notna().all().all()
+    for site in ("site1", "site3", "site5"):
+        result = SiteSource(cohort / site).read()
+        assert {"Marker"} < set(result.boxes["label"]), site
+        assert not [p for p in result.problems if "annotation" in p.code or "box" in p.code]
 
 
 def test_same_seed_same_bytes(tmp_path):
@@ -59,7 +68,7 @@ def test_same_seed_same_bytes(tmp_path):
     generate(tmp_path / "a", opts)
     generate(tmp_path / "b", opts)
     a, b = digest(tmp_path / "a"), digest(tmp_path / "b")
-    assert a == b and len(a) == 3 * 6 + 3 * 2 + 1
+    assert a == b and len(a) == 3 * 6 + 3 * 2 + 1 + 3 * 2 + 1  # + boxes, markers, readers
     generate(tmp_path / "c", SynthOptions(sites=3, held_out=1, images_per_site=6, size=48,
                                           seed=12, readers=1))
     assert digest(tmp_path / "c") != a
@@ -125,3 +134,59 @@ def test_label_noise_hides_positives():
     truth = sum(p.truth[n] for p in noisy for n in LABELS)
     reported = sum(p.reported[n] == 1 for p in noisy for n in LABELS)
     assert 0.35 < reported / truth < 0.65
+
+
+def test_each_drawn_lesions_box_holds_the_lesion():
+    """What a finding adds to the image lies inside the box the generator writes for it (a
+    render with and without the finding, same anatomy and seed)."""
+    from common.synth.phantom import Anatomy, Finding
+
+    anatomy = Anatomy.sample(np.random.default_rng(1), sex="F", age=50)
+    for name in ("Nodule", "Mass", "Effusion", "Infiltration", "Consolidation"):
+        finding = {name: Finding(severity=0.8, side=1, x=0.4, y=0.6)}
+        drawn = render(anatomy, finding, 128, np.random.default_rng(2))
+        plain = render(anatomy, {}, 128, np.random.default_rng(2))
+        diff = np.abs(drawn.image - plain.image)
+        x0, y0, x1, y1 = drawn.boxes[name]
+        inside = diff[y0:y1, x0:x1].sum() / diff.sum()
+        assert inside > 0.8, (name, inside)
+        assert (x1 - x0) * (y1 - y0) < 0.5 * 128 * 128, name  # a box, not the whole image
+
+
+def test_readers_boxes_are_the_drawn_box_by_a_readers_hand(cohort):
+    """VinDr rows of a true finding: near the NIH box of what was drawn, never identical."""
+    import csv
+
+    drawn = {}
+    with open(cohort / "site5" / "BBox_List_2017.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            x, y, w, h = (float(row[k]) for k in ("Bbox [x", "y", "w", "h]"))
+            drawn[(row["Image Index"], row["Finding Label"])] = (x, y, x + w, y + h)
+    overlaps = []
+    with open(cohort / "site5" / "annotations_readers.csv", newline="") as fh:
+        for row in csv.DictReader(fh):
+            key = (row["image_id"], {"Pleural effusion": "Effusion"}.get(row["class_name"],
+                                                                          row["class_name"]))
+            if key in drawn:
+                a, b = drawn[key], tuple(float(row[k]) for k in ("x_min", "y_min", "x_max",
+                                                                 "y_max"))
+                ix = max(0, min(a[2], b[2]) - max(a[0], b[0]))
+                iy = max(0, min(a[3], b[3]) - max(a[1], b[1]))
+                union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+                overlaps.append((ix * iy / union, a == b))
+    assert len(overlaps) >= 10
+    assert np.median([o for o, _ in overlaps]) > 0.5 and not any(same for _, same in overlaps)
+
+
+def test_site_check_reports_readers_and_boxes_in_check_json(cohort):
+    from statsmodels.stats.inter_rater import aggregate_raters, fleiss_kappa
+
+    report = check(SiteSource(cohort / "site5"), ImagingOptions(size=64, min_side=32))
+    readers = report["readers"]
+    assert readers["n_readers"] == 3 and readers["images_with_readers"] == 40
+    rows = SiteSource(cohort / "site5").read().rows
+    calls = rows[[f"reader{k}/Effusion" for k in (1, 2, 3)]].to_numpy(dtype=int)
+    expected = fleiss_kappa(aggregate_raters(calls, n_cat=2)[0])
+    assert readers["fleiss_kappa"]["Effusion"] == pytest.approx(expected, abs=1e-4)
+    assert report["boxes"]["Marker"] >= 40 and report["boxes"]["Effusion"] > 0
+    assert "annotations_readers.csv" in " ".join(report["annotation_files"])

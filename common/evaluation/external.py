@@ -31,6 +31,7 @@ from common.evaluation.delong import (
     paired_from,
 )
 from common.evaluation.gradcam import write_overlays
+from common.evaluation.localisation import LocalisationOptions, localise
 from common.evaluation.metrics import (
     GRID,
     ThresholdsRequired,
@@ -62,6 +63,7 @@ class EvaluationOptions:
     primary_labels: list[str] | None = None  # the primary endpoint's labels (macro-AUC)
     primary_pairs: list[tuple[str, str]] | None = None  # (model_a, model_b) compared on the
     # primary endpoint (default: the first model against every other one)
+    localisation: LocalisationOptions | None = None  # Grad-CAM against boxes; None: not run
 
 
 def clusters_of(meta) -> tuple[np.ndarray | None, str]:
@@ -175,10 +177,63 @@ def _check_thresholds(names: list[str], thresholds: dict[str, dict[str, float]])
         )
 
 
+def reference_labels(labels: np.ndarray, meta) -> tuple[np.ndarray, dict[str, str]]:
+    """The labels external validation is judged against: for each label with readers or an
+    adjudication at this site, its reference standard (``readers.reference_standard``);
+    elsewhere the site's own label. Also says where each replaced label came from."""
+    if meta is None:
+        return labels, {}
+    out, sources = np.array(labels, dtype=float, copy=True), {}
+    for k, label in enumerate(LABELS):
+        if reader_mod.has_reference(meta, label):
+            out[:, k] = reader_mod.reference_standard(meta, label)
+            adjudicated = f"adjudicated/{label}" in meta.columns
+            readers = bool(reader_mod.reader_columns(meta, label))
+            sources[label] = ("adjudicated, else readers' majority" if adjudicated and readers
+                              else "adjudicated" if adjudicated else "readers' majority")
+    return out, sources
+
+
+def reference_effect(site_labels: np.ndarray, reference: np.ndarray,
+                     scores: dict[str, np.ndarray], clusters, options: EvaluationOptions,
+                     pairs: list[tuple[str, str]], site: str, sources: dict[str, str],
+                     reference_rows: list[dict]) -> dict:
+    """H2: the same primary endpoint against the site's own labels, beside the reference
+    standard's, and how many images' truth the reference standard changed per label."""
+    effect = primary_endpoint(site_labels, scores, clusters, options.primary_labels or [],
+                              pairs, site=site, level=options.level)
+    judged = {(r["model_a"], r["model_b"]): r for r in reference_rows}
+    for row in effect["primary"]:  # the same comparison against the reference standard
+        ref = judged.get((row["model_a"], row["model_b"]))
+        row["diff_reference"] = ref["diff"] if ref else None
+        row["diff_reference_low"] = ref["diff_low"] if ref else None
+        row["diff_reference_high"] = ref["diff_high"] if ref else None
+    changed = []
+    for k, label in enumerate(LABELS):
+        if label not in sources:
+            continue
+        a, b = site_labels[:, k], reference[:, k]
+        both = ~np.isnan(a) & ~np.isnan(b)
+        n_changed = int(np.sum(a[both] != b[both]))
+        n_tied = int(np.sum(np.isnan(b) & ~np.isnan(a)))
+        small = [n for n in (n_changed, n_tied) if 0 < n < options.min_cell]
+        changed.append({"site": site, "label": label, "reference": sources[label],
+                        "images": int(both.sum()),
+                        # a count under min-cell is not released exactly (small cells)
+                        "changed": None if small else n_changed,
+                        "no_reference": None if small else n_tied,
+                        "status": f"fewer than {options.min_cell}" if small else "ok"})
+    return {"primary_auc_site_labels": effect["primary_auc"],
+            "primary_site_labels": effect["primary"], "reference_changes": changed}
+
+
 def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
                     thresholds: dict[str, dict[str, float]], *, site: str,
                     meta=None, options: EvaluationOptions | None = None) -> dict:
-    """All statistics for one site from labels (N, L) and each model's scores (N, L)."""
+    """All statistics for one site from labels (N, L) and each model's scores (N, L). Where
+    the site has readers or adjudicated labels, the reference standard replaces the site's
+    labels for every statistic, and the primary endpoint is also given against the site's
+    own labels (H2)."""
     options = options or EvaluationOptions()
     names = list(scores)
     _check_thresholds(names, thresholds)
@@ -186,9 +241,13 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
     zcrit = norm.ppf(0.5 + options.level / 2)
     clusters, clustered_by = clusters_of(meta)
     codes = cluster_codes(clusters, len(labels))
+    site_labels = labels
+    labels, sources = reference_labels(labels, meta)
     out = {"site": site, "n_images": int(len(labels)), "clustered_by": clustered_by,
            "external": [], "comparisons": [], "operating_points": [], "calibration": [],
-           "roc": [], "subgroups": [], "readers": []}
+           "roc": [], "subgroups": [], "readers": [],
+           "reference_standard": [{"site": site, "label": lb, "source": src}
+                                  for lb, src in sources.items()]}
     components = {}
     for k, label in enumerate(LABELS):
         y = labels[:, k]
@@ -233,16 +292,24 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
                 "site": site, "label": label, "model_a": a, "model_b": b, "auc_a": t.auc_a,
                 "auc_b": t.auc_b, "diff": t.auc_a - t.auc_b, "diff_low": t.diff_lower,
                 "diff_high": t.diff_upper, "z": t.z, "p": t.p_value})
-        if meta is not None:
-            study = reader_mod.reader_study(meta, label, {n: scores[n][:, k] for n in names})
+    if meta is not None:
+        ids = clusters if clusters is not None else np.arange(len(labels))
+        for label in reader_mod.reader_labels(meta):
+            k = LABELS.index(label) if label in LABELS else None
+            model_scores = {} if k is None else {n: scores[n][:, k] for n in names}
+            study = reader_mod.reader_study(meta, label, model_scores, clusters=ids,
+                                            level=options.level)
             if study:
                 out["readers"].append({"site": site, **study})
     if options.primary_labels:
-        pairs = (options.primary_pairs if options.primary_pairs is not None
-                 else [(names[0], b) for b in names[1:]])
+        primary_pairs = (options.primary_pairs if options.primary_pairs is not None
+                         else [(names[0], b) for b in names[1:]])
         out.update(primary_endpoint(labels, scores, clusters, options.primary_labels,
-                                    pairs, site=site,
+                                    primary_pairs, site=site,
                                     level=options.level, components=components))
+        if sources:
+            out.update(reference_effect(site_labels, labels, scores, clusters, options,
+                                        primary_pairs, site, sources, out.get("primary", [])))
     return out
 
 
@@ -312,6 +379,11 @@ def evaluate_site(cache: SiteCache, models: dict[str, torch.nn.Module],
                   if options.shift_models is None or n in options.shift_models}
         result["shift"] = device_shift(cache, chosen, labels, options.batch_size, site,
                                        options.device)
+    if options.localisation is not None:
+        for name, model in models.items():
+            for key, rows in localise_site(cache, name, model, site=site,
+                                           options=options.localisation).items():
+                result.setdefault(key, []).extend(rows)
     if options.gradcam_dir is not None and len(labels):
         name = next(iter(models))
         n = min(options.gradcam_images, len(labels))
@@ -345,6 +417,20 @@ class ScoreStore:
             np.save(fh, scores)
         write_text(stem.with_suffix(".shift.json"), json.dumps(shift_rows))
 
+    def save_localisation(self, name: str, rows: dict[str, list[dict]]) -> None:
+        write_text(self._stem(name).with_suffix(".localisation.json"), json.dumps(rows))
+
+    def load_localisation(self, names: list[str]) -> dict[str, list[dict]]:
+        """The localisation and shortcut rows of ``names`` (models scored without boxes, or
+        before localisation existed, have none)."""
+        out: dict[str, list[dict]] = {"localisation": [], "shortcut": []}
+        for n in names:
+            path = self._stem(n).with_suffix(".localisation.json")
+            if path.is_file():
+                for key, rows in json.loads(path.read_text()).items():
+                    out.setdefault(key, []).extend(rows)
+        return out
+
     def load(self, names: list[str]) -> tuple[dict[str, np.ndarray], list[dict]]:
         missing = [n for n in names if not self._stem(n).with_suffix(".npy").exists()]
         if missing:
@@ -368,7 +454,26 @@ def score_into_store(cache: SiteCache, name: str, model: torch.nn.Module, store:
         shift = device_shift(cache, {name: model}, labels, options.batch_size, site,
                              options.device)
     store.save(name, scores[name], shift)
+    if options.localisation is not None:
+        store.save_localisation(name, localise_site(cache, name, model, site=site,
+                                                    options=options.localisation))
     return len(labels)
+
+
+def localise_site(cache: SiteCache, name: str, model: torch.nn.Module, *, site: str,
+                  options: LocalisationOptions, rows: np.ndarray | None = None
+                  ) -> dict[str, list[dict]]:
+    """Grad-CAM localisation and shortcut reliance of one model on the site's boxes
+    (positives by the reference standard); empty where the site has no boxes."""
+    boxes = cache.boxes
+    if not len(boxes):
+        return {"localisation": [], "shortcut": []}
+    meta = cache.index
+    reference, _ = reference_labels(CachedImages(cache).labels(), meta)
+    clusters, _ = clusters_of(meta)
+    ids = np.asarray(clusters if clusters is not None else np.arange(len(meta)), dtype=object)
+    return localise(model, cache.images, float(cache.scale), boxes, reference, ids, site=site,
+                    model_name=name, options=options, rows=rows)
 
 
 def evaluate_stored(cache: SiteCache, store: ScoreStore, names: list[str],
@@ -386,6 +491,7 @@ def evaluate_stored(cache: SiteCache, store: ScoreStore, names: list[str],
     result = evaluate_scores(labels, scores, thresholds, site=site, meta=cache.index,
                              options=options)
     result["shift"] = shift
+    result.update(store.load_localisation(names))
     return result
 
 
@@ -393,7 +499,9 @@ def combine_sites(results: list[dict]) -> dict:
     """Concatenate per-site results (each already aggregate) into one set of tables, with
     what each site's statistics were clustered by."""
     keys = ("external", "comparisons", "operating_points", "calibration", "roc", "subgroups",
-            "readers", "shift", "primary", "primary_auc", "internal", "internal_primary")
+            "readers", "shift", "primary", "primary_auc", "internal", "internal_primary",
+            "reference_standard", "primary_site_labels", "primary_auc_site_labels",
+            "reference_changes", "localisation", "shortcut", "localisation_skipped")
     out = {k: list(itertools.chain.from_iterable(r.get(k, []) for r in results)) for k in keys}
     out["clustering"] = [{"site": r["site"], "clustered_by": r.get("clustered_by", "image")}
                          for r in results]

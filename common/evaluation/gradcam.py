@@ -17,30 +17,53 @@ from PIL import Image
 from common.labels import LABELS
 
 
-def gradcam(model: torch.nn.Module, x: torch.Tensor, label_index: int) -> np.ndarray:
-    """Heatmap (H, W) in [0, 1] for one image (1, 1, H, W) and one label."""
+def gradcam_labels(model: torch.nn.Module, x: torch.Tensor, labels: list[int]) -> np.ndarray:
+    """Grad-CAM maps (len(labels), B, H, W) at input resolution for a batch (B, 1, H, W).
+
+    One forward for the batch and one backward per label (the graph is kept between them):
+    in eval mode no layer mixes images (batch norm uses its running statistics, group norm
+    is per image), so the gradient of the sum of the batch's logits is each image's own.
+    Each map is normalised min-max to [0, 1] on its own, as pytorch-grad-cam does (a
+    constant map is all zeros)."""
     model.eval()
     store: dict[str, torch.Tensor] = {}
     layer = model.features  # output of the last dense block + norm5
 
     def keep(_m, _i, out):
-        out.retain_grad()
         store["act"] = out
 
     handle = layer.register_forward_hook(keep)
+    maps = []
     try:
-        x = x.clone().requires_grad_(True)
-        logits = model(x)
-        model.zero_grad(set_to_none=True)
-        logits[0, label_index].backward()
+        with torch.enable_grad():
+            x = x.clone().requires_grad_(True)
+            logits = model(x)
+            act = store["act"]
+            for n, label in enumerate(labels):
+                (grad,) = torch.autograd.grad(logits[:, label].sum(), act,
+                                              retain_graph=n < len(labels) - 1)
+                weights = grad.mean(dim=(2, 3), keepdim=True)
+                cam = F.relu((weights * act).sum(dim=1, keepdim=True)).detach()
+                maps.append(F.interpolate(cam, size=x.shape[-2:], mode="bilinear",
+                                          align_corners=False)[:, 0].cpu().numpy())
     finally:
         handle.remove()
-    act, grad = store["act"], store["act"].grad
-    weights = grad.mean(dim=(2, 3), keepdim=True)
-    cam = F.relu((weights * act).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[0, 0]
-    cam = cam.detach().numpy()
-    return cam / cam.max() if cam.max() > 0 else cam
+    cam = np.stack(maps) if maps else np.zeros((0, *x.shape[:1], *x.shape[-2:]))
+    lo = cam.min(axis=(2, 3), keepdims=True)
+    hi = cam.max(axis=(2, 3), keepdims=True)
+    span = hi - lo
+    flat = span <= 1e-5 * np.maximum(np.abs(hi), 1e-12)  # constant up to rounding: no map
+    return np.where(flat, 0.0, (cam - lo) / np.where(flat, 1, span)).astype(np.float32)
+
+
+def gradcam_batch(model: torch.nn.Module, x: torch.Tensor, label_index: int) -> np.ndarray:
+    """Grad-CAM maps (B, H, W) of one label for a batch (see ``gradcam_labels``)."""
+    return gradcam_labels(model, x, [label_index])[0]
+
+
+def gradcam(model: torch.nn.Module, x: torch.Tensor, label_index: int) -> np.ndarray:
+    """Heatmap (H, W) in [0, 1] for one image (1, 1, H, W) and one label."""
+    return gradcam_batch(model, x, label_index)[0]
 
 
 def overlay(image: np.ndarray, heat: np.ndarray, alpha: float = 0.45) -> Image.Image:

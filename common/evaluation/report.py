@@ -45,7 +45,6 @@ import io
 import json
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +52,8 @@ from markupsafe import Markup
 
 from common.atomic import write_text
 from common.evaluation.metrics import adjust
+from common.evaluation.report_h2h3 import localisation_section, reader_section
+from common.evaluation.report_tables import Table, fmt, table
 from common.evaluation.report_template import REPLICATES_TEMPLATE, TEMPLATE
 from common.evaluation.verdict import (
     ALPHA,
@@ -178,6 +179,13 @@ def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, fed
         "roc": evaluation.get("roc", []),
         "subgroups": evaluation.get("subgroups", []),
         "readers": evaluation.get("readers", []),
+        "reference_standard": evaluation.get("reference_standard", []),
+        "reference_changes": evaluation.get("reference_changes", []),
+        "primary_site_labels": evaluation.get("primary_site_labels", []),
+        "primary_auc_site_labels": evaluation.get("primary_auc_site_labels", []),
+        "localisation": _setting(evaluation, internal, "localisation"),
+        "shortcut": _setting(evaluation, internal, "shortcut"),
+        "localisation_skipped": _setting(evaluation, internal, "localisation_skipped"),
         "shift": evaluation.get("shift", []),
         "verdict": decided,
         "privacy": privacy or [],
@@ -188,6 +196,13 @@ def build_results(*, cohort: list[dict], arms: list[dict], evaluation: dict, fed
                        "data_fingerprints": fingerprints or {},
                        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())},
     }
+
+
+def _setting(evaluation: dict, internal: dict, key: str) -> list[dict]:
+    """Rows of ``key`` from held-out sites ("external") and from training sites' own test
+    splits ("internal"), each saying which."""
+    return ([{**r, "setting": "external"} for r in evaluation.get(key, [])]
+            + [{**r, "setting": "internal"} for r in internal.get(key, [])])
 
 
 def _json_default(o):
@@ -233,29 +248,8 @@ def _figure_tag(fig) -> Markup:
     return Markup(f'<img alt="figure" src="data:image/png;base64,{data}">')
 
 
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-@dataclass(frozen=True)
-class Row:
-    cells: list
-    cls: str = ""
-
-
-@dataclass(frozen=True)
-class Table:
-    headers: list[str]
-    rows: list[Row]
-
-
-def _table(headers: list[str], rows: list[list], row_class=None) -> Table:
-    return Table(headers, [Row(r, (row_class(i) or "") if row_class else "")
-                           for i, r in enumerate(rows)])
+_fmt = fmt
+_table = table
 
 
 def _labels_with_results(results: dict) -> list[str]:
@@ -295,8 +289,14 @@ def _roc_figure(results: dict, site: str, labels: list[str]) -> str:
                 ax.plot(r["fpr"], r["tpr"], label=r["model"], lw=1.2)
         for study in results["readers"]:
             if study["site"] == site and study["label"] == label:
-                for p in study["reader_points"]:
-                    ax.plot(1 - p["specificity"], p["sensitivity"], "k^", ms=5)
+                points = [p for p in study["reader_points"]
+                          if p["specificity"] is not None and p["sensitivity"] is not None]
+                for i, p in enumerate(points):
+                    ax.plot(1 - p["specificity"], p["sensitivity"], "k^", ms=5,
+                            label="readers" if i == 0 else None)
+                if mean := study.get("mean_reader"):
+                    ax.plot(1 - mean["specificity"], mean["sensitivity"], "r*", ms=8,
+                            label="mean reader")
         ax.plot([0, 1], [0, 1], ":", color="grey")
         ax.set_title(label, fontsize=8)
         ax.set_xlabel("1 - specificity", fontsize=7)
@@ -494,15 +494,8 @@ def render_html(results: dict) -> str:
               _fmt(c["z"], 2), _fmt(c["p"], 4), _fmt(c["p_adjusted"], 4)]
              for c in results["comparisons"]]),
         "subgroups": _subgroup_table(results, v),
-        "readers": _table(
-            ["site", "label", "reference", "readers", "Fleiss κ", "reader", "sens", "spec",
-             "model sensitivity at reader's specificity"],
-            [[s["site"], s["label"], _fmt(s["reference"]), _fmt(s["readers"]),
-              _fmt(s.get("fleiss_kappa")), _fmt(p["reader"]), _fmt(p["sensitivity"], 2),
-              _fmt(p["specificity"], 2),
-              ", ".join(f"{m} {_fmt(x['sensitivity'], 2)}" for m, x in p["models"].items())]
-             for s in results["readers"] for p in s["reader_points"]])
-        if results["readers"] else None,
+        "readers": reader_section(results),
+        "localisation": localisation_section(results),
         "shift_figure": _shift_figure(results),
         "privacy_figure": _privacy_figure(results),
         "privacy": _table(["site", "ε", "δ", "max ε", "accountant", "privacy unit",

@@ -49,8 +49,33 @@ change), per model.</p>
 <h2>Subgroups</h2>
 <p>Rows in red: AUC more than 0.05 below the best subgroup of the same attribute.</p>
 {{ table(subgroups) }}
-{% if readers %}<h2>Readers</h2>
-{{ table(readers) }}{% endif %}
+{% if readers %}<h2>Reference standard and readers (H2)</h2>
+{% for s in readers.sentences %}<p>{{ s }}</p>{% endfor %}
+{% if readers.effect %}<h3>Does the reference standard change the answer?</h3>
+<p>The primary endpoint judged against the reference standard and against the site's own
+labels, side by side (95% CIs clustered by patient).</p>
+{{ table(readers.effect) }}{% endif %}
+{% if readers.agreement %}<h3>How much the readers agree</h3>
+<p>Fleiss' κ over the images read by the usual number of readers, with a 95% CI from a
+bootstrap over patients; Cohen's κ for each pair of readers on the images both read
+(0: chance agreement, 1: perfect).</p>
+{{ table(readers.agreement) }}{% endif %}
+{% if readers.readers %}<h3>Each reader against the others</h3>
+<p>A reader's calls against the majority of the other readers (never a reference they
+voted in). The readers are the triangles on the ROC curves above.</p>
+{{ table(readers.readers) }}{% endif %}
+{% if readers.model_vs_readers %}<h3>The model against the readers</h3>
+<p>Each model at the readers' mean operating point, against the reference standard. The
+CIs come from a bootstrap that resamples patients and readers together, so they carry
+both case and reader variability.</p>
+{{ table(readers.model_vs_readers) }}{% endif %}
+{% endif %}
+{% if localisation %}<h2>Where the models look (H3)</h2>
+{% for s in localisation.sentences %}<p>{{ s }}</p>{% endfor %}
+{% if localisation.localisation %}{{ table(localisation.localisation) }}{% endif %}
+{% if localisation.shortcut %}<h3>Shortcut reliance</h3>
+{{ table(localisation.shortcut) }}{% endif %}
+{% endif %}
 <h2>Simulated device shift</h2>
 {{ shift_figure }}
 <h2>Privacy</h2>

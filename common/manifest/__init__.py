@@ -65,6 +65,9 @@ class ManifestResult:
     manifest: Path
     rows_read: int
     problems: list[Problem] = field(default_factory=list)
+    # boxes of the rows' images, original pixels (common.annotations.BOX_COLUMNS); None: none
+    boxes: pd.DataFrame | None = None
+    annotation_files: list[str] = field(default_factory=list)
 
 
 def read_csv(path: Path) -> tuple[pd.DataFrame, list[Problem]]:

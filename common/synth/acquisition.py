@@ -33,6 +33,22 @@ def _stamp(img: np.ndarray, text: str, top: int, left: int, cell: int, value: fl
                     img[y : y + cell, x : x + cell] = value
 
 
+def marker_boxes(size: int, marker: str, shortcut_token: bool
+                 ) -> list[tuple[int, int, int, int]]:
+    """(x0, y0, x1, y1) of every burned-in marker ``acquire`` draws at this size: the
+    laterality letter (unless ``marker`` is none) and the shortcut token."""
+    cell = max(1, size // 96)
+    boxes = []
+    if marker != "none":
+        top = int(size * 0.04)
+        left = int(size * 0.06) if marker == "tl" else int(size * 0.94) - 3 * cell
+        boxes.append((left, top, left + 3 * cell, top + 5 * cell))
+    if shortcut_token:
+        top, left, c = int(size * 0.86), int(size * 0.08), cell + 1
+        boxes.append((left, top, left + 3 * c, top + 5 * c))
+    return boxes
+
+
 def acquire(
     density: np.ndarray,
     acq: Acquisition,

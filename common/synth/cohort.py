@@ -17,9 +17,16 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from common.config import toml_value
-from common.labels import CHEXPERT_ALL_COLUMNS, CHEXPERT_COLUMNS, LABELS
+from common.labels import (
+    CHEXPERT_ALL_COLUMNS,
+    CHEXPERT_COLUMNS,
+    LABELS,
+    MARKER_LABEL,
+    NIH_BBOX_FINDINGS,
+    VINDR_CLASSES,
+)
 from common.parallel import parallel_map
-from common.synth.acquisition import acquire
+from common.synth.acquisition import acquire, marker_boxes
 from common.synth.phantom import CARDIOMEGALY_CTR, Anatomy, Finding, render
 from common.synth.profiles import (
     CHEXPERT_UNLABELLED,
@@ -32,6 +39,18 @@ from common.synth.scenarios import scenario, with_defaults
 from common.synth.writers import DicomFacts, write_dicom, write_jpeg, write_png
 
 MANIFEST = {"nih": "Data_Entry_2017.csv", "chexpert": "train.csv", "dicom": "manifest.csv"}
+READERS_FILE = "annotations_readers.csv"  # VinDr-CXR's per-reader format
+LESIONS_FILE = "BBox_List_2017.csv"  # NIH's box format: the lesions drawn
+MARKERS_FILE = "markers_bbox.csv"  # NIH's box format, label Marker: burned-in markers
+# What simulated readers call, in VinDr-CXR's vocabulary: its finding -> the canonical labels
+# whose truth makes it present (VinDr's Nodule/Mass is one finding for two of the 14).
+READER_FINDINGS: dict[str, tuple[str, ...]] = {
+    **{v: (v,) for v in VINDR_CLASSES.values()}, "Nodule/Mass": ("Nodule", "Mass")}
+VINDR_CLASS_ID = {name: i for i, name in enumerate(
+    ["Aortic enlargement", "Atelectasis", "Calcification", "Cardiomegaly", "Consolidation",
+     "ILD", "Infiltration", "Lung Opacity", "Nodule/Mass", "Other lesion", "Pleural effusion",
+     "Pleural thickening", "Pneumothorax", "Pulmonary fibrosis", "No finding"])}
+NIH_NAME = {v: k for k, v in NIH_BBOX_FINDINGS.items() if k != "Infiltration"}  # Infiltrate
 FORMAT = {"nih": "nih", "chexpert": "chexpert", "dicom": "canonical"}
 SHORTCUT_RATE = (0.90, 0.03)  # P(token | label positive), P(token | label negative)
 ABBREV = {"Atelectasis": "Atel", "Cardiomegaly": "Card", "Effusion": "Eff",
@@ -129,7 +148,9 @@ def plan_site(site_index: int, profile: SiteProfile, opts: SynthOptions,
     shortcut = _shortcut(opts.shortcut, cohort_profiles(opts))
     noise = opts.label_noise.get(profile.name, 0.0)
     n_readers = opts.readers if profile.role == "evaluate" else 0  # readers: held-out only
-    reader_skill = [(rng.uniform(0.70, 0.92), rng.uniform(0.85, 0.97)) for _ in range(n_readers)]
+    # Radiologists: sensitivity 0.80-0.95 on obvious findings (less on subtle ones, below),
+    # specificity 0.92-0.99 (Majkowska et al. 2019 report readers in these ranges).
+    reader_skill = [(rng.uniform(0.80, 0.95), rng.uniform(0.92, 0.99)) for _ in range(n_readers)]
     plans: list[ImagePlan] = []
     patient = 0
     while len(plans) < site_size:
@@ -164,11 +185,11 @@ def plan_site(site_index: int, profile: SiteProfile, opts: SynthOptions,
             reported = _report(rng, profile, truth, findings, noise)
             readers = {}
             for r, (sens, spec) in enumerate(reader_skill, 1):
-                for name in LABELS:
-                    if profile.prevalence == "chexpert" and name in CHEXPERT_UNLABELLED:
-                        continue
-                    sev = findings[name].severity if name in findings else 1.0
-                    hit = rng.random() < (sens * (0.6 + 0.4 * sev) if truth[name] else 1 - spec)
+                for name, members in READER_FINDINGS.items():
+                    present = [m for m in members if truth[m]]
+                    sev = max((findings[m].severity for m in present if m in findings),
+                              default=1.0)
+                    hit = rng.random() < (sens * (0.7 + 0.3 * sev) if present else 1 - spec)
                     readers[f"reader{r}/{name}"] = float(hit)
             token = False
             if shortcut and shortcut[0] == profile.name:
@@ -218,16 +239,29 @@ def _report(rng, profile: SiteProfile, truth: dict[str, int], findings, noise: f
     return out
 
 
+Box = tuple[int, int, int, int]
+
+
 def render_plan(plan: ImagePlan) -> np.ndarray:
+    return render_with_boxes(plan)[0]
+
+
+def render_with_boxes(plan: ImagePlan) -> tuple[np.ndarray, dict[str, Box], list[Box]]:
+    """The image, the box of each finding it truly has (as drawn), and its markers' boxes."""
     rng = np.random.default_rng(plan.seed)
-    density = render(plan.anatomy, plan.findings, plan.size, rng, view=plan.view,
-                     conspicuity=plan.conspicuity).image
-    return acquire(density, plan.profile.acquisition, rng, shortcut_token=plan.shortcut_token)
+    drawn = render(plan.anatomy, plan.findings, plan.size, rng, view=plan.view,
+                   conspicuity=plan.conspicuity)
+    img = acquire(drawn.image, plan.profile.acquisition, rng,
+                  shortcut_token=plan.shortcut_token)
+    lesions = {k: b for k, b in drawn.boxes.items() if plan.truth.get(k)}
+    return img, lesions, marker_boxes(plan.size, plan.profile.acquisition.marker,
+                                      plan.shortcut_token)
 
 
-def write_plan(args: tuple[ImagePlan, Path]) -> None:
+def write_plan(args: tuple[ImagePlan, Path]) -> tuple[dict[str, Box], list[Box]]:
+    """Render and write one image; returns its lesion and marker boxes (pixels)."""
     plan, site_dir = args
-    img = render_plan(plan)
+    img, lesions, markers = render_with_boxes(plan)
     path = site_dir / plan.rel_path
     if plan.style == "nih":
         write_png(path, img)
@@ -242,6 +276,7 @@ def write_plan(args: tuple[ImagePlan, Path]) -> None:
             study_date="", accession="", deidentified=True,
         )
         write_dicom(path, img, facts, plan.profile.acquisition)
+    return lesions, markers
 
 
 def _fmt(v: float) -> str:
@@ -279,17 +314,73 @@ def write_manifest(site_dir: Path, plans: list[ImagePlan], style: str) -> Path:
                             "Lateral" if p.view == "LATERAL" else "Frontal",
                             p.view if p.view != "LATERAL" else "", *cells])
         else:
-            reader_cols = sorted({c for p in plans for c in p.readers})
-            adjudicated = [f"adjudicated/{n}" for n in LABELS] if reader_cols else []
             w.writerow(["path", "patient_id", "study_id", "sex", "age", "view", "manufacturer",
-                        *LABELS, *reader_cols, *adjudicated])
+                        *LABELS])
             for p in plans:
                 w.writerow([p.rel_path, p.patient_id, p.study_id, p.sex, p.age, p.view,
                             p.profile.acquisition.manufacturer,
-                            *(_fmt(p.reported[n]) for n in LABELS),
-                            *(_fmt(p.readers[c]) for c in reader_cols),
-                            *(p.truth[n] for n in LABELS if adjudicated)])
+                            *(_fmt(p.reported[n]) for n in LABELS)])
     return path
+
+
+def image_id(plan: ImagePlan) -> str:
+    """How annotation files name an image: its file name, or (CheXpert, whose file names
+    repeat) its path under the site folder."""
+    return plan.rel_path if plan.style == "chexpert" else Path(plan.rel_path).name
+
+
+def write_boxes(path: Path, rows: list[tuple[str, str, Box]]) -> Path:
+    """NIH's ``BBox_List_2017.csv`` layout: ``Bbox [x,y,w,h]`` spans four columns and every
+    row ends in three empty ones, as in the published file."""
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["Image Index", "Finding Label", "Bbox [x", "y", "w", "h]", "", "", ""])
+        for name, label, (x0, y0, x1, y1) in rows:
+            w.writerow([name, label, f"{x0:.6f}", f"{y0:.6f}", f"{x1 - x0:.6f}",
+                        f"{y1 - y0:.6f}", "", "", ""])
+    return path
+
+
+def write_reader_annotations(path: Path, plans: list[ImagePlan],
+                             lesions: list[dict[str, Box]], seed: int) -> Path:
+    """VinDr-CXR's ``annotations_*.csv``: a row per (image, reader, finding called), each
+    true call with the drawn box jittered by the reader's hand, each false call with a box
+    somewhere in the lungs; a reader who called nothing writes a ``No finding`` row."""
+    vindr_name = {v: k for k, v in VINDR_CLASSES.items()}
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max",
+                    "y_max"])
+        for p, boxes in zip(plans, lesions, strict=True):
+            rng = np.random.default_rng([seed, p.site_index, p.index, 3])
+            readers = sorted({c.split("/", 1)[0] for c in p.readers},
+                             key=lambda r: int(r[6:]))
+            for reader in readers:
+                rad = f"R{int(reader[6:])}"
+                called = [f for f in READER_FINDINGS if p.readers[f"{reader}/{f}"] == 1.0]
+                if not called:
+                    w.writerow([image_id(p), "No finding", 14, rad, "", "", "", ""])
+                for finding in called:
+                    drawn = [boxes[m] for m in READER_FINDINGS[finding] if m in boxes]
+                    box = _jitter(drawn[0], p.size, rng) if drawn else _somewhere(p.size, rng)
+                    name = vindr_name.get(finding, finding)
+                    w.writerow([image_id(p), name, VINDR_CLASS_ID[name], rad,
+                                *(f"{v:.1f}" for v in box)])
+    return path
+
+
+def _jitter(box: Box, size: int, rng: np.random.Generator) -> tuple[float, ...]:
+    x0, y0, x1, y1 = box
+    sd = 0.08 * max(x1 - x0, y1 - y0)
+    x0, y0, x1, y1 = (np.array(box, float) + rng.normal(0, sd, 4))
+    x0, x1 = sorted((float(np.clip(x0, 0, size - 1)), float(np.clip(x1, 1, size))))
+    y0, y1 = sorted((float(np.clip(y0, 0, size - 1)), float(np.clip(y1, 1, size))))
+    return x0, y0, max(x1, x0 + 1), max(y1, y0 + 1)
+
+
+def _somewhere(size: int, rng: np.random.Generator) -> tuple[float, ...]:
+    x0, y0 = rng.uniform(0.2, 0.7) * size, rng.uniform(0.2, 0.7) * size
+    return x0, y0, x0 + 0.12 * size, y0 + 0.12 * size
 
 
 def contact_sheet(site_dir: Path, plans: list[ImagePlan], n: int = 16, tile: int = 160) -> Path:
@@ -367,12 +458,23 @@ def generate(out: Path, opts: SynthOptions, progress=None) -> Path:
     plans_by_site = {p.name: plan_site(i, p, opts, sizes[p.name])
                      for i, p in enumerate(profiles)}
     jobs = [(plan, out / p.name) for p in profiles for plan in plans_by_site[p.name]]
-    for _ in parallel_map(write_plan, jobs, progress=progress):
-        pass
+    drawn = iter(list(parallel_map(write_plan, jobs, progress=progress)))
     counts = {}
     for p in profiles:
         plans = plans_by_site[p.name]
+        boxes = [next(drawn) for _ in plans]
         write_manifest(out / p.name, plans, p.style)
+        write_boxes(out / p.name / LESIONS_FILE,
+                    [(image_id(q), NIH_NAME[k], b) for q, (lesions, _) in zip(plans, boxes,
+                                                                               strict=True)
+                     for k, b in lesions.items() if k in NIH_NAME])
+        write_boxes(out / p.name / MARKERS_FILE,
+                    [(image_id(q), MARKER_LABEL, b) for q, (_, markers) in zip(plans, boxes,
+                                                                                strict=True)
+                     for b in markers])
+        if any(q.readers for q in plans):
+            write_reader_annotations(out / p.name / READERS_FILE, plans,
+                                     [lesions for lesions, _ in boxes], opts.seed)
         contact_sheet(out / p.name, plans)
         counts[p.name] = {"images": len(plans),
                           "patients": len({q.patient_id for q in plans})}

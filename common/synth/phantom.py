@@ -65,6 +65,16 @@ class Finding:
 class Rendered:
     image: np.ndarray  # float32 density in [0, 1]
     masks: dict[str, np.ndarray] = field(default_factory=dict)  # bool masks
+    # Where each drawn finding is, as a radiologist would box it: (x0, y0, x1, y1) pixels
+    boxes: dict[str, tuple[int, int, int, int]] = field(default_factory=dict)
+
+
+def bounding_box(mask: np.ndarray) -> tuple[int, int, int, int] | None:
+    """(x0, y0, x1, y1) of a bool mask's true pixels (x1, y1 exclusive); None if empty."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if not len(rows):
+        return None
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
 
 def _soft(q: np.ndarray, edge: float) -> np.ndarray:
@@ -214,10 +224,15 @@ def render(
     }
     # ``conspicuity`` scales the opacity every drawn finding adds (1: as a radiologist sees
     # it; the known-answer scenarios use more, so a small model learns them in minutes).
+    boxes: dict[str, tuple[int, int, int, int]] = {}
     density += conspicuity * _draw_findings(X, Y, findings, anatomy, dome, lung_masks, pleural,
-                                            lungs, size, rng, masks)
+                                            lungs, size, rng, masks, boxes)
+    for name, mask in (("Cardiomegaly", masks["heart"]), ("Pneumothorax", ptx_mask)):
+        # the heart is boxed always; the caller keeps the box only where it is enlarged
+        if (name in findings or name == "Cardiomegaly") and (box := bounding_box(mask)):
+            boxes[name] = box
     img = np.clip(density, 0.0, 1.0).astype(np.float32)
-    return Rendered(image=img, masks=masks)
+    return Rendered(image=img, masks=masks, boxes=boxes)
 
 
 def _lung_point(a: Anatomy, f: Finding, dome: dict[int, float]) -> tuple[float, float]:
@@ -227,73 +242,85 @@ def _lung_point(a: Anatomy, f: Finding, dome: dict[int, float]) -> tuple[float, 
     return cx, cy
 
 
-def _draw_findings(X, Y, findings, a, dome, lung_masks, pleural, lungs, size, rng, masks):
+def _draw_findings(X, Y, findings, a, dome, lung_masks, pleural, lungs, size, rng, masks,
+                   boxes):
+    """The opacity every finding adds; each finding's box (where it adds at least a tenth of
+    its own peak) goes into ``boxes``."""
     add = np.zeros_like(X)
     px = 2.0 / size
     for name, f in findings.items():
-        s = f.severity
-        cx_lung = f.side * a.lung_centre
-        hw = a.lung_half_width
-        side_lung = lung_masks[f.side].astype(np.float32)
-        if name == "Effusion":
-            # Fluid in the costophrenic recess: a meniscus rising laterally, blunting the angle.
-            level = dome[f.side] - (0.06 + 0.22 * s)
-            lateral = np.clip((X - cx_lung) * f.side / hw, 0, 1)
-            surface = level - 0.10 * s * lateral**2
-            fluid = np.clip((Y - surface) / (3 * px), 0, 1) * pleural[f.side]
-            add += (0.22 + 0.12 * s) * fluid
-            masks["effusion"] = fluid > 0.5
-        elif name in ("Nodule", "Mass"):
-            cx, cy = _lung_point(a, f, dome)
-            if name == "Nodule":
-                r = 0.014 + 0.022 * s
-                add += (0.10 + 0.10 * s) * _blob(X, Y, cx, cy, r) * lungs
-            else:
-                r = 0.06 + 0.08 * s
-                ang = np.arctan2(Y - cy, X - cx)
-                lob = 1 + 0.15 * np.sin(3 * ang + rng.uniform(0, 6)) + 0.1 * np.sin(5 * ang)
-                q = np.hypot(X - cx, Y - cy) / (r * lob)
-                add += (0.18 + 0.12 * s) * _soft(q, 0.25)
-            masks[name.lower()] = _blob(X, Y, cx, cy, r) > 0.5
-        elif name in ("Consolidation", "Pneumonia", "Infiltration"):
-            cx, cy = _lung_point(a, f, dome)
-            spread = {"Consolidation": 0.16, "Pneumonia": 0.20, "Infiltration": 0.30}[name]
-            amp = {"Consolidation": 0.16, "Pneumonia": 0.12, "Infiltration": 0.07}[name]
-            region = _blob(X, Y, cx, cy, spread * (0.6 + 0.6 * s), spread * (0.5 + 0.5 * s))
-            patch = _smooth_noise(rng, X.shape, size / (40 if name != "Infiltration" else 90))
-            patchy = np.clip(patch + 0.6, 0, 2) / 2
-            add += (amp + 0.10 * s) * region * patchy * side_lung
-        elif name == "Atelectasis":
-            # Plate-like (discoid) band in the lower zone, with ipsilateral volume loss above.
-            cy = dome[f.side] - 0.10 - 0.08 * f.y
-            tilt = (f.x - 0.5) * 0.2
-            band = np.exp(-(((Y - cy - tilt * (X - cx_lung)) / (0.012 + 0.02 * s)) ** 2))
-            add += (0.16 + 0.12 * s) * band * side_lung
-        elif name == "Edema":
-            # Bilateral perihilar "bat-wing" haze.
-            haze = np.zeros_like(X)
-            for side in (-1, 1):
-                haze += _blob(X, Y, side * 0.22, a.dome - 0.32, 0.20 + 0.06 * s, 0.24)
-            add += (0.07 + 0.09 * s) * haze * lungs
-        elif name == "Fibrosis":
-            # Coarse reticulation, basal and peripheral.
-            fine = np.abs(_smooth_noise(rng, X.shape, max(size / 256, 0.7)))
-            reticular = np.exp(-((fine - 1.0) ** 2) / 0.05)
-            periphery = np.clip((np.abs(X) - 0.3) / 0.35, 0, 1)
-            basal = np.clip((Y - (a.apex + 0.5)) / 0.6, 0, 1)
-            add += (0.06 + 0.06 * s) * reticular * periphery * basal * lungs
-        elif name == "Pleural_Thickening":
-            lat = (X - cx_lung) * f.side
-            wall = np.exp(-(((lat - hw * 0.95) / (0.015 + 0.02 * s)) ** 2)) * (Y < dome[f.side])
-            apical = _blob(X, Y, cx_lung, a.apex + 0.04, hw * 0.8, 0.03 + 0.02 * s)
-            add += (0.14 + 0.08 * s) * np.maximum(wall, apical) * (
-                _soft(((X - cx_lung) / (hw * 1.15)) ** 2, 0.2)
-            )
-        elif name == "Hernia":
-            # Hiatal hernia: retrocardiac round opacity with an air-fluid level.
-            cx, cy, r = 0.02, min(dome.values()) - 0.08, 0.05 + 0.04 * s
-            sac = _soft((np.hypot(X - cx, Y - cy) / r) ** 2, 0.2)
-            air = sac * (Y < cy - 0.2 * r)
-            add += 0.10 * sac - 0.16 * air
-        # Cardiomegaly, Emphysema and Pneumothorax change the anatomy itself (see render).
+        before = add.copy()
+        _draw_one(name, f, X, Y, a, dome, lung_masks, pleural, lungs, size, rng, masks, add, px)
+        delta = np.abs(add - before)
+        if delta.max() > 0 and (box := bounding_box(delta >= delta.max() / 10)) is not None:
+            boxes[name] = box
     return add
+
+
+def _draw_one(name, f, X, Y, a, dome, lung_masks, pleural, lungs, size, rng, masks, add, px):
+    """Draw one finding into ``add`` (in place)."""
+    s = f.severity
+    cx_lung = f.side * a.lung_centre
+    hw = a.lung_half_width
+    side_lung = lung_masks[f.side].astype(np.float32)
+    if name == "Effusion":
+        # Fluid in the costophrenic recess: a meniscus rising laterally, blunting the angle.
+        level = dome[f.side] - (0.06 + 0.22 * s)
+        lateral = np.clip((X - cx_lung) * f.side / hw, 0, 1)
+        surface = level - 0.10 * s * lateral**2
+        fluid = np.clip((Y - surface) / (3 * px), 0, 1) * pleural[f.side]
+        add += (0.22 + 0.12 * s) * fluid
+        masks["effusion"] = fluid > 0.5
+    elif name in ("Nodule", "Mass"):
+        cx, cy = _lung_point(a, f, dome)
+        if name == "Nodule":
+            r = 0.014 + 0.022 * s
+            add += (0.10 + 0.10 * s) * _blob(X, Y, cx, cy, r) * lungs
+        else:
+            r = 0.06 + 0.08 * s
+            ang = np.arctan2(Y - cy, X - cx)
+            lob = 1 + 0.15 * np.sin(3 * ang + rng.uniform(0, 6)) + 0.1 * np.sin(5 * ang)
+            q = np.hypot(X - cx, Y - cy) / (r * lob)
+            add += (0.18 + 0.12 * s) * _soft(q, 0.25)
+        masks[name.lower()] = _blob(X, Y, cx, cy, r) > 0.5
+    elif name in ("Consolidation", "Pneumonia", "Infiltration"):
+        cx, cy = _lung_point(a, f, dome)
+        spread = {"Consolidation": 0.16, "Pneumonia": 0.20, "Infiltration": 0.30}[name]
+        amp = {"Consolidation": 0.16, "Pneumonia": 0.12, "Infiltration": 0.07}[name]
+        region = _blob(X, Y, cx, cy, spread * (0.6 + 0.6 * s), spread * (0.5 + 0.5 * s))
+        patch = _smooth_noise(rng, X.shape, size / (40 if name != "Infiltration" else 90))
+        patchy = np.clip(patch + 0.6, 0, 2) / 2
+        add += (amp + 0.10 * s) * region * patchy * side_lung
+    elif name == "Atelectasis":
+        # Plate-like (discoid) band in the lower zone, with ipsilateral volume loss above.
+        cy = dome[f.side] - 0.10 - 0.08 * f.y
+        tilt = (f.x - 0.5) * 0.2
+        band = np.exp(-(((Y - cy - tilt * (X - cx_lung)) / (0.012 + 0.02 * s)) ** 2))
+        add += (0.16 + 0.12 * s) * band * side_lung
+    elif name == "Edema":
+        # Bilateral perihilar "bat-wing" haze.
+        haze = np.zeros_like(X)
+        for side in (-1, 1):
+            haze += _blob(X, Y, side * 0.22, a.dome - 0.32, 0.20 + 0.06 * s, 0.24)
+        add += (0.07 + 0.09 * s) * haze * lungs
+    elif name == "Fibrosis":
+        # Coarse reticulation, basal and peripheral.
+        fine = np.abs(_smooth_noise(rng, X.shape, max(size / 256, 0.7)))
+        reticular = np.exp(-((fine - 1.0) ** 2) / 0.05)
+        periphery = np.clip((np.abs(X) - 0.3) / 0.35, 0, 1)
+        basal = np.clip((Y - (a.apex + 0.5)) / 0.6, 0, 1)
+        add += (0.06 + 0.06 * s) * reticular * periphery * basal * lungs
+    elif name == "Pleural_Thickening":
+        lat = (X - cx_lung) * f.side
+        wall = np.exp(-(((lat - hw * 0.95) / (0.015 + 0.02 * s)) ** 2)) * (Y < dome[f.side])
+        apical = _blob(X, Y, cx_lung, a.apex + 0.04, hw * 0.8, 0.03 + 0.02 * s)
+        add += (0.14 + 0.08 * s) * np.maximum(wall, apical) * (
+            _soft(((X - cx_lung) / (hw * 1.15)) ** 2, 0.2)
+        )
+    elif name == "Hernia":
+        # Hiatal hernia: retrocardiac round opacity with an air-fluid level.
+        cx, cy, r = 0.02, min(dome.values()) - 0.08, 0.05 + 0.04 * s
+        sac = _soft((np.hypot(X - cx, Y - cy) / r) ** 2, 0.2)
+        air = sac * (Y < cy - 0.2 * r)
+        add += 0.10 * sac - 0.16 * air
+    # Cardiomegaly, Emphysema and Pneumothorax change the anatomy itself (see render).
