@@ -206,3 +206,17 @@ def test_named_files_are_read_and_a_broken_one_is_a_problem(tmp_path):
     assert [a.format for a in found] == ["nih-bbox"]
     assert [p.code for p in problems] == ["unreadable_annotations"]
     assert "missing.csv" in problems[0].message
+
+
+def test_a_fifo_beside_the_manifest_is_skipped_not_waited_on(tmp_path):
+    """Hostile input: a FIFO named like a CSV would block a reader forever."""
+    import os
+
+    write(tmp_path / "manifest.csv", "path,patient_id,Nodule\n")
+    os.mkfifo(tmp_path / "annotations_train.csv")
+    found, problems = find_annotations(tmp_path, tmp_path / "manifest.csv", [])
+    assert found == [] and problems == []
+    found, problems = find_annotations(tmp_path, tmp_path / "manifest.csv",
+                                       [tmp_path / "annotations_train.csv"])
+    assert found == [] and [p.code for p in problems] == ["unreadable_annotations"]
+    assert "not a regular file" in problems[0].message

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,6 +80,9 @@ def read_csv(path: Path) -> tuple[pd.DataFrame, list[Problem]]:
     ``table.attrs["lines"]`` holds each row's line in the file (for problem locations)."""
     problems: list[Problem] = []
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read forever
+            raise UnreadableManifest(f"{path}: not a regular file (a FIFO, device or folder); "
+                                     "give a CSV file")
         data = Path(path).read_bytes()
     except PermissionError as exc:
         raise UnreadableManifest(f"{path}: no permission to read the manifest; grant the "
