@@ -14,6 +14,17 @@ from common.synth.writers import DicomFacts, write_dicom
 DATA = Path(__file__).resolve().parent / "data"  # test data with its source (README)
 
 
+def all_lists(obj):
+    """Every list inside a JSON-like value (for audits: no list as long as a site's images)."""
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from all_lists(v)
+    elif isinstance(obj, list):
+        yield obj
+        for v in obj:
+            yield from all_lists(v)
+
+
 @pytest.fixture(scope="session")
 def cohort(tmp_path_factory) -> Path:
     """3 training + 2 held-out sites, 40 images each at 64 px, 3 readers, a shortcut."""

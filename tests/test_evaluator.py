@@ -23,6 +23,7 @@ from common.evaluation.shift import SHIFTS, apply_shift
 from common.evaluation.verdict import Protocol, primary_rows, primary_verdict, secondary_labels
 from common.labels import LABELS
 from common.model import build_model, save_checkpoint
+from tests.conftest import all_lists
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
@@ -36,16 +37,6 @@ def toy(n: int = 137, seed: int = 0):
     meta = pd.DataFrame({"sex": rng.choice(["M", "F"], n), "age": rng.uniform(20, 90, n),
                          "view": rng.choice(["PA", "AP"], n), "manufacturer": "X"})
     return y, {"fed": good, "single": weak}, meta
-
-
-def all_lists(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from all_lists(v)
-    elif isinstance(obj, list):
-        yield obj
-        for v in obj:
-            yield from all_lists(v)
 
 
 def test_evaluator_refuses_to_choose_thresholds():

@@ -26,6 +26,7 @@ from common.labels import LABELS
 from common.model import build_model, save_checkpoint
 from common.synth import SynthOptions, generate
 from server.updates import UpdateStore
+from tests.conftest import all_lists
 
 CONFIG = {"num-rounds": 2, "image-size": 32, "batch-size": 16}
 
@@ -152,16 +153,6 @@ def test_no_processes_left_behind(run_a):
     assert flower_processes() == []
 
 
-def _lists(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _lists(v)
-    elif isinstance(obj, list):
-        yield obj
-        for v in obj:
-            yield from _lists(v)
-
-
 def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
     run_dir, audit = run_a
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
@@ -187,7 +178,7 @@ def test_nothing_per_image_leaves_a_site(run_a, small_cohort):
                 assert set(rec["body"]) <= allowed_config, rec["body"].keys()
                 if "json" in rec["body"]:
                     body = json.loads(rec["body"]["json"])
-                    for lst in _lists(body):
+                    for lst in all_lists(body):
                         assert len(lst) not in site_sizes
                     text = rec["body"]["json"]
                     # no patient id (synthetic ids are site<k>-p<5 digits>), no id column,

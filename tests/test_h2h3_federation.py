@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from cli.simulate import simulate
+from tests.conftest import all_lists
 
 pytestmark = pytest.mark.slow
 
@@ -72,19 +73,9 @@ def test_only_aggregates_leave_the_sites(h3_run):
     assert any('"localisation"' in text for text in stats)
     for text in stats:
         assert not re.search(r"-p\d{5}", text) and ".dcm" not in text and ".png" not in text
-        for value in _lists(json.loads(text)):  # every site has 40 images
+        for value in all_lists(json.loads(text)):  # every site has 40 images
             numbers = all(isinstance(v, int | float) or v is None for v in value)
             assert not (numbers and len(value) == 40), value
-
-
-def _lists(obj):
-    if isinstance(obj, dict):
-        for v in obj.values():
-            yield from _lists(v)
-    elif isinstance(obj, list):
-        yield obj
-        for v in obj:
-            yield from _lists(v)
 
 
 def test_overlays_stay_on_the_site_only_when_its_config_asks(h3_run):
