@@ -121,7 +121,9 @@ def localise(model: torch.nn.Module, images: np.ndarray, scale: float, boxes: pd
             "reason": f"images of {size} px: DenseNet's last block is one cell, so Grad-CAM "
                       f"has no spatial map (at least {MIN_SIZE} px)"}]}
     allowed = np.arange(len(images)) if rows is None else np.asarray(rows)
-    by_row = {int(r): g for r, g in boxes.groupby("row")} if len(boxes) else {}
+    boxes_of: dict[tuple[int, str], np.ndarray] = {
+        (int(r), str(lb)): g[["x0", "y0", "x1", "y1"]].to_numpy(dtype=float)
+        for (r, lb), g in boxes.groupby(["row", "label"])} if len(boxes) else {}
     loc_rows, shortcut_rows = [], []
     model = model.to(options.device).eval()
 
@@ -129,16 +131,15 @@ def localise(model: torch.nn.Module, images: np.ndarray, scale: float, boxes: pd
         return n >= options.min_cell
 
     for k, label in enumerate(LABELS):
-        chosen = [r for r in allowed if int(r) in by_row and reference[r, k] == 1
-                  and (by_row[int(r)]["label"] == label).any()][: options.max_images]
+        chosen = [int(r) for r in allowed if reference[r, k] == 1
+                  and (int(r), label) in boxes_of][: options.max_images]
         if not chosen:
             continue
         heat = _maps(model, images[chosen], scale, [k], options)[0]
         hits, ious = [], []
         empty = int(np.sum(heat.max(axis=(1, 2)) <= 0))  # no positive evidence anywhere
         for j, r in enumerate(chosen):
-            g = by_row[int(r)]
-            mask = box_mask(g.loc[g["label"] == label, ["x0", "y0", "x1", "y1"]].to_numpy(), size)
+            mask = box_mask(boxes_of[(r, label)], size)
             hits.append(float(pointing_hit(heat[j], mask)))
             ious.append(iou(heat[j], mask))
         _write_overlays(options, model_name, label, images[chosen], scale, heat, chosen)
@@ -153,12 +154,10 @@ def localise(model: torch.nn.Module, images: np.ndarray, scale: float, boxes: pd
         else:
             row["status"] = f"fewer than {options.min_cell} images (min-cell): not released"
         loc_rows.append(row)
-    marked = [r for r in allowed if int(r) in by_row
-              and (by_row[int(r)]["label"] == MARKER_LABEL).any()][: options.max_images]
+    marked = [int(r) for r in allowed
+              if (int(r), MARKER_LABEL) in boxes_of][: options.max_images]
     if marked:
-        masks = [box_mask(by_row[int(r)].loc[by_row[int(r)]["label"] == MARKER_LABEL,
-                                             ["x0", "y0", "x1", "y1"]].to_numpy(), size)
-                 for r in marked]
+        masks = [box_mask(boxes_of[(r, MARKER_LABEL)], size) for r in marked]
         # NaN: an empty map (no positive evidence for the label on that image) has no mass to
         # place; it is left out of the share, not counted as "nothing on the markers"
         shares = np.full((len(LABELS), len(marked)), np.nan)

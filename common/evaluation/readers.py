@@ -189,12 +189,24 @@ def _spec_at_sens(y, score, w, sensitivity: float) -> float:
     return float(np.sum(w[~y] * (score[~y] < threshold)) / w[~y].sum())
 
 
-def _reader_rates(votes: np.ndarray, w: np.ndarray, readers: np.ndarray
-                  ) -> tuple[list[float], list[float]]:
-    """Each chosen reader's sensitivity and specificity against the others' majority."""
+def _others(votes: np.ndarray) -> list[np.ndarray]:
+    """Each reader's reference: the majority of the other readers (NaN where a tie, or
+    where this reader did not read the image)."""
+    out = []
+    for r in range(votes.shape[1]):
+        others = majority(np.delete(votes, r, axis=1))
+        others[np.isnan(votes[:, r])] = np.nan
+        out.append(others)
+    return out
+
+
+def _reader_rates(votes: np.ndarray, others_of: list[np.ndarray], w: np.ndarray,
+                  readers: np.ndarray) -> tuple[list[float], list[float]]:
+    """Each chosen reader's sensitivity and specificity against the others' majority, with
+    case weights ``w``."""
     sens, spec = [], []
     for r in readers:
-        others = majority(np.delete(votes, r, axis=1))
+        others = others_of[r]
         call = votes[:, r]
         ok = ~np.isnan(others) & ~np.isnan(call) & (w > 0)
         pos, neg = ok & (others == 1), ok & (others == 0)
@@ -234,15 +246,14 @@ def reader_study(frame: pd.DataFrame, label: str, model_scores: dict[str, np.nda
     if len(cols) < 2:
         return out
     ones = np.ones(len(frame))
+    others_of = _others(votes)
     for r, col in enumerate(cols):
-        others = majority(np.delete(votes, r, axis=1))
-        others[np.isnan(votes[:, r])] = np.nan  # only the images this reader read
-        op = at_threshold(others, votes[:, r], 0.5, level)
+        op = at_threshold(others_of[r], votes[:, r], 0.5, level)
         out["reader_points"].append({
             "reader": col.split("/")[0], "sensitivity": _num(op.sensitivity),
             "specificity": _num(op.specificity), "sensitivity_ci": op.sensitivity_ci,
             "specificity_ci": op.specificity_ci})
-    sens, spec = _reader_rates(votes, ones, np.arange(len(cols)))
+    sens, spec = _reader_rates(votes, others_of, ones, np.arange(len(cols)))
     if not sens or not spec:
         return out
     mean_sens, mean_spec = float(np.mean(sens)), float(np.mean(spec))
@@ -252,7 +263,7 @@ def reader_study(frame: pd.DataFrame, label: str, model_scores: dict[str, np.nda
     for _ in range(n_boot):
         w = _cluster_resample(clusters, rng)
         readers = rng.integers(0, len(cols), len(cols))
-        bs, bp = _reader_rates(votes, w, readers)
+        bs, bp = _reader_rates(votes, others_of, w, readers)
         if not bs or not bp:
             continue
         for name, score in model_scores.items():
