@@ -192,11 +192,12 @@ def test_cli_evaluate_writes_schema_and_keeps_heatmaps_local(evaluated):
         "Consolidation", "Fibrosis", "Pleural_Thickening"}
     assert [r["model"] for r in results["primary_auc_site_labels"]] == ["federated",
                                                                          "single:site1"]
-    # H3: localisation rows for every model, released only over min-cell images
-    loc = results["localisation"]
-    assert {r["model"] for r in loc} == {"federated", "single:site1"}
-    assert all((r["status"] == "ok") == (r["n_images"] >= 10) for r in loc)
-    assert {r["label"] for r in results["shortcut"]} == set(LABELS)
+    # H3 at 32 px: DenseNet's last block is one cell, so no map: said, not computed
+    # (tests/test_h2h3_federation.py runs it at 64 px through Flower)
+    skipped = results["localisation_skipped"]
+    assert {r["model"] for r in skipped} == {"federated", "single:site1"}
+    assert "one cell" in skipped[0]["reason"]
+    assert results["localisation"] == [] and results["shortcut"] == []
     assert {r["shift"] for r in results["shift"]} == set(SHIFTS)
     assert list((evaluated / "gradcam").glob("*.png"))
     assert "gradcam" not in json.dumps(results["external"])

@@ -1,0 +1,377 @@
+"""fedcxr beside a minimal Flower app and the direct loop, measured in one run (issue #20).
+
+    .venv/bin/python benchmarks/peers.py [--tries 4 --rounds 2 --more-rounds 6 --images 80]
+
+Workload: a synthetic cohort of 3 training sites + 1 held-out site, N images each at 32 px,
+DenseNet-121, 1 local epoch. Three systems, interleaved try by try (best of N):
+
+- **direct**: the client-side work with no framework, in this process: fedcxr's (two arms
+  and validation per site and round) and the plain app's (one arm, then validation);
+- **plain Flower**: a minimal Flower 1.41 Message-API app (``flwr.serverapp.strategy.FedAvg``,
+  a ClientApp whose train / evaluate handlers call the same ``local_train`` / ``validate``),
+  run exactly as fedcxr is: ``flwr run`` against a ``flower-superlink --simulation``;
+- **fedcxr**: ``fedcxr simulate`` on the same cohort.
+
+Each system runs R and R' rounds. Per-round cost is the totals' difference over R' - R;
+fixed cost is T(R) - R x per-round. A sampler thread records the peak RSS of every process a
+run starts (SuperLink, SuperExec, the simulation process that hosts the ServerApp, Ray's
+actors and daemons). fedcxr's own log gives its breakdown (discovery, rounds, thresholds,
+internal and external validation, report). NVFlare is not installed here: the script says
+so and leaves its column out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from common.data import split_datasets
+from common.model import build_model
+from common.site import SiteSource, ensure_cache
+from common.synth import SynthOptions, generate
+from common.training import TrainConfig, local_train, validate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+PEER_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "peerapp"
+version = "1.0.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "bench"
+
+[tool.flwr.app.components]
+serverapp = "peerapp:server"
+clientapp = "peerapp:client"
+
+[tool.flwr.app.config]
+num-rounds = 2
+image-size = 32
+batch-size = 16
+cohort = ""
+"""
+
+# A Flower app as its documentation writes one: FedAvg over the training sites, each site
+# trains the global model one epoch and validates it. Only the workload is fedcxr's.
+PEER_APP = '''\
+import time
+import tomllib
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+server = ServerApp()
+client = ClientApp()
+
+
+def _site(context: Context):
+    from common.data import split_datasets
+    from common.site import SiteSource, ensure_cache
+
+    cohort = Path(context.run_config["cohort"])
+    sites = [s for s in tomllib.loads(cohort.read_text())["site"] if s["role"] == "train"]
+    s = sites[int(context.node_config["partition-id"]) % len(sites)]
+    size = int(context.run_config["image-size"])
+    cache = ensure_cache(SiteSource(cohort.parent / s["path"]), size)
+    return split_datasets(cache)
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    from common.model import build_model
+    from common.training import TrainConfig, local_train
+
+    split = _site(context)
+    model = build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    batch = int(context.run_config["batch-size"])
+    local_train(model, split["train"], TrainConfig(batch_size=batch))
+    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()),
+                               "metrics": MetricRecord({"num-examples": len(split["train"])})}),
+                   reply_to=msg)
+
+
+@client.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from common.model import build_model
+    from common.training import validate
+
+    split = _site(context)
+    model = build_model()
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    auc = validate(model, split["val"]).mean_auc
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": len(split["val"]),
+                                                        "auc": float(auc or 0.0)})}),
+                   reply_to=msg)
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    from common.model import build_model
+
+    began = time.perf_counter()
+    print("peer: ServerApp main started", flush=True)
+    n = 3
+    strategy = FedAvg(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+    strategy.start(grid=grid, initial_arrays=ArrayRecord(build_model().state_dict()),
+                   num_rounds=int(context.run_config["num-rounds"]))
+    print(f"peer: ServerApp main returned after {time.perf_counter() - began:.1f} s", flush=True)
+'''
+
+
+@dataclass
+class Peaks:
+    """Peak RSS (bytes) of each process a run started, by role."""
+
+    by_role: dict[str, int] = field(default_factory=dict)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    @staticmethod
+    def role(cmd: str) -> str | None:
+        for pattern, name in (("flower-superlink", "superlink"), ("flower-superexec", "superexec"),
+                              ("flwr-simulation", "simulation (ServerApp)"),
+                              ("flwr-serverapp", "ServerApp"), ("ray::", "Ray actor"),
+                              ("raylet", "Ray daemons"), ("gcs_server", "Ray daemons"),
+                              ("cli.main simulate", "fedcxr simulate"),
+                              ("flwr ", "flwr CLI")):
+            if pattern in cmd:
+                return name
+        return None
+
+    def sample(self, before: set[str]) -> None:
+        """Every 0.2 s, each process that was not there before: its VmHWM (the kernel's own
+        peak RSS of the process, so nothing between samples is missed)."""
+        while not self._stop.is_set():
+            for proc in Path("/proc").glob("[0-9]*"):
+                if proc.name in before:
+                    continue
+                try:
+                    cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                    role = self.role(cmd)
+                    if role is None:
+                        continue
+                    status = (proc / "status").read_text()
+                except OSError:
+                    continue
+                found = re.search(r"VmHWM:\s+(\d+) kB", status)
+                if found:
+                    rss = int(found.group(1)) * 1024
+                    self.by_role[role] = max(self.by_role.get(role, 0), rss)
+            time.sleep(0.2)
+
+    def __enter__(self) -> Peaks:
+        before = {p.name for p in Path("/proc").glob("[0-9]*")}
+        self.thread = threading.Thread(target=self.sample, args=(before,), daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
+
+
+def train_sites(cohort: Path) -> list[dict]:
+    return [s for s in tomllib.loads((cohort / "cohort.toml").read_text())["site"]
+            if s["role"] == "train"]
+
+
+def direct(cohort: Path, rounds: int, size: int, arms: int) -> float:
+    """The client-side work with no framework: ``arms`` local trainings and a validation per
+    site and round, then a validation of the global model per site."""
+    data = [split_datasets(ensure_cache(SiteSource(cohort / s["path"]), size))
+            for s in train_sites(cohort)]
+    start = time.perf_counter()
+    for rnd in range(1, rounds + 1):
+        for split in data:
+            for _ in range(arms):
+                m = build_model()
+                local_train(m, split["train"], TrainConfig(batch_size=16, seed=rnd))
+                validate(m, split["val"])
+        for split in data:
+            validate(build_model(), split["val"])
+    return time.perf_counter() - start
+
+
+def _flower_env(home: Path) -> dict:
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
+           "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
+           "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def plain_flower(cohort: Path, rounds: int, size: int) -> tuple[float, Peaks, str]:
+    """The minimal Flower app, through the same SuperLink machinery as fedcxr simulate."""
+    from cli.simulate import free_port, submit_and_wait
+
+    project = Path(tempfile.mkdtemp(prefix="peerapp-"))
+    (project / "pyproject.toml").write_text(PEER_PYPROJECT)
+    (project / "peerapp.py").write_text(PEER_APP)
+    home = Path(tempfile.mkdtemp(prefix="peer-flwr-home-"))
+    port, health = free_port(), free_port()
+    (home / "config.toml").write_text(
+        f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
+        "insecure = true\n")
+    env = _flower_env(home)
+    config = home / "run-config.toml"
+    config.write_text(f'num-rounds = {rounds}\nimage-size = {size}\nbatch-size = 16\n'
+                      f'cohort = "{cohort / "cohort.toml"}"\n')
+    federation = (f"num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
+                  f"init-args-num-cpus={os.cpu_count() or 1} init-args-num-gpus=0")
+    log = home / "superlink.log"
+    with Peaks() as peaks:
+        start = time.perf_counter()
+        link = subprocess.Popen(
+            [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
+             "--isolation", "subprocess", "--disable-runtime-dependency-installation",
+             "--host", "127.0.0.1", "--port", str(port),
+             "--health-server-address", f"127.0.0.1:{health}"],
+            env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=home)
+        try:
+            _wait(port)
+            _, status = submit_and_wait(project, "local", config, env, timeout=1800,
+                                        federation_config=federation, show_log=False)
+        finally:
+            os.killpg(link.pid, 15)
+            link.wait(30)
+        total = time.perf_counter() - start
+    if status != "finished:completed":
+        raise SystemExit(f"plain Flower run ended {status}; see {log}")
+    return total, peaks, status
+
+
+def _wait(port: int, timeout: float = 60) -> None:
+    import socket
+
+    end = time.time() + timeout
+    while time.time() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise SystemExit(f"the SuperLink did not open port {port}")
+
+
+PHASES = (("discovery and role probe", r"protocol: .*\(([\d.]+) s into the run\)"),
+          ("thresholds fixed", r"thresholds fixed .*; ([\d.]+) s into the run"),
+          ("internal validation", r"internal validation done .*\(([\d.]+) s into the run\)"),
+          ("external validation", r"external validation done .*\(([\d.]+) s into the run\)"))
+
+
+def fedcxr(cohort: Path, rounds: int, size: int, out: Path) -> tuple[float, Peaks, dict]:
+    """``fedcxr simulate`` in a child process (its log parsed for the breakdown)."""
+    cmd = [sys.executable, "-m", "cli.main", "simulate", "--cohort", str(cohort / "cohort.toml"),
+           "--run-config", f"num-rounds={rounds} image-size={size} batch-size=16 "
+           f"out-dir={out} run-name=r{rounds}-{time.monotonic_ns()} tracking-uri=off"]
+    with Peaks() as peaks:
+        start = time.perf_counter()
+        done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        total = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"fedcxr simulate failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+    text = done.stdout + done.stderr
+    marks = {}
+    for name, pattern in PHASES:
+        found = re.search(pattern, text)
+        if found:
+            marks[name] = float(found.group(1))
+    return total, peaks, marks
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tries", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--more-rounds", type=int, default=6)
+    p.add_argument("--images", type=int, default=80)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--nvflare-python", help="a side venv's python with nvflare installed")
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    work = Path(tempfile.mkdtemp(prefix="peers-"))
+    cohort = work / "cohort"
+    generate(cohort, SynthOptions(sites=4, held_out=1, images_per_site=args.images,
+                                  size=64, seed=1))
+    for s in train_sites(cohort):
+        ensure_cache(SiteSource(cohort / s["path"]), args.size)
+    best: dict[tuple[str, int], float] = {}
+    peaks: dict[str, dict[str, int]] = {"plain Flower": {}, "fedcxr": {}}
+    marks: dict[str, float] = {}
+    loads = []
+
+    def keep(key, value):
+        best[key] = min(best.get(key, float("inf")), value)
+
+    for t in range(args.tries):
+        for r in (args.rounds, args.more_rounds):
+            loads.append(os.getloadavg()[0])
+            keep(("direct (2 arms)", r), direct(cohort, r, args.size, arms=2))
+            keep(("direct (1 arm)", r), direct(cohort, r, args.size, arms=1))
+            total, pk, _ = plain_flower(cohort, r, args.size)
+            keep(("plain Flower", r), total)
+            for k, v in pk.by_role.items():
+                peaks["plain Flower"][k] = max(peaks["plain Flower"].get(k, 0), v)
+            total, pk, mk = fedcxr(cohort, r, args.size, work / "runs")
+            keep(("fedcxr", r), total)
+            for k, v in pk.by_role.items():
+                peaks["fedcxr"][k] = max(peaks["fedcxr"].get(k, 0), v)
+            if r == args.rounds and (not marks or total <= best[("fedcxr", r)]):
+                marks = mk
+            print(f"try {t + 1}/{args.tries}, {r} rounds done (load {loads[-1]:.2f})",
+                  flush=True)
+    span = args.more_rounds - args.rounds
+
+    def per_round(name: str) -> float:
+        return (best[(name, args.more_rounds)] - best[(name, args.rounds)]) / span
+
+    own = {"fedcxr": "direct (2 arms)", "plain Flower": "direct (1 arm)"}
+    print(f"\n3 sites x {args.images} images at {args.size} px, DenseNet-121, "
+          f"{args.rounds} and {args.more_rounds} rounds, best of {args.tries} interleaved tries;"
+          f" load average {min(loads):.2f}-{max(loads):.2f}")
+    print(f"{'figure':<44}{'fedcxr':>14}{'plain Flower':>16}")
+    ratio = {n: per_round(n) / per_round(own[n]) for n in own}
+    print(f"{'per-round cost vs its own direct loop':<44}{ratio['fedcxr']:>13.2f}x"
+          f"{ratio['plain Flower']:>15.2f}x")
+    fixed = {n: best[(n, args.rounds)] - args.rounds * per_round(n) for n in own}
+    print(f"{'fixed cost of a run':<44}{fixed['fedcxr']:>13.1f}s{fixed['plain Flower']:>15.1f}s")
+    print(f"{'per round':<44}{per_round('fedcxr'):>13.1f}s{per_round('plain Flower'):>15.1f}s")
+    roles = sorted(set(peaks["fedcxr"]) | set(peaks["plain Flower"]))
+    for role in roles:
+        a, b = peaks["fedcxr"].get(role), peaks["plain Flower"].get(role)
+        print(f"{'peak RSS: ' + role:<44}{gib(a) if a else '-':>14}{gib(b) if b else '-':>16}")
+    print("NVFlare: " + ("not run: its job runner is not written yet" if args.nvflare_python
+                         else "not installed here; pass --nvflare-python (side venv)"))
+    if marks:
+        print(f"\nfedcxr breakdown of a {args.rounds}-round run (its own log, s into the run):")
+        for name, at in marks.items():
+            print(f"  {name:<28}{at:>8.1f}")
+        print(f"  {'whole run (wall, this script)':<28}{best[('fedcxr', args.rounds)]:>8.1f}")
+
+
+if __name__ == "__main__":
+    main()
