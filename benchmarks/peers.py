@@ -16,7 +16,8 @@ Each system runs R and R' rounds. Per-round cost is the totals' difference over 
 fixed cost is T(R) - R x per-round. A sampler thread records the peak RSS of every process a
 run starts (SuperLink, SuperExec, the simulation process that hosts the ServerApp, Ray's
 actors and daemons). fedcxr's own log gives its breakdown (discovery, rounds, thresholds,
-internal and external validation, report). NVFlare is not installed here: the script says
+internal and external validation, report; fedcxr runs with tracking-uri=off, as the plain app
+tracks nothing). NVFlare is not installed here: the script says
 so and leaves its column out.
 """
 
@@ -274,9 +275,12 @@ def _wait(port: int, timeout: float = 60) -> None:
 
 
 PHASES = (("discovery and role probe", r"protocol: .*\(([\d.]+) s into the run\)"),
+          ("training rounds", r"training done: .*\(([\d.]+) s into the run\)"),
           ("thresholds fixed", r"thresholds fixed .*; ([\d.]+) s into the run"),
           ("internal validation", r"internal validation done .*\(([\d.]+) s into the run\)"),
-          ("external validation", r"external validation done .*\(([\d.]+) s into the run\)"))
+          ("external validation", r"external validation done .*\(([\d.]+) s into the run\)"),
+          ("verdict and report", r"report\.html written \(([\d.]+) s into the run\)"),
+          ("tracking", r"tracking done \(([\d.]+) s into the run\)"))
 
 
 def fedcxr(cohort: Path, rounds: int, size: int, out: Path) -> tuple[float, Peaks, dict]:
@@ -367,9 +371,13 @@ def main() -> None:
     print("NVFlare: " + ("not run: its job runner is not written yet" if args.nvflare_python
                          else "not installed here; pass --nvflare-python (side venv)"))
     if marks:
-        print(f"\nfedcxr breakdown of a {args.rounds}-round run (its own log, s into the run):")
+        print(f"\nfedcxr breakdown of a {args.rounds}-round run (its own log: phase ends, s "
+              "into the ServerApp's run; the rest of the wall time is Flower's start, the "
+              "ServerApp's start and the teardown)")
+        last = 0.0
         for name, at in marks.items():
-            print(f"  {name:<28}{at:>8.1f}")
+            print(f"  {name:<28}{at:>8.1f}  (+{at - last:.1f})")
+            last = at
         print(f"  {'whole run (wall, this script)':<28}{best[('fedcxr', args.rounds)]:>8.1f}")
 
 

@@ -698,6 +698,8 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     strategy = prepare_arms(run, st, train_nodes)
     nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
     train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board, tracker)
+    log.info("training done: %d round(s) (%.1f s into the run)", st.round,
+             time.time() - started)
 
     # 3. Select every arm by one rule; operating points from training-site validation only.
     board.enter("selection")
@@ -732,7 +734,10 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     board.enter("report")
     results = report(run, st, selection, nodes, evaluation, internal, site_results, primary,
                      thresholds, role_probe, run_dir, started)
+    log.info("results.json and report.html written (%.1f s into the run)",
+             time.time() - started)
     tracker.finish(results, run_dir, lambda folder: save_selected(selection, run, folder))
+    log.info("tracking done (%.1f s into the run)", time.time() - started)
     board.enter("finished")
 
 
