@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +37,10 @@ from common import atomic
 from common.errors import FedcxrError
 from common.imaging import ImageRejected, ImagingOptions, load
 from common.labels import LABELS
+from common.manifest.base import READER_RE
 from common.parallel import parallel_map
 from common.problems import Problem
 
-READER_COLUMN = re.compile(r"^(reader\d+|adjudicated)/.+$")
 CACHE_VERSION = 2  # 2: fingerprints relative to the data folder; content hashes
 DTYPES = {"uint8": (np.uint8, 255, "images.u8"), "uint16": (np.uint16, 65535, "images.u16")}
 
@@ -188,7 +187,7 @@ def open_cache(root: Path) -> SiteCache:
     for col in ("sex", "view", "manufacturer", "split", "site"):
         index[col] = index[col].astype(str).replace("nan", "")
     for col in index.columns:
-        if READER_COLUMN.match(col):  # reader calls: 1 / 0 / blank (not read)
+        if READER_RE.match(col):  # reader calls: 1 / 0 / blank (not read)
             index[col] = pd.to_numeric(index[col].replace("", np.nan), errors="coerce")
     expected = n * size * size * np.dtype(dtype).itemsize
     if len(index) != n or (n and (root / name).stat().st_size != expected):
