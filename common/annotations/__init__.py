@@ -40,6 +40,10 @@ def read_annotations(path: Path) -> Annotations:
     from common.manifest import read_csv
 
     table, problems = read_csv(Path(path))
+    return _parse(Path(path), table, problems)
+
+
+def _parse(path: Path, table: pd.DataFrame, problems: list[Problem]) -> Annotations:
     fmt = detect(set(table.columns))
     if fmt is None:
         names = ", ".join(f"{f.name} ({', '.join(sorted(f.signature))})" for f in FORMATS)
@@ -68,14 +72,15 @@ def find_annotations(data_dir: Path, manifest: Path | None, named: list[Path]
         seen.add(path.resolve())
         must = path.resolve() in named_set
         try:
-            if not must:
-                try:
-                    table, _ = read_csv(path)
-                except FedcxrError:
-                    continue  # not a table at all: not an annotation file either
-                if detect(set(table.columns)) is None:
-                    continue
-            found.append(read_annotations(path))
+            try:
+                table, read_problems = read_csv(path)
+            except FedcxrError:
+                if must:
+                    raise
+                continue  # not a table at all: not an annotation file either
+            if not must and detect(set(table.columns)) is None:
+                continue
+            found.append(_parse(path, table, read_problems))
         except FedcxrError as exc:
             problems.append(Problem("unreadable_annotations", str(exc).split("\n")[0],
                                     str(path)))
