@@ -78,6 +78,14 @@ def _box(ann: Annotations, table: pd.DataFrame, i: int, key: str, label: str,
     ann.boxes.append((key, label, *values, reader))
 
 
+def _xywh_box(ann: Annotations, table: pd.DataFrame, i: int, key: str, label: str,
+              xywh: tuple[object, object, object, object]) -> None:
+    """A box given as corner, width and height (NIH, RSNA): ``_box`` with its far corner;
+    a cell that is not a number leaves the far corner unknown, and so a ``bad_box``."""
+    x, y, w, h = (_number(v) for v in xywh)
+    _box(ann, table, i, key, label, *xywh[:2], x + w, y + h)
+
+
 def _vindr_label(name: str) -> str | None:
     return VINDR_CLASSES.get(name) or (name if name in VINDR_EXTRA else None)
 
@@ -128,9 +136,8 @@ def read_nih_bbox(table: pd.DataFrame, path: Path) -> Annotations:
             ann.problem("unknown_label_value", f"Finding Label {name!r} is not one of the "
                         "BBox list's findings; the row is not used", table, i)
             continue
-        x, y, w, h = (_number(v[c]) for c in ("Bbox [x", "y", "w", "h]"))
-        _box(ann, table, i, image_key(v["Image Index"]), label, v["Bbox [x"], v["y"],
-             x + w if math.isfinite(x + w) else v["w"], y + h if math.isfinite(y + h) else v["h]"])
+        _xywh_box(ann, table, i, image_key(v["Image Index"]), label,
+                  tuple(v[c] for c in ("Bbox [x", "y", "w", "h]")))
     return ann
 
 
@@ -171,10 +178,8 @@ def read_rsna(table: pd.DataFrame, path: Path) -> Annotations:
             continue
         target[key] = max(target.get(key, 0.0), float(t))
         if t == "1":
-            x, y, w, h = (_number(v[c]) for c in ("x", "y", "width", "height"))
-            _box(ann, table, i, key, RSNA_LABEL, v["x"], v["y"],
-                 x + w if math.isfinite(x + w) else v["width"],
-                 y + h if math.isfinite(y + h) else v["height"])
+            _xywh_box(ann, table, i, key, RSNA_LABEL,
+                      tuple(v[c] for c in ("x", "y", "width", "height")))
     ann.adjudicated += [(k, RSNA_LABEL, t) for k, t in target.items()]
     return ann
 
