@@ -248,10 +248,6 @@ def _figure_tag(fig) -> Markup:
     return Markup(f'<img alt="figure" src="data:image/png;base64,{data}">')
 
 
-_fmt = fmt
-_table = table
-
-
 def _labels_with_results(results: dict) -> list[str]:
     seen = {r["label"] for r in results["external"] if r.get("auc") is not None}
     return [label for label in LABELS if label in seen]
@@ -391,8 +387,8 @@ def _arm_drops(results: dict) -> Table | None:
     rows = [d for d in results.get("internal_external", []) if d["label"] == PRIMARY]
     if not rows:
         return None
-    return _table(["arm", "internal macro-AUC", "external macro-AUC", "drop (95% CI)"],
-                  [[d["model"], _fmt(d["internal_auc"]), _fmt(d["external_auc"]),
+    return table(["arm", "internal macro-AUC", "external macro-AUC", "drop (95% CI)"],
+                  [[d["model"], fmt(d["internal_auc"]), fmt(d["external_auc"]),
                     f"{d['drop']:+.3f}" + (f" ({d['drop_low']:+.3f}, {d['drop_high']:+.3f})"
                                            if d.get("drop_low") is not None else "")]
                    for d in rows])
@@ -418,8 +414,8 @@ def _patient_bound(row: dict) -> str:
     if row.get("privacy_unit") == "patient":
         return "ε above (the patient is the unit)"
     k = row.get("max_images_per_patient") or 1
-    return (f"up to {k} images: ε ≤ {_fmt(row.get('patient_epsilon'), 2)}, "
-            f"δ ≤ {_fmt(row.get('patient_delta'), 6)}")
+    return (f"up to {k} images: ε ≤ {fmt(row.get('patient_epsilon'), 2)}, "
+            f"δ ≤ {fmt(row.get('patient_delta'), 6)}")
 
 
 def _privacy_figure(results: dict) -> str:
@@ -464,50 +460,50 @@ def render_html(results: dict) -> str:
                               for k, x in protocol.items()),
         "by_image": [c["site"] for c in results.get("clustering", [])
                      if c["clustered_by"] == "image"],
-        "primary": _table(
+        "primary": table(
             ["site", "A", "B", "macro-AUC A", "macro-AUC B", "diff (95% CI)", "p",
              "adjusted p", "minimal detectable difference"],
-            [[r["site"], r["model_a"], r["model_b"], _fmt(r["auc_a"]), _fmt(r["auc_b"]),
+            [[r["site"], r["model_a"], r["model_b"], fmt(r["auc_a"]), fmt(r["auc_b"]),
               f"{r['diff']:+.3f} ({r['diff_low']:+.3f}, {r['diff_high']:+.3f})",
-              _fmt(r["p_value"], 4), _fmt(r["p_adjusted"], 4), _fmt(r.get("mdd"))]
+              fmt(r["p_value"], 4), fmt(r["p_adjusted"], 4), fmt(r.get("mdd"))]
              for r in v.get("primary", [])]) if v.get("primary") else None,
-        "cohort": _table(["site", "role", "images", "format"] + [lb[:6] for lb in LABELS],
-                         [[_fmt(c["site"]), _fmt(c.get("role")), _fmt(c.get("n_images")),
-                           _fmt(c.get("format"))]
-                          + [_fmt((c.get("prevalence") or {}).get(lb), 2) for lb in LABELS]
+        "cohort": table(["site", "role", "images", "format"] + [lb[:6] for lb in LABELS],
+                         [[fmt(c["site"]), fmt(c.get("role")), fmt(c.get("n_images")),
+                           fmt(c.get("format"))]
+                          + [fmt((c.get("prevalence") or {}).get(lb), 2) for lb in LABELS]
                           for c in results["cohort"]]),
         "training_figure": _training_curves(results),
-        "arms": _table(["arm", "kind", "site", "status", "selected round", "reason"],
-                       [[_fmt(a["name"]), _fmt(a.get("kind")), _fmt(a.get("site")),
-                         _fmt(a.get("status")), _fmt(a.get("best_round")),
-                         _fmt(a.get("reason"))] for a in results["arms"]])
+        "arms": table(["arm", "kind", "site", "status", "selected round", "reason"],
+                       [[fmt(a["name"]), fmt(a.get("kind")), fmt(a.get("site")),
+                         fmt(a.get("status")), fmt(a.get("best_round")),
+                         fmt(a.get("reason"))] for a in results["arms"]])
         if results["arms"] else None,
         "sites": [_site_section(results, site, labels, alpha) for site in
                   sorted({r["site"] for r in results["external"]})],
         "drops": _drops_table(results, labels),
-        "comparisons": _table(
+        "comparisons": table(
             ["site", "label", "A", "B", "AUC A", "AUC B", "diff (95% CI)", "z", "p",
              "adjusted p"],
-            [[c["site"], c["label"], c["model_a"], c["model_b"], _fmt(c["auc_a"]),
-              _fmt(c["auc_b"]),
+            [[c["site"], c["label"], c["model_a"], c["model_b"], fmt(c["auc_a"]),
+              fmt(c["auc_b"]),
               f"{c['diff']:+.3f} ({c['diff_low']:+.3f}, {c['diff_high']:+.3f})",
-              _fmt(c["z"], 2), _fmt(c["p"], 4), _fmt(c["p_adjusted"], 4)]
+              fmt(c["z"], 2), fmt(c["p"], 4), fmt(c["p_adjusted"], 4)]
              for c in results["comparisons"]]),
         "subgroups": _subgroup_table(results, v),
         "readers": reader_section(results),
         "localisation": localisation_section(results),
         "shift_figure": _shift_figure(results),
         "privacy_figure": _privacy_figure(results),
-        "privacy": _table(["site", "ε", "δ", "max ε", "accountant", "privacy unit",
+        "privacy": table(["site", "ε", "δ", "max ε", "accountant", "privacy unit",
                            "per patient (group privacy)"],
-                          [[p["site"], _fmt(p.get("epsilon"), 2), _fmt(p.get("delta"), 6),
-                            _fmt(p.get("max_epsilon"), 2), p.get("accountant", ""),
+                          [[p["site"], fmt(p.get("epsilon"), 2), fmt(p.get("delta"), 6),
+                            fmt(p.get("max_epsilon"), 2), p.get("accountant", ""),
                             p.get("privacy_unit", "image"), _patient_bound(p)]
                            for p in results["privacy"]]) if results.get("privacy") else None,
-        "releases": _table(["site", "statistic", "message", "covered by DP", "ε", "note"],
+        "releases": table(["site", "statistic", "message", "covered by DP", "ε", "note"],
                            [[r["site"], r["statistic"], r["message"],
                              "yes" if r["covered_by_dp"] else "no (declared)",
-                             _fmt(r.get("epsilon"), 2), r["note"]]
+                             fmt(r.get("epsilon"), 2), r["note"]]
                             for r in results["releases"]]) if results.get("releases") else None,
         "client_dp": _client_dp_sentence(results.get("client_dp")),
         "provenance": json.dumps(results.get("provenance", {}), indent=1),
@@ -544,7 +540,7 @@ def _site_section(results: dict, site: str, labels: list[str], alpha: float) -> 
                 row.append(Markup("<span class='{}'>{:.3f}{}</span> ({:.2f}–{:.2f})").format(
                     "sig" if mark else "", r["auc"], mark, r["ci_low"], r["ci_high"]))
         rows.append(row)
-    return {"name": site, "aucs": _table(["label"] + models, rows),
+    return {"name": site, "aucs": table(["label"] + models, rows),
             "roc_figure": _roc_figure(results, site, labels),
             "calibration_model": models[0] if models else None,
             "calibration_figure": _calibration_figure(results, site, models[0], labels)
@@ -564,20 +560,20 @@ def _drops_table(results: dict, labels: list[str]) -> Table | None:
             row.append("–" if d is None else f"{d['internal_auc']:.3f} → "
                        f"{d['external_auc']:.3f} ({-d['drop']:+.3f})")
         rows.append(row)
-    return _table(["label"] + models, rows)
+    return table(["label"] + models, rows)
 
 
 def _subgroup_table(results: dict, v: dict) -> Table:
     sub = [s for s in results["subgroups"] if s["model"] == (v.get("federated") or "")] or \
         results["subgroups"]
     sub = sub[:SUBGROUP_ROWS]
-    return _table(
+    return table(
         ["site", "model", "label", "attribute", "group", "n", "prevalence", "AUC", "sens",
          "spec", "gap", "status"],
-        [[s["site"], s["model"], s["label"], _fmt(s["attribute"]), _fmt(s["group"]),
-          _fmt(s["n"]), _fmt(s.get("prevalence"), 2), _fmt(s.get("auc")),
-          _fmt(s.get("sensitivity"), 2), _fmt(s.get("specificity"), 2), _fmt(s.get("gap")),
-          _fmt(s["status"])] for s in sub],
+        [[s["site"], s["model"], s["label"], fmt(s["attribute"]), fmt(s["group"]),
+          fmt(s["n"]), fmt(s.get("prevalence"), 2), fmt(s.get("auc")),
+          fmt(s.get("sensitivity"), 2), fmt(s.get("specificity"), 2), fmt(s.get("gap")),
+          fmt(s["status"])] for s in sub],
         row_class=lambda i: "gap" if (sub[i].get("gap") or 0) > 0.05 else "")
 
 
@@ -587,10 +583,10 @@ def write_replicates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
 
     out_dir = Path(out_dir)
     jpath = write_results(summary, out_dir / "replicates.json")
-    runs = _table(["replicate", "seed", "verdict", "mean primary difference",
+    runs = table(["replicate", "seed", "verdict", "mean primary difference",
                    "centralised beats every single-site model"],
-                  [[name, r["seed"], r["status"], _fmt(r["mean_primary_diff"]),
-                    _fmt(r["pooling_helps"])]
+                  [[name, r["seed"], r["status"], fmt(r["mean_primary_diff"]),
+                    fmt(r["pooling_helps"])]
                    for name, r in zip(summary.get("runs", []) or
                                       [str(i + 1) for i in range(len(summary["replicates"]))],
                                       summary["replicates"], strict=False)])
@@ -598,11 +594,11 @@ def write_replicates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
     def interval(low, high) -> str:
         return "–" if low is None else f"{low:+.3f} to {high:+.3f}"
 
-    comparisons = _table(
+    comparisons = table(
         ["site", "A", "B", "mean diff", "t-interval across replicates", "sd between",
          "mean within-run 95% CI", "per replicate"],
         [[c["site"], c["model_a"], c["model_b"], f"{c['mean_diff']:+.3f}",
-          interval(c["t_low"], c["t_high"]), _fmt(c["sd_between"]),
+          interval(c["t_low"], c["t_high"]), fmt(c["sd_between"]),
           interval(c["within_low"], c["within_high"]),
           " ".join(f"{d:+.3f}" for d in c["diffs"])] for c in summary["comparisons"]])
     hpath = write_text(out_dir / "replicates.html", _environment().from_string(
