@@ -141,17 +141,43 @@ def conv2d_norm_sample(layer: nn.Conv2d, activations: list[torch.Tensor],
     return ret
 
 
+def _group_norm_stats(layer: nn.GroupNorm, output: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-(image, group) mean and 1/std the forward pass of ``layer`` already computed
+    (autograd saves them for its own backward), or None when ``output`` did not come from
+    the native kernel."""
+    node = output.grad_fn
+    if node is None or node.name() != "NativeGroupNormBackward0":
+        return None
+    return node._saved_result1, node._saved_result2
+
+
 def group_norm_norm_sample(layer: nn.GroupNorm, activations: list[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-    """GroupNorm's per-sample gradients are (n, C): form them (as Opacus' grad sampler
-    does) and take norms; bk mode keeps them for the clipped sum."""
+    """GroupNorm's per-sample gradients are (n, C): formed by the native GroupNorm backward
+    kernel itself, run as one "image" whose groups are every (image, group) pair, so its
+    weight and bias gradients come out per image and channel, in one fused pass over the
+    input and the output gradient (no normalised copy of the input, no product tensor:
+    half the time of forming them with tensor ops). ``activations`` is ``[x]`` or, from
+    ``BookkeepingGradSampleModule``, ``[x, mean, rstd]`` as the forward pass saved them;
+    bk mode keeps the gradients for the clipped sum."""
     x = activations[0]
+    n, c = x.shape[:2]
+    hw, groups = x[0, 0].numel(), n * layer.num_groups
+    flat = x.reshape(1, n * c, hw)
+    if len(activations) == 3:
+        mean, rstd = (s.reshape(1, groups) for s in activations[1:])
+    else:
+        _, mean, rstd = torch.ops.aten.native_group_norm(flat, None, None, 1, n * c, hw,
+                                                         groups, layer.eps)
+    _, weight, bias = torch.ops.aten.native_group_norm_backward(
+        backprops.reshape(1, n * c, hw).to(x.dtype), flat, mean, rstd, None, 1, n * c, hw,
+        groups, [False, True, True])
     per_sample = {}
     if layer.weight is not None and layer.weight.requires_grad:
-        normed = F.group_norm(x, layer.num_groups, eps=layer.eps)
-        per_sample[layer.weight] = (normed * backprops).flatten(2).sum(dim=2)
+        per_sample[layer.weight] = weight.view(n, c)
     if layer.bias is not None and layer.bias.requires_grad:
-        per_sample[layer.bias] = backprops.flatten(2).sum(dim=2)
+        per_sample[layer.bias] = bias.view(n, c)
     _keep(layer, {"per_sample": per_sample})
     return _norms(per_sample)
 
@@ -223,13 +249,17 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         self._seen.add(layer)
         x = inputs[0].detach()
         norm_fn = self.NORM_SAMPLERS[type(layer)]
+        activations = [x]
+        if isinstance(layer, nn.GroupNorm) and (stats := _group_norm_stats(layer, output)):
+            activations += [s.detach() for s in stats]
+        # The norm functions see the gradient of the batch-*mean* loss, each image's 1/n
+        # share; the norms are scaled back here and the coefficients in clipped_backward,
+        # instead of copying every output gradient times n.
+        scale = x.shape[0] if self._scale_mean else 1
 
         def on_output_grad(grad: torch.Tensor) -> None:
-            g = grad.detach()
-            if self._scale_mean:  # the batch-mean loss: per-image gradients are n times it
-                g = g * x.shape[0]
-            for p, norms in norm_fn(layer, [x], g).items():
-                p._norm_sample = norms
+            for p, norms in norm_fn(layer, activations, grad.detach()).items():
+                p._norm_sample = norms * scale
 
         output.register_hook(on_output_grad)
 
@@ -305,6 +335,8 @@ def clipped_backward(gsm: BookkeepingGradSampleModule, loss_per_sample: torch.Te
     gradient (they would be unclipped). Returns the per-image clipping coefficients."""
     torch.autograd.backward(loss_per_sample.mean(), inputs=[inputs])
     coef = gsm.get_clipping_coef()
+    # The kept parts are the batch-mean loss's (1/n of each image's gradient; see _capture).
+    scale = len(coef) if gsm._scale_mean else 1
     missing = []
     with torch.no_grad():
         for layer in gsm.bk_layers:
@@ -313,7 +345,7 @@ def clipped_backward(gsm: BookkeepingGradSampleModule, loss_per_sample: torch.Te
                 missing.append(type(layer).__name__)
                 continue
             delattr(layer, _BK_PARTS)
-            c = coef.to(layer.weight.dtype)
+            c = (coef * scale).to(layer.weight.dtype)
             for p, per_sample in parts.get("per_sample", {}).items():
                 p.grad = torch.tensordot(c, per_sample, dims=1).view_as(p)
             if "io" in parts:

@@ -5,8 +5,9 @@ Where each is used: ``server/strategy.py`` (TrainNodesGrid forwards every Grid m
 strategy state = FedOpt's ``current_arrays`` / ``m_t`` / ``v_t``), ``server/updates.py``
 (quiets the ``flwr`` logger during per-slice aggregation), ``common/dp_grad_sample.py``
 (PrivacyEngine ``_prepare_model`` / ``_prepare_optimizer`` overrides; ``p._norm_sample``
-read by ``get_clipping_coef``; the optimizer's ``summed_grad``), ``common/privacy.py``
-(the accountant's ``history``), tests (Message metadata ``_src_node_id``)."""
+read by ``get_clipping_coef``; the optimizer's ``summed_grad``; GroupNorm's autograd node
+``_saved_result1`` / ``_saved_result2``), ``common/privacy.py`` (the accountant's
+``history``), tests (Message metadata ``_src_node_id``)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,35 @@ def test_opacus_accountants_keep_a_history_list():
 
     for accountant in (PRVAccountant(), RDPAccountant()):
         assert accountant.history == []
+
+
+def test_group_norm_node_saves_mean_and_rstd_and_its_kernel_takes_images_as_groups():
+    """``common.dp_grad_sample`` reads GroupNorm's per-(image, group) mean and 1/std from the
+    autograd node (``_saved_result1`` / ``_saved_result2``) and runs the native backward
+    kernel with every (image, group) pair as a group of one "image": both must keep meaning
+    what they mean here, checked against per-image gradients taken one image at a time."""
+    import torch
+
+    from common.dp_grad_sample import group_norm_norm_sample
+
+    torch.manual_seed(0)
+    layer = torch.nn.GroupNorm(3, 6)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(4, 6, 5, 5) * 3 + 1
+    out = layer(x)
+    node = out.grad_fn
+    assert node.name() == "NativeGroupNormBackward0"
+    groups = x.view(4, 3, -1)
+    torch.testing.assert_close(node._saved_result1, groups.mean(dim=2))
+    torch.testing.assert_close(node._saved_result2,
+                               (groups.var(dim=2, unbiased=False) + layer.eps).rsqrt())
+    g = torch.randn_like(x)
+    want = [torch.autograd.grad((layer(x[i:i + 1]) * g[i:i + 1]).sum(),
+                                [layer.weight, layer.bias]) for i in range(4)]
+    for stats in ([], [node._saved_result1, node._saved_result2]):  # recomputed, or saved
+        norms = group_norm_norm_sample(layer, [x, *stats], g)
+        torch.testing.assert_close(norms[layer.weight],
+                                   torch.stack([w.norm() for w, _ in want]))
+        torch.testing.assert_close(norms[layer.bias], torch.stack([b.norm() for _, b in want]))
