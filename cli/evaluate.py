@@ -49,7 +49,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from common.config import label_list
-    from common.evaluation.external import EvaluationOptions, combine_sites, evaluate_site
+    from common.evaluation.combine import combine_sites
+    from common.evaluation.external import EvaluationOptions, evaluate_site
     from common.evaluation.localisation import LocalisationOptions
     from common.evaluation.report import build_results, write_report
     from common.evaluation.verdict import Protocol

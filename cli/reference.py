@@ -36,7 +36,8 @@ from client.node import Site, open_site
 from common.config import RunConfig
 from common.data import CachedImages
 from common.model import build_model, save_checkpoint
-from common.training import TrainConfig, arm_seed, local_train, validate
+from common.seeds import arm_seed
+from common.training import TrainConfig, local_train, validate
 from server.state import CENTRALISED, CENTRALISED_LABEL
 
 log = logging.getLogger(__name__)

@@ -15,14 +15,18 @@ so aggregating packed arrays is aggregating the tensors.
 
 from __future__ import annotations
 
+import sys
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord
 
 from common.errors import MessageRejected
+
+if TYPE_CHECKING:
+    import torch
 
 FLOAT, INT = "float", "int"
 # Integer buffers may arrive averaged (a strategy's mean of step counters); unpack rounds them.
@@ -30,7 +34,12 @@ _DTYPES = {FLOAT: ("float32", "float16"), INT: ("int64", "int32", "float32", "fl
 
 
 def _np(value) -> np.ndarray:
-    return value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+    # torch is imported only where tensors exist (a site); the ServerApp holds numpy arrays
+    # and never imports it (server.model_files).
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
 
 
 def pack(state: Mapping, dtype: str = "float32") -> OrderedDict[str, np.ndarray]:
@@ -115,6 +124,8 @@ def check_record(record: ArrayRecord, template: Mapping) -> None:
 
 
 def from_record(record: ArrayRecord, template: Mapping) -> OrderedDict[str, torch.Tensor]:
+    import torch
+
     check_record(record, template)
     return OrderedDict((k, torch.from_numpy(v))  # unpack's arrays are fresh copies already
                        for k, v in unpack(record_arrays(record), template).items())

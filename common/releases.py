@@ -22,13 +22,16 @@ import math
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.atomic import atomic_path
-from common.data import CachedImages, patient_groups
 from common.labels import LABELS
 from common.privacy import PlannedUnit, PrivacyLedger, Spend, compose_epsilon
+
+if TYPE_CHECKING:  # the ServerApp imports this module (release_rows) and never torch
+    from common.data import CachedImages
 
 COUNTS_ARM = "label-counts"  # the ledger's name for the release
 SENSITIVITY = math.sqrt(len(LABELS))
@@ -60,6 +63,8 @@ class LabelCounts:
 
 def unit_counts(train: CachedImages, privacy_unit: str) -> tuple[np.ndarray, np.ndarray]:
     """Exact per-label (positives, negatives) over privacy units."""
+    from common.data import patient_groups
+
     labels = train.labels()
     if privacy_unit == "patient":
         rows = []

@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -39,18 +38,17 @@ from common import protocol as wire
 from common.atomic import atomic_path
 from common.config import RunConfig, as_flower, label_list, model_specs, parse
 from common.errors import ConfigError
-from common.evaluation.external import combine_sites
+from common.evaluation.combine import combine_sites
 from common.evaluation.metrics import choose_threshold
 from common.evaluation.report import build_results, write_report
 from common.evaluation.verdict import Protocol
 from common.labels import LABELS
-from common.model import build_model, load_checkpoint, save_checkpoint
 from common.privacy import Spend, compose_epsilon, default_delta
 from common.records import pack, record_arrays, to_record, unpack
 from common.releases import release_rows
 from common.run_status import ArmRound, RunStatus
-from common.training import arm_seed
-from server import checkpoint
+from common.seeds import arm_seed
+from server import checkpoint, model_files
 from server.exchange import failure_reason, send, stream_replies
 from server.state import (
     CENTRALISED,
@@ -91,10 +89,6 @@ class Node:
 
 def _msg(content: RecordDict, node: int, kind: str, group: int) -> Message:
     return Message(content, dst_node_id=node, message_type=kind, group_id=str(group))
-
-
-def _weights(state_dict) -> dict[str, np.ndarray]:
-    return {k: v.detach().cpu().numpy().copy() for k, v in state_dict.items()}
 
 
 def _record(weights: dict[str, np.ndarray], run: RunConfig) -> ArrayRecord:
@@ -168,9 +162,29 @@ def load_extra_models(run: RunConfig) -> tuple[dict[str, dict], dict[str, str]]:
     if run.centralised_reference:
         specs = {CENTRALISED: run.centralised_reference, **specs}
     for name, path in specs.items():
-        model = load_checkpoint(Path(path))
-        weights[name], norms[name] = _weights(model.state_dict()), model.norm
+        weights[name], norms[name] = model_files.read(path)
     return weights, norms
+
+
+def protocol_phase(grid: Grid, run: RunConfig, board: RunStatus, started: float):
+    """Phase 1: the nodes and their roles, the held-out nodes' refusal to train, and the
+    prespecified analysis (primary labels, extra models), fixed and checked before any
+    training. Returns (nodes, training nodes, role probe, primary labels, extra models'
+    weights and norms)."""
+    nodes = discover(grid, run)
+    train_nodes = {n: v for n, v in nodes.items() if v.role == "train"}
+    board.sites = {v.site: v.role for v in nodes.values()}
+    board.node_ids = {v.site: n for n, v in nodes.items()}
+    if not train_nodes:
+        raise RuntimeError("no node has role=train; nothing to train")
+    role_probe = probe_roles(grid, run, nodes)
+    primary = resolve_primary_labels(run, train_nodes)
+    extra, extra_norms = load_extra_models(run)
+    log.info("protocol: primary endpoint %s over %s; selection %s; margin %g; alpha %g (%s)%s"
+             " (%.1f s into the run)", run.primary_metric, ", ".join(primary), run.selection,
+             run.h1_margin, run.alpha, run.correction,
+             f"; extra models {', '.join(extra)}" if extra else "", time.time() - started)
+    return nodes, train_nodes, role_probe, primary, extra, extra_norms
 
 
 # ---------------------------------------------------------------- phase 2: train
@@ -192,15 +206,14 @@ def open_run(run: RunConfig, context: Context) -> tuple[str, Path, RunState]:
     return run_name, run_dir, st
 
 
-def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node]):
-    """The Flower strategy and every arm's starting weights (fresh, or as resumed). A
-    training site that was not in a resumed run before the crash has no single-site arm to
-    continue: it sits the rest out rather than join mid-experiment."""
+def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node],
+                 initial: model_files.InitialWeights):
+    """The Flower strategy and every arm's starting weights (fresh, built by ``initial``, or
+    as resumed). A training site that was not in a resumed run before the crash has no
+    single-site arm to continue: it sits the rest out rather than join mid-experiment."""
     strategy = make_strategy(run, len(train_nodes))
     if not run.resume_from:
-        torch.manual_seed(run.seed)
-        init = _weights(build_model(norm=run.norm, init_weights=run.init_weights or None)
-                        .state_dict())
+        init = initial.result()
         st.arms = {FEDERATED: init, **{single(v.site): {k: a.copy() for k, a in init.items()}
                                         for v in train_nodes.values()}}
         return strategy
@@ -677,25 +690,17 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
                started: float, board: RunStatus, tracker: Tracker) -> None:
     """The protocol, phase by phase; ``board`` (status.json) and ``tracker`` (MLflow) follow
     it for the coordinator."""
-    # 1. Discover; the prespecified analysis is fixed (and checked) before any training.
-    nodes = discover(grid, run)
-    train_nodes = {n: v for n, v in nodes.items() if v.role == "train"}
-    held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
-    board.sites = {v.site: v.role for v in nodes.values()}
-    board.node_ids = {v.site: n for n, v in nodes.items()}
-    if not train_nodes:
-        raise RuntimeError("no node has role=train; nothing to train")
-    role_probe = probe_roles(grid, run, nodes)
-    primary = resolve_primary_labels(run, train_nodes)
-    extra, extra_norms = load_extra_models(run)
-    log.info("protocol: primary endpoint %s over %s; selection %s; margin %g; alpha %g (%s)%s"
-             " (%.1f s into the run)", run.primary_metric, ", ".join(primary), run.selection,
-             run.h1_margin, run.alpha, run.correction,
-             f"; extra models {', '.join(extra)}" if extra else "", time.time() - started)
+    # 1. Discover; the prespecified analysis is fixed (and checked) before any training. The
+    # arms' initial weights are built meanwhile, in a child process (server.model_files).
+    with model_files.InitialWeights(run.seed, run.norm, run.init_weights or None,
+                                    needed=not run.resume_from) as initial:
+        nodes, train_nodes, role_probe, primary, extra, extra_norms = protocol_phase(
+            grid, run, board, started)
 
-    # 2. Train, interleaved, checkpoint every round.
-    board.enter("training")
-    strategy = prepare_arms(run, st, train_nodes)
+        # 2. Train, interleaved, checkpoint every round.
+        board.enter("training")
+        strategy = prepare_arms(run, st, train_nodes, initial)
+    held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
     nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
     train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board, tracker)
     log.info("training done: %d round(s) (%.1f s into the run)", st.round,
@@ -743,14 +748,10 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
 
 def save_selected(selection: Selection, run: RunConfig, folder: Path) -> dict[str, Path]:
     """Every arm's selected model as a fedcxr checkpoint (for the tracker's artifacts)."""
-    paths = {}
-    for arm, weights in selection.weights.items():
-        model = build_model(norm=run.norm)
-        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in weights.items()})
-        paths[arm] = save_checkpoint(model, folder / f"{arm.replace(':', '_')}.pt",
-                                     image_size=run.image_size, arm=arm,
-                                     round=selection.rounds.get(arm))
-    return paths
+    return model_files.write(
+        {arm: (weights, {"image_size": run.image_size, "arm": arm,
+                         "round": selection.rounds.get(arm)})
+         for arm, weights in selection.weights.items()}, run.norm, folder)
 
 
 def follow(board: RunStatus, st: RunState) -> None:

@@ -5,30 +5,33 @@ the strategy's state (e.g. FedAdam moments), per-round history, rejections and f
 the RNG states. It is written to a temporary file and renamed, so a crash leaves either the
 previous checkpoint or the new one, never half of one. Client-side training is seeded by
 (seed, round, arm), so resuming from round r reproduces an uninterrupted run exactly.
+
+The file is a pickle (protocol 5: each array's buffer is written as it is, no copy), not
+``torch.save``: the ServerApp holds weights as numpy arrays and never imports torch (see
+``server.model_files``). Checkpoints of format 1 (``torch.save``) still resume.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from common.atomic import atomic_path
 from common.errors import FedcxrError
 from server.state import RunState
 
-FORMAT = "fedcxr-server-checkpoint/1"
+FORMAT = "fedcxr-server-checkpoint/2"
+TORCH_FORMAT = "fedcxr-server-checkpoint/1"  # torch.save of tensors; read, not written
 
 
 def _convert(obj, kind: type, fn):
-    """``obj`` with every ``kind`` inside its plain dicts and lists replaced by ``fn(it)``.
-
-    The run state's arrays are saved as tensors sharing their memory (``torch.from_numpy``):
-    torch.save writes a tensor's storage as it is, but pickles an array through copies into
-    a larger file (the ServerApp logs each write: ``round N: checkpoint ... (s)``)."""
+    """``obj`` with every ``kind`` inside its plain dicts and lists replaced by ``fn(it)``
+    (a format-1 checkpoint's tensors back to arrays)."""
     if isinstance(obj, kind):
         return fn(obj)
     if type(obj) is dict:
@@ -44,14 +47,12 @@ def save(run_name: str, config: dict, state: RunState, run_dir: Path, round: int
     the round files ``keep`` does not name (``prune``)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    plain = _convert(state.to_checkpoint(), np.ndarray,
-                     lambda a: torch.from_numpy(np.ascontiguousarray(a)))
-    payload = {"format": FORMAT, "run_name": run_name, "config": config, "state": plain, "rng": {
-        "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-        "python": random.getstate()}}
+    payload = {"format": FORMAT, "run_name": run_name, "config": config,
+               "state": state.to_checkpoint(),
+               "rng": {"numpy": np.random.get_state(), "python": random.getstate()}}
     path = ckpt_dir / f"round-{round:03d}.pt"
-    with atomic_path(path, fsync=True) as tmp:
-        torch.save(payload, tmp)
+    with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+        pickle.dump(payload, f, protocol=5)
     latest = ckpt_dir / "latest.pt.tmp"
     latest.unlink(missing_ok=True)
     os.link(path, latest)  # the same bytes, no second write
@@ -99,13 +100,22 @@ def resolve(spec: str, out_dir: str | Path = "runs") -> Path:
 
 def load(spec: str, out_dir: str | Path = "runs") -> dict:
     path = resolve(spec, out_dir)
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("format") != FORMAT:
+    if zipfile.is_zipfile(path):  # format 1, written by torch.save
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("format") == TORCH_FORMAT:
+            state["state"] = _convert(state["state"], torch.Tensor, torch.Tensor.numpy)
+    else:
+        try:
+            with open(path, "rb") as f:
+                state = pickle.load(f)
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            raise FedcxrError(f"{path}: not a fedcxr server checkpoint ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, TORCH_FORMAT):
         raise FedcxrError(f"{path}: not a fedcxr server checkpoint")
-    state["state"] = RunState.from_checkpoint(_convert(state["state"], torch.Tensor,
-                                                       torch.Tensor.numpy))
+    state["state"] = RunState.from_checkpoint(state["state"])
     rng = state.pop("rng")
-    torch.set_rng_state(rng["torch"])
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])
     state["path"] = str(path)

@@ -512,7 +512,7 @@ def _node(cohort: Path, partition: int):
 
 
 def test_run_names_become_safe_folders_inside_the_state_folder(tmp_path):
-    from client.app import run_folder
+    from client.handlers import run_folder
 
     parent = tmp_path / "external"
     for hostile in ("../../x", "/etc", "..", "a/../../b", "x\\..\\y", ".hidden"):

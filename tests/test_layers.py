@@ -48,3 +48,19 @@ def test_the_layer_check_sees_lazy_imports(tmp_path):
     bad = tmp_path / "m.py"
     bad.write_text("def f():\n    from client.site import x\n    import server.app\n")
     assert project_imports(bad) == [(2, "client"), (3, "server")]
+
+
+def test_the_process_that_hosts_the_server_app_loads_no_torch():
+    """Flower's simulation process imports the ServerApp and the ClientApp module (to check it
+    loads); a deployed ServerApp imports the first. Neither may pull in torch, torchvision
+    or Opacus: that process holds numpy weights for the whole run, and torch alone is over
+    0.5 GiB of it (server.model_files builds models in a child process)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, server.app, client.app; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'torchvision', 'opacus'}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    assert out == "[]"

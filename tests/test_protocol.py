@@ -134,8 +134,8 @@ def string_literals(path: Path) -> list[tuple[int, str]]:
 VOCABULARY = {"train", "val", "site", "role", "format", "norm", "seed", "loss", "epsilon",
               "arm", "model", "models", "json", "primary", "thresholds", "prevalence",
               "config"}
-APPS = ["client/app.py", "client/mods.py", "server/app.py", "server/exchange.py",
-        "server/strategy.py"]
+APPS = ["client/app.py", "client/handlers.py", "client/mods.py", "server/app.py",
+        "server/exchange.py", "server/strategy.py"]
 
 
 def test_no_record_key_is_written_outside_the_protocol():

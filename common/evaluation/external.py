@@ -8,7 +8,6 @@ on a fixed threshold grid. No per-image score, label, id or image is in it.
 
 from __future__ import annotations
 
-import itertools
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -493,16 +492,3 @@ def evaluate_stored(cache: SiteCache, store: ScoreStore, names: list[str],
     result["shift"] = shift
     result.update(store.load_localisation(names))
     return result
-
-
-def combine_sites(results: list[dict]) -> dict:
-    """Concatenate per-site results (each already aggregate) into one set of tables, with
-    what each site's statistics were clustered by."""
-    keys = ("external", "comparisons", "operating_points", "calibration", "roc", "subgroups",
-            "readers", "shift", "primary", "primary_auc", "internal", "internal_primary",
-            "reference_standard", "primary_site_labels", "primary_auc_site_labels",
-            "reference_changes", "localisation", "shortcut", "localisation_skipped")
-    out = {k: list(itertools.chain.from_iterable(r.get(k, []) for r in results)) for k in keys}
-    out["clustering"] = [{"site": r["site"], "clustered_by": r.get("clustered_by", "image")}
-                         for r in results]
-    return out
