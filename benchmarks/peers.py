@@ -17,8 +17,9 @@ fixed cost is T(R) - R x per-round. A sampler thread records the peak RSS of eve
 run starts (SuperLink, SuperExec, the simulation process that hosts the ServerApp, Ray's
 actors and daemons). fedcxr's own log gives its breakdown (discovery, rounds, thresholds,
 internal and external validation, report; fedcxr runs with tracking-uri=off, as the plain app
-tracks nothing). NVFlare is not installed here: the script says
-so and leaves its column out.
+tracks nothing). The ServerApp builds its initial model in a short-lived child
+(``server.model_files``): its peak is its own row. NVFlare is not compared here (no NVFlare
+job runner; the issue's NVFlare figures came from a separate run).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ clientapp = "peerapp:client"
 num-rounds = 2
 image-size = 32
 batch-size = 16
+sites = 3
 cohort = ""
 """
 
@@ -132,7 +134,7 @@ def main(grid: Grid, context: Context) -> None:
 
     began = time.perf_counter()
     print("peer: ServerApp main started", flush=True)
-    n = 3
+    n = int(context.run_config["sites"])
     strategy = FedAvg(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(build_model().state_dict()),
                    num_rounds=int(context.run_config["num-rounds"]))
@@ -154,6 +156,7 @@ class Peaks:
                               ("flwr-serverapp", "ServerApp"), ("ray::", "Ray actor"),
                               ("raylet", "Ray daemons"), ("gcs_server", "Ray daemons"),
                               ("cli.main simulate", "fedcxr simulate"),
+                              ("server.model_files", "ServerApp's model-files child"),
                               ("flwr ", "flwr CLI")):
             if pattern in cmd:
                 return name
@@ -221,7 +224,8 @@ def _flower_env(home: Path) -> dict:
     return env
 
 
-def plain_flower(cohort: Path, rounds: int, size: int) -> tuple[float, Peaks, str]:
+def plain_flower(cohort: Path, rounds: int, size: int, sites: int
+                 ) -> tuple[float, Peaks, str]:
     """The minimal Flower app, through the same SuperLink machinery as fedcxr simulate."""
     from cli.simulate import free_port, submit_and_wait
 
@@ -236,9 +240,10 @@ def plain_flower(cohort: Path, rounds: int, size: int) -> tuple[float, Peaks, st
     env = _flower_env(home)
     config = home / "run-config.toml"
     config.write_text(f'num-rounds = {rounds}\nimage-size = {size}\nbatch-size = 16\n'
-                      f'cohort = "{cohort / "cohort.toml"}"\n')
-    federation = (f"num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0 "
-                  f"init-args-num-cpus={os.cpu_count() or 1} init-args-num-gpus=0")
+                      f'sites = {sites}\ncohort = "{cohort / "cohort.toml"}"\n')
+    federation = (f"num-supernodes={sites} client-resources-num-cpus=1 "
+                  f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 1} "
+                  "init-args-num-gpus=0")
     log = home / "superlink.log"
     with Peaks() as peaks:
         start = time.perf_counter()
@@ -274,16 +279,20 @@ def _wait(port: int, timeout: float = 60) -> None:
     raise SystemExit(f"the SuperLink did not open port {port}")
 
 
-PHASES = (("discovery and role probe", r"protocol: .*\(([\d.]+) s into the run\)"),
-          ("training rounds", r"training done: .*\(([\d.]+) s into the run\)"),
-          ("thresholds fixed", r"thresholds fixed .*; ([\d.]+) s into the run"),
-          ("internal validation", r"internal validation done .*\(([\d.]+) s into the run\)"),
-          ("external validation", r"external validation done .*\(([\d.]+) s into the run\)"),
-          ("verdict and report", r"report\.html written \(([\d.]+) s into the run\)"),
-          ("tracking", r"tracking done \(([\d.]+) s into the run\)"))
+# Each phase's end in fedcxr's own log: "(<s> s into the run; ServerApp RSS <x> GiB, peak
+# <y> GiB)".
+_AT = r"[(;] ?([\d.]+) s into the run(?:; ServerApp RSS ([\d.]+) GiB, peak ([\d.]+) GiB)?"
+PHASES = (("discovery and role probe", r"protocol: .*" + _AT),
+          ("training rounds", r"training done: .*" + _AT),
+          ("thresholds fixed", r"thresholds fixed .*" + _AT),
+          ("external validation", r"external validation done .*" + _AT),
+          ("internal validation (meanwhile)", r"internal validation done .*" + _AT),
+          ("verdict and report", r"report\.html written " + _AT),
+          ("tracking", r"tracking done " + _AT))
 
 
-def fedcxr(cohort: Path, rounds: int, size: int, out: Path) -> tuple[float, Peaks, dict]:
+def fedcxr(cohort: Path, rounds: int, size: int, out: Path
+           ) -> tuple[float, Peaks, dict, dict]:
     """``fedcxr simulate`` in a child process (its log parsed for the breakdown)."""
     cmd = [sys.executable, "-m", "cli.main", "simulate", "--cohort", str(cohort / "cohort.toml"),
            "--run-config", f"num-rounds={rounds} image-size={size} batch-size=16 "
@@ -295,12 +304,19 @@ def fedcxr(cohort: Path, rounds: int, size: int, out: Path) -> tuple[float, Peak
     if done.returncode != 0:
         raise SystemExit(f"fedcxr simulate failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     text = done.stdout + done.stderr
-    marks = {}
+    marks, memory = {}, {}
+    # Its own per-round wall time (first message to checkpoint written), round 1 included.
+    rounds = [float(x) for x in re.findall(r"round \d+: federated .*?; ([\d.]+) s \(replies",
+                                           text)]
+    if rounds:
+        marks["mean round (its log)"] = sum(rounds) / len(rounds)
     for name, pattern in PHASES:
         found = re.search(pattern, text)
         if found:
             marks[name] = float(found.group(1))
-    return total, peaks, marks
+            if found.group(2):
+                memory[name] = (float(found.group(2)), float(found.group(3)))
+    return total, peaks, marks, memory
 
 
 def gib(n: int) -> str:
@@ -314,18 +330,20 @@ def main() -> None:
     p.add_argument("--more-rounds", type=int, default=6)
     p.add_argument("--images", type=int, default=80)
     p.add_argument("--size", type=int, default=32)
-    p.add_argument("--nvflare-python", help="a side venv's python with nvflare installed")
+    p.add_argument("--sites", type=int, default=3, help="training sites (one more is held out)")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
     cohort = work / "cohort"
-    generate(cohort, SynthOptions(sites=4, held_out=1, images_per_site=args.images,
+    generate(cohort, SynthOptions(sites=args.sites + 1, held_out=1, images_per_site=args.images,
                                   size=64, seed=1))
     for s in train_sites(cohort):
         ensure_cache(SiteSource(cohort / s["path"]), args.size)
     best: dict[tuple[str, int], float] = {}
     peaks: dict[str, dict[str, int]] = {"plain Flower": {}, "fedcxr": {}}
     marks: dict[str, float] = {}
+    memory: dict[str, tuple[float, float]] = {}  # phase -> ServerApp (RSS, peak) GiB at its end
+    logged = 0.0  # fedcxr's own mean round time in its best R'-round run
     loads = []
 
     def keep(key, value):
@@ -336,16 +354,18 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             keep(("direct (2 arms)", r), direct(cohort, r, args.size, arms=2))
             keep(("direct (1 arm)", r), direct(cohort, r, args.size, arms=1))
-            total, pk, _ = plain_flower(cohort, r, args.size)
+            total, pk, _ = plain_flower(cohort, r, args.size, args.sites)
             keep(("plain Flower", r), total)
             for k, v in pk.by_role.items():
                 peaks["plain Flower"][k] = max(peaks["plain Flower"].get(k, 0), v)
-            total, pk, mk = fedcxr(cohort, r, args.size, work / "runs")
+            total, pk, mk, mem = fedcxr(cohort, r, args.size, work / "runs")
             keep(("fedcxr", r), total)
             for k, v in pk.by_role.items():
                 peaks["fedcxr"][k] = max(peaks["fedcxr"].get(k, 0), v)
             if r == args.rounds and (not marks or total <= best[("fedcxr", r)]):
-                marks = mk
+                marks, memory = mk, mem
+            if r == args.more_rounds and total <= best[("fedcxr", r)]:
+                logged = mk.get("mean round (its log)", 0.0)
             print(f"try {t + 1}/{args.tries}, {r} rounds done (load {loads[-1]:.2f})",
                   flush=True)
     span = args.more_rounds - args.rounds
@@ -354,9 +374,9 @@ def main() -> None:
         return (best[(name, args.more_rounds)] - best[(name, args.rounds)]) / span
 
     own = {"fedcxr": "direct (2 arms)", "plain Flower": "direct (1 arm)"}
-    print(f"\n3 sites x {args.images} images at {args.size} px, DenseNet-121, "
-          f"{args.rounds} and {args.more_rounds} rounds, best of {args.tries} interleaved tries;"
-          f" load average {min(loads):.2f}-{max(loads):.2f}")
+    print(f"\n{args.sites} training sites (+1 held out) x {args.images} images at {args.size} px, "
+          f"DenseNet-121, {args.rounds} and {args.more_rounds} rounds, best of {args.tries} "
+          f"interleaved tries; load average {min(loads):.2f}-{max(loads):.2f}")
     print(f"{'figure':<44}{'fedcxr':>14}{'plain Flower':>16}")
     ratio = {n: per_round(n) / per_round(own[n]) for n in own}
     print(f"{'per-round cost vs its own direct loop':<44}{ratio['fedcxr']:>13.2f}x"
@@ -368,17 +388,26 @@ def main() -> None:
     for role in roles:
         a, b = peaks["fedcxr"].get(role), peaks["plain Flower"].get(role)
         print(f"{'peak RSS: ' + role:<44}{gib(a) if a else '-':>14}{gib(b) if b else '-':>16}")
-    print("NVFlare: " + ("not run: its job runner is not written yet" if args.nvflare_python
-                         else "not installed here; pass --nvflare-python (side venv)"))
+    if logged:
+        print(f"{'per round, fedcxr log (mean of ' + str(args.more_rounds) + ' rounds)':<44}"
+              f"{logged:>13.1f}s{'-':>16}")
+    print("NVFlare: not compared by this script (it has no NVFlare job runner)")
     if marks:
         print(f"\nfedcxr breakdown of a {args.rounds}-round run (its own log: phase ends, s "
               "into the ServerApp's run; the rest of the wall time is Flower's start, the "
               "ServerApp's start and the teardown)")
         last = 0.0
         for name, at in marks.items():
-            print(f"  {name:<28}{at:>8.1f}  (+{at - last:.1f})")
+            if name == "mean round (its log)":
+                continue
+            rss = (f"   ServerApp RSS {memory[name][0]:.2f} GiB, peak {memory[name][1]:.2f}"
+                   if name in memory else "")
+            print(f"  {name:<28}{at:>8.1f}  (+{at - last:.1f}){rss}")
             last = at
-        print(f"  {'whole run (wall, this script)':<28}{best[('fedcxr', args.rounds)]:>8.1f}")
+        whole = best[("fedcxr", args.rounds)]
+        print(f"  {'whole run (wall, this script)':<28}{whole:>8.1f}  (+{whole - last:.1f} "
+              "outside the ServerApp's run: CLI, SuperLink, app install, ServerApp start, "
+              "teardown)")
 
 
 if __name__ == "__main__":

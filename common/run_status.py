@@ -22,8 +22,7 @@ from common.errors import FedcxrError
 STATUS_FILE = "status.json"
 
 # The experiment protocol's phases, in order (server/app.py ``main``).
-PHASES = ("discovery", "training", "selection", "internal validation", "external validation",
-          "report", "finished")
+PHASES = ("discovery", "training", "selection", "validation", "report", "finished")
 
 
 @dataclass

@@ -26,6 +26,7 @@ import csv
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -49,7 +50,7 @@ from common.releases import release_rows
 from common.run_status import ArmRound, RunStatus
 from common.seeds import arm_seed
 from server import checkpoint, model_files
-from server.exchange import failure_reason, send, stream_replies
+from server.exchange import Exchange, failure_reason, send, stream_replies
 from server.state import (
     CENTRALISED,
     CENTRALISED_LABEL,
@@ -93,6 +94,22 @@ def _msg(content: RecordDict, node: int, kind: str, group: int) -> Message:
 
 def _record(weights: dict[str, np.ndarray], run: RunConfig) -> ArrayRecord:
     return to_record(weights, run.transport_dtype)
+
+
+def _into(started: float) -> str:
+    """How far into the run, and this process's resident memory now and at its peak (the
+    kernel's VmRSS / VmHWM; Linux only): the phase log doubles as a time and memory
+    breakdown (``benchmarks/peers.py`` reads it)."""
+    text = f"{time.time() - started:.1f} s into the run"
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return text
+    kb = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
+    if len(kb) == 2:
+        text += (f"; ServerApp RSS {int(kb['VmRSS']) / 2**20:.2f} GiB, "
+                 f"peak {int(kb['VmHWM']) / 2**20:.2f} GiB")
+    return text
 
 
 def _auc(value: float | None) -> str:
@@ -181,9 +198,9 @@ def protocol_phase(grid: Grid, run: RunConfig, board: RunStatus, started: float)
     primary = resolve_primary_labels(run, train_nodes)
     extra, extra_norms = load_extra_models(run)
     log.info("protocol: primary endpoint %s over %s; selection %s; margin %g; alpha %g (%s)%s"
-             " (%.1f s into the run)", run.primary_metric, ", ".join(primary), run.selection,
+             " (%s)", run.primary_metric, ", ".join(primary), run.selection,
              run.h1_margin, run.alpha, run.correction,
-             f"; extra models {', '.join(extra)}" if extra else "", time.time() - started)
+             f"; extra models {', '.join(extra)}" if extra else "", _into(started))
     return nodes, train_nodes, role_probe, primary, extra, extra_norms
 
 
@@ -491,20 +508,25 @@ def fix_thresholds(run: RunConfig, pos: np.ndarray | None, neg: np.ndarray | Non
 # ---------------------------------------------------------------- phases 4 and 5
 
 
-def internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict],
-                        train_nodes: dict[int, Node], primary: list[str], run_name: str
-                        ) -> dict:
+def start_internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict],
+                              train_nodes: dict[int, Node], primary: list[str], run_name: str
+                              ) -> Exchange:
     """Every training site evaluates every selected model on its own test split, in one
     message per site (aggregate AUCs only): the internal side of the internal-to-external
-    drop."""
+    drop. Pushed now, collected by ``internal_results`` (after external validation, which
+    runs meanwhile at the held-out sites)."""
     if not models:
-        return combine_sites([])
+        return Exchange(grid, [], run.round_timeout)
     request = wire.InternalRequest({name: _record(w, run) for name, w in models.items()},
                                    run.norm, primary, run_name).encode()
     group = run.num_rounds + PHASE_AFTER_TRAINING["internal"]
+    return Exchange(grid, [_msg(request, n, wire.INTERNAL, group) for n in train_nodes],
+                    run.round_timeout)
+
+
+def internal_results(exchange: Exchange, train_nodes: dict[int, Node]) -> dict:
     results = []
-    for r in send(grid, [_msg(request, n, wire.INTERNAL, group) for n in train_nodes],
-                  run.round_timeout):
+    for r in exchange.replies():
         if r.has_error():
             node = r.metadata.src_node_id
             log.warning("internal validation at %s failed: %s",
@@ -703,28 +725,23 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
     nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
     train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board, tracker)
-    log.info("training done: %d round(s) (%.1f s into the run)", st.round,
-             time.time() - started)
+    log.info("training done: %d round(s) (%s)", st.round, _into(started))
 
     # 3. Select every arm by one rule; operating points from training-site validation only.
     board.enter("selection")
     selection = select_arms(grid, run, st, train_nodes, run_dir)
     follow(board, st)
     tracker.rounds(st.history, st.epsilon)  # the last global model is validated now
-    log.info("thresholds fixed on training-site validation data (%s, target %.2f; %.1f s "
-             "into the run)", run.threshold_method, run.threshold_target, time.time() - started)
+    log.info("thresholds fixed on training-site validation data (%s, target %.2f; %s)",
+             run.threshold_method, run.threshold_target, _into(started))
 
-    # 4. Internal validation: every training site, every selected model, its test split.
-    board.enter("internal validation")
+    # 4-5. Internal validation (every training site, every selected model, its test split)
+    # and external validation (every held-out node) at the same time: they are disjoint
+    # sites. Extra models (not trained here) come after the arms: secondary analysis only.
+    board.enter("validation")
     reference = {n: w for n, w in extra.items() if n == CENTRALISED}
-    internal = internal_validation(grid, run, {**selection.weights, **reference}, train_nodes,
-                                   primary, run_name)
-    log.info("internal validation done at %d training site(s) (%.1f s into the run)",
-             len(internal["clustering"]), time.time() - started)
-
-    # 5. External validation at every held-out node; extra models (not trained here) come
-    # after the arms: secondary analysis only.
-    board.enter("external validation")
+    internal_exchange = start_internal_validation(
+        grid, run, {**selection.weights, **reference}, train_nodes, primary, run_name)
     models = {**selection.weights, **extra}
     norms = {**{a: run.norm for a in selection.weights}, **extra_norms}
     thresholds = {**{name: {} for name in extra}, **selection.thresholds}
@@ -732,17 +749,19 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
                                        held_out, primary,
                                        primary_pairs(list(selection.weights), reference))
     evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)
-    log.info("external validation done at %d held-out site(s) (%.1f s into the run)",
-             len(site_results), time.time() - started)
+    log.info("external validation done at %d held-out site(s) (%s)",
+             len(site_results), _into(started))
+    internal = internal_results(internal_exchange, train_nodes)
+    log.info("internal validation done at %d training site(s) (%s)",
+             len(internal["clustering"]), _into(started))
 
     # 6. Verdict and report.
     board.enter("report")
     results = report(run, st, selection, nodes, evaluation, internal, site_results, primary,
                      thresholds, role_probe, run_dir, started)
-    log.info("results.json and report.html written (%.1f s into the run)",
-             time.time() - started)
+    log.info("results.json and report.html written (%s)", _into(started))
     tracker.finish(results, run_dir, lambda folder: save_selected(selection, run, folder))
-    log.info("tracking done (%.1f s into the run)", time.time() - started)
+    log.info("tracking done (%s)", _into(started))
     board.enter("finished")
 
 

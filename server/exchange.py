@@ -23,32 +23,52 @@ POLL_SECONDS = 0.5  # first wait after a poll that found nothing; doubles up to 
 MAX_POLL_SECONDS = 1.0
 
 
+class Exchange:
+    """Messages pushed now, their replies pulled later (``replies``): two phases that talk to
+    disjoint nodes (internal validation at the training sites, external validation at the
+    held-out ones) run at the same time instead of one after the other."""
+
+    def __init__(self, grid: Grid, messages: list[Message], timeout: float, *,
+                 poll: float = POLL_SECONDS) -> None:
+        self.grid, self.poll = grid, poll
+        self.pending = list(grid.push_messages(messages)) if messages else []
+        self.timeout = timeout
+        self.deadline = time.monotonic() + timeout
+
+    def replies(self) -> Iterator[Message]:
+        """Each reply as soon as it is pulled, until all have answered or the timeout (from
+        the push) has passed; messages unanswered then are simply missing, as with
+        ``send_and_receive``."""
+        pending, wait = self.pending, self.poll / 2
+        while pending:  # at least one pull: replies may have come in while the caller worked
+            arrived = False
+            for mid in list(pending):
+                for reply in self.grid.pull_messages([mid]):  # one id: one model in memory
+                    if reply.metadata.reply_to_message_id in pending:
+                        pending.remove(reply.metadata.reply_to_message_id)
+                    arrived = True
+                    yield reply
+            if not pending or time.monotonic() >= self.deadline:
+                break
+            # Back off while nothing arrives: every poll is one request per pending message,
+            # and the SuperLink serves every node too.
+            wait = self.poll / 2 if arrived else min(wait * 2, MAX_POLL_SECONDS)
+            if not arrived:
+                time.sleep(min(wait, max(self.deadline - time.monotonic(), 0)))
+        if pending:
+            log.warning("%d message(s) unanswered after %.0f s", len(pending), self.timeout)
+
+
 def stream_replies(grid: Grid, messages: list[Message], timeout: float, *,
                    poll: float = POLL_SECONDS) -> Iterator[Message]:
-    """Push ``messages``; yield each reply as soon as it is pulled, until all have answered
-    or ``timeout`` seconds have passed (messages still unanswered then are simply missing
-    from what was yielded, as with ``send_and_receive``)."""
+    """Push ``messages`` (at the first ``next``); yield each reply as soon as it is pulled,
+    until all have answered or ``timeout`` seconds have passed (messages still unanswered
+    then are simply missing from what was yielded, as with ``send_and_receive``)."""
     if not messages:
         return
-    pending = list(grid.push_messages(messages))
+    exchange = Exchange(grid, messages, timeout, poll=poll)
     del messages
-    deadline = time.monotonic() + timeout
-    wait = poll / 2
-    while pending and time.monotonic() < deadline:
-        arrived = False
-        for mid in list(pending):
-            for reply in grid.pull_messages([mid]):  # one id: at most one model in memory
-                if reply.metadata.reply_to_message_id in pending:
-                    pending.remove(reply.metadata.reply_to_message_id)
-                arrived = True
-                yield reply
-        # Back off while nothing arrives: every poll is one request per pending message,
-        # and the SuperLink serves every node too.
-        wait = poll / 2 if arrived else min(wait * 2, MAX_POLL_SECONDS)
-        if pending and not arrived:
-            time.sleep(min(wait, max(deadline - time.monotonic(), 0)))
-    if pending:
-        log.warning("%d message(s) unanswered after %.0f s", len(pending), timeout)
+    yield from exchange.replies()
 
 
 def send(grid: Grid, messages: list[Message], timeout: float) -> list[Message]:
