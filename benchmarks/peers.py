@@ -69,11 +69,13 @@ image-size = 32
 batch-size = 16
 sites = 3
 cohort = ""
+timing = ""
 """
 
 # A Flower app as its documentation writes one: FedAvg over the training sites, each site
 # trains the global model one epoch and validates it. Only the workload is fedcxr's.
 PEER_APP = '''\
+import os
 import time
 import tomllib
 from pathlib import Path
@@ -133,7 +135,10 @@ def main(grid: Grid, context: Context) -> None:
     from common.model import build_model
 
     began = time.perf_counter()
-    print("peer: ServerApp main started", flush=True)
+    stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    age = float(Path("/proc/uptime").read_text().split()[0]) - int(stat[19]) / os.sysconf(
+        "SC_CLK_TCK")
+    Path(context.run_config["timing"]).write_text(f"{age:.2f}\n")
     n = int(context.run_config["sites"])
     strategy = FedAvg(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(build_model().state_dict()),
@@ -225,7 +230,8 @@ def _flower_env(home: Path) -> dict:
 
 
 def plain_flower(cohort: Path, rounds: int, size: int, sites: int
-                 ) -> tuple[float, Peaks, str]:
+                 ) -> tuple[float, Peaks, float]:
+    """Wall time, peaks, and how long after its process started the ServerApp's main ran."""
     """The minimal Flower app, through the same SuperLink machinery as fedcxr simulate."""
     from cli.simulate import free_port, submit_and_wait
 
@@ -240,7 +246,8 @@ def plain_flower(cohort: Path, rounds: int, size: int, sites: int
     env = _flower_env(home)
     config = home / "run-config.toml"
     config.write_text(f'num-rounds = {rounds}\nimage-size = {size}\nbatch-size = 16\n'
-                      f'sites = {sites}\ncohort = "{cohort / "cohort.toml"}"\n')
+                      f'sites = {sites}\ncohort = "{cohort / "cohort.toml"}"\n'
+                      f'timing = "{home / "main-age.txt"}"\n')
     federation = (f"num-supernodes={sites} client-resources-num-cpus=1 "
                   f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 1} "
                   "init-args-num-gpus=0")
@@ -264,7 +271,7 @@ def plain_flower(cohort: Path, rounds: int, size: int, sites: int
         total = time.perf_counter() - start
     if status != "finished:completed":
         raise SystemExit(f"plain Flower run ended {status}; see {log}")
-    return total, peaks, status
+    return total, peaks, float((home / "main-age.txt").read_text())
 
 
 def _wait(port: int, timeout: float = 60) -> None:
@@ -291,12 +298,12 @@ PHASES = (("discovery and role probe", r"protocol: .*" + _AT),
           ("tracking", r"tracking done " + _AT))
 
 
-def fedcxr(cohort: Path, rounds: int, size: int, out: Path
+def fedcxr(cohort: Path, rounds: int, size: int, out: Path, extra: str = ""
            ) -> tuple[float, Peaks, dict, dict]:
     """``fedcxr simulate`` in a child process (its log parsed for the breakdown)."""
     cmd = [sys.executable, "-m", "cli.main", "simulate", "--cohort", str(cohort / "cohort.toml"),
            "--run-config", f"num-rounds={rounds} image-size={size} batch-size=16 "
-           f"out-dir={out} run-name=r{rounds}-{time.monotonic_ns()} tracking-uri=off"]
+           f"out-dir={out} run-name=r{rounds}-{time.monotonic_ns()} tracking-uri=off {extra}"]
     with Peaks() as peaks:
         start = time.perf_counter()
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -306,6 +313,9 @@ def fedcxr(cohort: Path, rounds: int, size: int, out: Path
     text = done.stdout + done.stderr
     marks, memory = {}, {}
     # Its own per-round wall time (first message to checkpoint written), round 1 included.
+    found = re.search(r"ServerApp main \(([\d.]+) s after its process started\)", text)
+    if found:
+        marks["main after process start"] = float(found.group(1))
     rounds = [float(x) for x in re.findall(r"round \d+: federated .*?; ([\d.]+) s \(replies",
                                            text)]
     if rounds:
@@ -331,6 +341,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=80)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--sites", type=int, default=3, help="training sites (one more is held out)")
+    p.add_argument("--unwindowed", action="store_true",
+                   help="also one fedcxr run of --rounds with max-in-flight=0 (every message "
+                        "out at once, fedcxr simulate's default before issue #20): its peaks")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
@@ -344,6 +357,7 @@ def main() -> None:
     marks: dict[str, float] = {}
     memory: dict[str, tuple[float, float]] = {}  # phase -> ServerApp (RSS, peak) GiB at its end
     logged = 0.0  # fedcxr's own mean round time in its best R'-round run
+    ages: dict[str, list[float]] = {}  # ServerApp main, s after the simulation process began
     loads = []
 
     def keep(key, value):
@@ -354,11 +368,14 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             keep(("direct (2 arms)", r), direct(cohort, r, args.size, arms=2))
             keep(("direct (1 arm)", r), direct(cohort, r, args.size, arms=1))
-            total, pk, _ = plain_flower(cohort, r, args.size, args.sites)
+            total, pk, age = plain_flower(cohort, r, args.size, args.sites)
+            ages.setdefault("plain Flower", []).append(age)
             keep(("plain Flower", r), total)
             for k, v in pk.by_role.items():
                 peaks["plain Flower"][k] = max(peaks["plain Flower"].get(k, 0), v)
             total, pk, mk, mem = fedcxr(cohort, r, args.size, work / "runs")
+            if "main after process start" in mk:
+                ages.setdefault("fedcxr", []).append(mk["main after process start"])
             keep(("fedcxr", r), total)
             for k, v in pk.by_role.items():
                 peaks["fedcxr"][k] = max(peaks["fedcxr"].get(k, 0), v)
@@ -369,6 +386,8 @@ def main() -> None:
             print(f"try {t + 1}/{args.tries}, {r} rounds done (load {loads[-1]:.2f})",
                   flush=True)
     span = args.more_rounds - args.rounds
+    unwindowed = fedcxr(cohort, args.rounds, args.size, work / "runs",
+                        "max-in-flight=0")[1].by_role if args.unwindowed else {}
 
     def per_round(name: str) -> float:
         return (best[(name, args.more_rounds)] - best[(name, args.rounds)]) / span
@@ -377,19 +396,25 @@ def main() -> None:
     print(f"\n{args.sites} training sites (+1 held out) x {args.images} images at {args.size} px, "
           f"DenseNet-121, {args.rounds} and {args.more_rounds} rounds, best of {args.tries} "
           f"interleaved tries; load average {min(loads):.2f}-{max(loads):.2f}")
-    print(f"{'figure':<44}{'fedcxr':>14}{'plain Flower':>16}")
+    print(f"{'figure':<52}{'fedcxr':>14}{'plain Flower':>16}")
     ratio = {n: per_round(n) / per_round(own[n]) for n in own}
-    print(f"{'per-round cost vs its own direct loop':<44}{ratio['fedcxr']:>13.2f}x"
+    print(f"{'per-round cost vs its own direct loop':<52}{ratio['fedcxr']:>13.2f}x"
           f"{ratio['plain Flower']:>15.2f}x")
     fixed = {n: best[(n, args.rounds)] - args.rounds * per_round(n) for n in own}
-    print(f"{'fixed cost of a run':<44}{fixed['fedcxr']:>13.1f}s{fixed['plain Flower']:>15.1f}s")
-    print(f"{'per round':<44}{per_round('fedcxr'):>13.1f}s{per_round('plain Flower'):>15.1f}s")
+    print(f"{'fixed cost of a run':<52}{fixed['fedcxr']:>13.1f}s{fixed['plain Flower']:>15.1f}s")
+    print(f"{'per round':<52}{per_round('fedcxr'):>13.1f}s{per_round('plain Flower'):>15.1f}s")
     roles = sorted(set(peaks["fedcxr"]) | set(peaks["plain Flower"]))
     for role in roles:
         a, b = peaks["fedcxr"].get(role), peaks["plain Flower"].get(role)
-        print(f"{'peak RSS: ' + role:<44}{gib(a) if a else '-':>14}{gib(b) if b else '-':>16}")
+        print(f"{'peak RSS: ' + role:<52}{gib(a) if a else '-':>14}{gib(b) if b else '-':>16}")
+    for role, peak in sorted(unwindowed.items()):
+        print(f"{'peak RSS: ' + role + ', max-in-flight=0':<52}{gib(peak):>14}{'-':>16}")
+    if ages:
+        print(f"{'ServerApp main, s after its process began (min)':<52}"
+              f"{min(ages.get('fedcxr', [float('nan')])):>13.1f}s"
+              f"{min(ages.get('plain Flower', [float('nan')])):>15.1f}s")
     if logged:
-        print(f"{'per round, fedcxr log (mean of ' + str(args.more_rounds) + ' rounds)':<44}"
+        print(f"{'per round, fedcxr log (mean of ' + str(args.more_rounds) + ' rounds)':<52}"
               f"{logged:>13.1f}s{'-':>16}")
     print("NVFlare: not compared by this script (it has no NVFlare job runner)")
     if marks:
@@ -398,7 +423,7 @@ def main() -> None:
               "ServerApp's start and the teardown)")
         last = 0.0
         for name, at in marks.items():
-            if name == "mean round (its log)":
+            if name in ("mean round (its log)", "main after process start"):
                 continue
             rss = (f"   ServerApp RSS {memory[name][0]:.2f} GiB, peak {memory[name][1]:.2f}"
                    if name in memory else "")

@@ -72,6 +72,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "screen_norm_factor": (0, INF, True, True),
     "threshold_target": (0, 1, True, True),
     "round_timeout": (0, INF, True, True),
+    "max_in_flight": (0, 1_000_000, False, False),
     "max_images_per_site": (0, 2**63 - 1, False, False),
 }
 
@@ -165,6 +166,10 @@ class RunConfig:
     correction: Correction = "holm"
     shift: bool = False
     round_timeout: float = 900.0
+    # Messages that carry models, pushed at once per exchange (more as replies come); 0: one
+    # to every site at once. `fedcxr simulate` sets it to the nodes the simulation runs at
+    # once, so its process never holds more messages than are being worked on.
+    max_in_flight: int = 0
     max_images_per_site: int = 0  # 0: all; a cap for smoke runs
     # Grad-CAM localisation (H3) at held-out sites: at most this many images per label and
     # model (each costs a forward and a backward); 0: no localisation.

@@ -26,8 +26,10 @@ import csv
 import json
 import logging
 import math
+import os
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -96,20 +98,34 @@ def _record(weights: dict[str, np.ndarray], run: RunConfig) -> ArrayRecord:
     return to_record(weights, run.transport_dtype)
 
 
-def _into(started: float) -> str:
-    """How far into the run, and this process's resident memory now and at its peak (the
-    kernel's VmRSS / VmHWM; Linux only): the phase log doubles as a time and memory
-    breakdown (``benchmarks/peers.py`` reads it)."""
-    text = f"{time.time() - started:.1f} s into the run"
+def _memory() -> str:
+    """This process's resident memory now and at its peak (the kernel's VmRSS / VmHWM; Linux
+    only, else nothing): the phase log doubles as a memory breakdown."""
     try:
         status = Path("/proc/self/status").read_text()
     except OSError:
-        return text
+        return ""
     kb = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
-    if len(kb) == 2:
-        text += (f"; ServerApp RSS {int(kb['VmRSS']) / 2**20:.2f} GiB, "
-                 f"peak {int(kb['VmHWM']) / 2**20:.2f} GiB")
-    return text
+    if len(kb) != 2:
+        return ""
+    return (f"; ServerApp RSS {int(kb['VmRSS']) / 2**20:.2f} GiB, "
+            f"peak {int(kb['VmHWM']) / 2**20:.2f} GiB")
+
+
+def _process_age() -> str:
+    """Seconds since this process started (Linux; else nothing): at the ServerApp's start,
+    what Flower's start-up (simulation process, Ray, loading the apps) cost before it."""
+    try:
+        start = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, IndexError, ValueError):
+        return ""
+    return f" ({uptime - start / os.sysconf('SC_CLK_TCK'):.1f} s after its process started)"
+
+
+def _into(started: float) -> str:
+    """How far into the run, and the memory (``benchmarks/peers.py`` reads both)."""
+    return f"{time.time() - started:.1f} s into the run{_memory()}"
 
 
 def _auc(value: float | None) -> str:
@@ -219,7 +235,8 @@ def open_run(run: RunConfig, context: Context) -> tuple[str, Path, RunState]:
         run_name = run.run_name or f"run-{context.run_id}"
     run_dir = Path(run.out_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("fedcxr: run %s -> %s", run_name, run_dir.resolve())
+    log.info("fedcxr: run %s -> %s; ServerApp main%s", run_name, run_dir.resolve(),
+             _process_age())
     return run_name, run_dir, st
 
 
@@ -265,7 +282,7 @@ def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
         follow(board, st)
         final = final_rows(st, rnd)
         tracker.rounds([h for h in st.history if (h.round, h.arm) in final], st.epsilon)
-        log.info("round %d: checkpoint %s (%.1f s)", rnd, path.name, done - saving)
+        log.info("round %d: checkpoint %s (%.1f s%s)", rnd, path.name, done - saving, _memory())
 
 
 def final_rows(st: RunState, rnd: int) -> set[tuple[int, str]]:
@@ -276,15 +293,15 @@ def final_rows(st: RunState, rnd: int) -> set[tuple[int, str]]:
 
 
 def train_requests(run: RunConfig, rnd: int, st: RunState, strategy, grid: Grid,
-                   sites: dict[int, str], run_name: str) -> list[Message]:
+                   sites: dict[int, str], run_name: str) -> Iterator[Message]:
     """One message per training site with both arms (one ClientApp process per site and
-    round); the strategy configures the federated arm (on training nodes only)."""
+    round); the strategy configures the federated arm (on training nodes only). Each is
+    built when it is sent (``max-in-flight``): a site's own arm is a model-sized record."""
     planned = run.num_rounds * 2  # federated + single-site arm both spend each round
     common = {"server_round": rnd, "norm": run.norm, "run_name": run_name,
               "planned_units": planned}
     configured = list(strategy.configure_train(rnd, _record(st.arms[FEDERATED], run),
                                                ConfigRecord(), TrainNodesGrid(grid, sites)))
-    msgs = []
     for m in configured:
         node = m.metadata.dst_node_id
         weights, mu, strategy_config = wire.from_strategy(m)
@@ -293,15 +310,14 @@ def train_requests(run: RunConfig, rnd: int, st: RunState, strategy, grid: Grid,
             single=wire.ArmTask(single(sites[node]), arm_seed(run.seed, rnd, "single"),
                                 _record(st.arms[single(sites[node])], run)),
             validate_received=rnd > 1, proximal_mu=mu, strategy_config=strategy_config)
-        msgs.append(_msg(request.encode(), node, wire.TRAIN, rnd))
+        yield _msg(request.encode(), node, wire.TRAIN, rnd)
     paired = {m.metadata.dst_node_id for m in configured}
     for node in sorted(set(sites) - paired):  # the strategy sampled this site out
         request = wire.TrainRequest(
             **common, first=wire.ArmTask(single(sites[node]), arm_seed(run.seed, rnd, "single"),
                                          _record(st.arms[single(sites[node])], run)),
             report_val=True)
-        msgs.append(_msg(request.encode(), node, wire.TRAIN, rnd))
-    return msgs
+        yield _msg(request.encode(), node, wire.TRAIN, rnd)
 
 
 def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Node],
@@ -352,7 +368,7 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
             take_arm(r, reply.single)
 
     try:
-        for reply in stream_replies(grid, msgs, run.round_timeout):
+        for reply in stream_replies(grid, msgs, run.round_timeout, window=run.max_in_flight):
             take(reply)
             del reply
         replied = time.monotonic()
@@ -446,10 +462,10 @@ def validate_global(grid: Grid, run: RunConfig, weights: dict,
     """The last global model's validation at every training site (the earlier ones were
     validated by the next round's train message)."""
     request = wire.ValidateRequest({FEDERATED: _record(weights, run)}, run.norm).encode()
-    msgs = [_msg(request, n, wire.VALIDATE, run.num_rounds + PHASE_AFTER_TRAINING["select"])
-            for n in train_nodes]
+    msgs = (_msg(request, n, wire.VALIDATE, run.num_rounds + PHASE_AFTER_TRAINING["select"])
+            for n in train_nodes)
     out = PooledValidation()
-    for r in send(grid, msgs, run.round_timeout):
+    for r in stream_replies(grid, msgs, run.round_timeout, window=run.max_in_flight):
         if r.has_error():
             log.warning("validation at node %d failed: %s", r.metadata.src_node_id,
                         r.error.reason)
@@ -520,8 +536,8 @@ def start_internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict
     request = wire.InternalRequest({name: _record(w, run) for name, w in models.items()},
                                    run.norm, primary, run_name).encode()
     group = run.num_rounds + PHASE_AFTER_TRAINING["internal"]
-    return Exchange(grid, [_msg(request, n, wire.INTERNAL, group) for n in train_nodes],
-                    run.round_timeout)
+    return Exchange(grid, (_msg(request, n, wire.INTERNAL, group) for n in train_nodes),
+                    run.round_timeout, window=run.max_in_flight)
 
 
 def internal_results(exchange: Exchange, train_nodes: dict[int, Node]) -> dict:
@@ -559,20 +575,31 @@ def external_validation(grid: Grid, run: RunConfig, run_name: str, models: dict[
         return []
     group = run.num_rounds + PHASE_AFTER_TRAINING["external"]
     scored: dict[int, set[str]] = {n: set() for n in held_out}
-    for name, weights in models.items():
-        request = wire.ScoreRequest(name, _record(weights, run), norms[name], run_name)
-        msgs = [_msg(request.encode(), n, wire.SCORE, group) for n in held_out]
-        for r in send(grid, msgs, run.round_timeout):
-            node = r.metadata.src_node_id
-            if r.has_error():
-                log.warning("external scoring of %s at %s failed: %s", name,
-                            held_out[node].site if node in held_out else node, r.error.reason)
-            elif node in scored:
-                scored[node].add(name)
+    names = list(models)
+
+    def requests() -> Iterator[Message]:
+        # Model by model, each record built when its first message goes out; a node
+        # that finishes one model gets the next without waiting for the others.
+        for name in names:
+            request = wire.ScoreRequest(name, _record(models[name], run), norms[name],
+                                        run_name).encode()
+            for n in held_out:
+                yield _msg(request, n, wire.SCORE, group)
+
+    exchange = Exchange(grid, requests(), run.round_timeout,
+                        window=run.max_in_flight or len(held_out))
+    for r in exchange.replies():
+        node = r.metadata.src_node_id
+        name = names[exchange.order[r.metadata.reply_to_message_id] // len(held_out)]
+        if r.has_error():
+            log.warning("external scoring of %s at %s failed: %s", name,
+                        held_out[node].site if node in held_out else node, r.error.reason)
+        elif node in scored:
+            scored[node].add(name)
     request = wire.ExternalRequest(run_name, list(models), thresholds, primary,
                                    pairs).encode()
-    msgs = [_msg(request, n, wire.EXTERNAL, group) for n, names in scored.items()
-            if names == set(models)]
+    msgs = [_msg(request, n, wire.EXTERNAL, group) for n, done in scored.items()
+            if done == set(models)]
     out = []
     for r in send(grid, msgs, run.round_timeout):
         if r.has_error():

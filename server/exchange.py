@@ -9,9 +9,10 @@ caller can fold each model into its running state and drop it before the next is
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message
 from flwr.common.constant import ErrorCode
@@ -26,14 +27,31 @@ MAX_POLL_SECONDS = 1.0
 class Exchange:
     """Messages pushed now, their replies pulled later (``replies``): two phases that talk to
     disjoint nodes (internal validation at the training sites, external validation at the
-    held-out ones) run at the same time instead of one after the other."""
+    held-out ones) run at the same time instead of one after the other.
 
-    def __init__(self, grid: Grid, messages: list[Message], timeout: float, *,
-                 poll: float = POLL_SECONDS) -> None:
-        self.grid, self.poll = grid, poll
-        self.pending = list(grid.push_messages(messages)) if messages else []
+    ``window`` (run config ``max-in-flight``) bounds how many are out at once: the first
+    ``window`` are pushed now and one more each time a reply is pulled, so ``messages`` may
+    be a generator that builds each (model-sized) message only when it is sent. 0: all at
+    once."""
+
+    def __init__(self, grid: Grid, messages: Iterable[Message], timeout: float, *,
+                 poll: float = POLL_SECONDS, window: int = 0) -> None:
+        self.grid, self.poll, self.window = grid, poll, window
+        self._queue: Iterator[Message] = iter(messages)
+        self.pending: list[str] = []
+        self.order: dict[str, int] = {}  # message id -> its place in ``messages``
+        self.unsent = 0
         self.timeout = timeout
         self.deadline = time.monotonic() + timeout
+        self._push(window or None)
+
+    def _push(self, count: int | None) -> None:
+        batch = list(itertools.islice(self._queue, count))
+        if batch:
+            ids = list(self.grid.push_messages(batch))
+            first = len(self.order)
+            self.order.update((mid, first + k) for k, mid in enumerate(ids))
+            self.pending += ids
 
     def replies(self) -> Iterator[Message]:
         """Each reply as soon as it is pulled, until all have answered or the timeout (from
@@ -47,6 +65,8 @@ class Exchange:
                     if reply.metadata.reply_to_message_id in pending:
                         pending.remove(reply.metadata.reply_to_message_id)
                     arrived = True
+                    if self.window and time.monotonic() < self.deadline:
+                        self._push(1)  # the next message takes this one's place
                     yield reply
             if not pending or time.monotonic() >= self.deadline:
                 break
@@ -55,18 +75,19 @@ class Exchange:
             wait = self.poll / 2 if arrived else min(wait * 2, MAX_POLL_SECONDS)
             if not arrived:
                 time.sleep(min(wait, max(self.deadline - time.monotonic(), 0)))
-        if pending:
-            log.warning("%d message(s) unanswered after %.0f s", len(pending), self.timeout)
+        self.unsent = sum(1 for _ in self._queue)  # a window still full at the deadline
+        if pending or self.unsent:
+            log.warning("%d message(s) unanswered after %.0f s%s", len(pending), self.timeout,
+                        f", {self.unsent} never sent" if self.unsent else "")
 
 
-def stream_replies(grid: Grid, messages: list[Message], timeout: float, *,
-                   poll: float = POLL_SECONDS) -> Iterator[Message]:
-    """Push ``messages`` (at the first ``next``); yield each reply as soon as it is pulled,
-    until all have answered or ``timeout`` seconds have passed (messages still unanswered
-    then are simply missing from what was yielded, as with ``send_and_receive``)."""
-    if not messages:
-        return
-    exchange = Exchange(grid, messages, timeout, poll=poll)
+def stream_replies(grid: Grid, messages: Iterable[Message], timeout: float, *,
+                   poll: float = POLL_SECONDS, window: int = 0) -> Iterator[Message]:
+    """Push ``messages`` (at the first ``next``; ``window`` at a time, see ``Exchange``);
+    yield each reply as soon as it is pulled, until all have answered or ``timeout`` seconds
+    have passed (messages still unanswered then are simply missing from what was yielded, as
+    with ``send_and_receive``)."""
+    exchange = Exchange(grid, messages, timeout, poll=poll, window=window)
     del messages
     yield from exchange.replies()
 

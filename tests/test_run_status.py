@@ -72,37 +72,3 @@ def test_a_node_that_stopped_heartbeating_is_reported_disconnected(task_identity
     refused = Message(Error(code=4001, reason="held-out site"), reply_to=sent)
     assert failure_reason(refused) == "held-out site"
 
-
-def test_an_exchange_collects_replies_that_came_in_while_the_caller_worked(task_identity):
-    """Internal validation is pushed, external validation runs, then internal replies are
-    pulled: a reply that arrived meanwhile is collected even when the exchange's timeout
-    has passed by then; one that never came is missing (and said so)."""
-    import time
-
-    from flwr.app import Message, RecordDict
-
-    from server.exchange import Exchange
-
-    class Grid:  # pushes and pulls by message id, as Flower's Grid does
-        def __init__(self):
-            self.sent, self.ready = {}, {}
-
-        def push_messages(self, messages):
-            for k, m in enumerate(messages):
-                self.sent[f"m{k}"] = m
-            return list(self.sent)
-
-        def pull_messages(self, ids):
-            return [self.ready.pop(i) for i in ids if i in self.ready]
-
-    grid = Grid()
-    sent = [Message(RecordDict(), dst_node_id=n, message_type="query", group_id="1")
-            for n in (1, 2)]
-    exchange = Exchange(grid, sent, timeout=0.05)
-    assert set(grid.sent) == {"m0", "m1"}  # pushed at once, before any pull
-    reply = Message(RecordDict(), reply_to=grid.sent["m0"])
-    reply.metadata.__dict__["_reply_to_message_id"] = "m0"  # as Flower sets it (no setter)
-    grid.ready["m0"] = reply
-    time.sleep(0.1)  # the caller worked past the exchange's deadline
-    assert list(exchange.replies()) == [reply]
-    assert exchange.pending == ["m1"]

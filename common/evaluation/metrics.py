@@ -12,9 +12,10 @@ from dataclasses import asdict, dataclass
 from typing import Literal, get_args
 
 import numpy as np
-from sklearn.metrics import brier_score_loss
-from statsmodels.stats.multitest import multipletests
-from statsmodels.stats.proportion import proportion_confint
+
+# scikit-learn and statsmodels are imported where they are used: this module's constants are
+# read by common.config, which every process (CLI, waiter, ServerApp, nodes) imports first,
+# and the two libraries are 2 s of import there.
 
 GRID = np.linspace(0.0, 1.0, 1001)  # threshold grid on predicted probability
 ThresholdMethod = Literal["specificity", "sensitivity", "youden", "max_f1"]
@@ -29,6 +30,8 @@ def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for k successes out of n (statsmodels' ``proportion_confint``)."""
     if n == 0:
         return (float("nan"), float("nan"))
+    from statsmodels.stats.proportion import proportion_confint
+
     low, high = proportion_confint(k, n, alpha=1 - level, method="wilson")
     return float(max(0.0, low)), float(min(1.0, high))
 
@@ -149,6 +152,8 @@ def brier(y_true, y_prob) -> float:
     y = np.asarray(y_true, dtype=float)
     p = np.asarray(y_prob, dtype=float)
     keep = ~np.isnan(y)
+    from sklearn.metrics import brier_score_loss
+
     return float(brier_score_loss(y[keep], p[keep])) if keep.any() else float("nan")
 
 
@@ -164,6 +169,8 @@ def adjust(p_values, method: str = "holm") -> np.ndarray:
     out = np.full_like(p, np.nan)
     ok = ~np.isnan(p)
     if ok.any():
+        from statsmodels.stats.multitest import multipletests
+
         out[ok] = multipletests(p[ok], method=METHODS[method])[1]
     return out
 

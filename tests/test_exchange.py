@@ -1,0 +1,93 @@
+"""``server.exchange.Exchange``: messages pushed now or a window at a time, replies pulled
+later, against a grid that keeps pushed messages and their replies by id, as Flower's does."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from flwr.app import Message, RecordDict
+
+from server.exchange import Exchange
+
+
+class Grid:
+    """Flower's Grid contract as ``Exchange`` uses it: ``push_messages`` returns ids,
+    ``pull_messages(ids)`` returns the replies that have come for them."""
+
+    def __init__(self):
+        self.sent: dict[str, Message] = {}
+        self.ready: dict[str, Message] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            ids.append(f"m{len(self.sent)}")
+            self.sent[ids[-1]] = m
+        return ids
+
+    def pull_messages(self, ids):
+        return [self.ready.pop(i) for i in ids if i in self.ready]
+
+    def answer(self, mid: str) -> Message:
+        reply = Message(RecordDict(), reply_to=self.sent[mid])
+        reply.metadata.__dict__["_reply_to_message_id"] = mid  # as Flower sets it (no setter)
+        self.ready[mid] = reply
+        return reply
+
+
+def _messages(nodes, built: list | None = None):
+    for n in nodes:
+        if built is not None:
+            built.append(n)
+        yield Message(RecordDict(), dst_node_id=n, message_type="train", group_id="1")
+
+
+@pytest.fixture(autouse=True)
+def _identity(task_identity):
+    yield
+
+
+def test_replies_that_came_while_the_caller_worked_are_collected_after_the_timeout():
+    """Internal validation is pushed, external validation runs, then internal replies are
+    pulled: a reply that arrived meanwhile is collected even though the exchange's timeout
+    has passed by then; one that never came is missing (and said so)."""
+    grid = Grid()
+    exchange = Exchange(grid, _messages([1, 2]), timeout=0.05)
+    assert set(grid.sent) == {"m0", "m1"}  # pushed at once, before any pull
+    reply = grid.answer("m0")
+    time.sleep(0.1)  # the caller worked past the exchange's deadline
+    assert list(exchange.replies()) == [reply]
+    assert exchange.pending == ["m1"]
+
+
+def test_a_window_sends_the_next_message_as_each_reply_comes():
+    """max-in-flight 2 over 5 sites (each answering at once): two messages out, each built
+    only when it is sent; every reply lets exactly one more out; all five answered."""
+
+    class Answering(Grid):
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            for mid in ids:
+                self.answer(mid)
+            return ids
+
+    grid, built = Answering(), []
+    exchange = Exchange(grid, _messages([1, 2, 3, 4, 5], built), timeout=30, window=2)
+    assert list(grid.sent) == ["m0", "m1"] and built == [1, 2]
+    got = []
+    for reply in exchange.replies():
+        got.append(reply.metadata.reply_to_message_id)
+        assert len(grid.sent) - len(got) <= 2  # never more than the window out
+    assert sorted(got) == ["m0", "m1", "m2", "m3", "m4"] and built == [1, 2, 3, 4, 5]
+    assert exchange.unsent == 0
+    # Each reply traces back to the message it answers, by its place in the sequence.
+    assert {mid: exchange.order[mid] for mid in got} == {f"m{k}": k for k in range(5)}
+
+
+def test_a_window_still_full_at_the_timeout_leaves_the_rest_unsent():
+    grid = Grid()
+    exchange = Exchange(grid, _messages([1, 2, 3]), timeout=0.01, window=1)
+    time.sleep(0.05)
+    assert list(exchange.replies()) == []
+    assert list(grid.sent) == ["m0"] and exchange.unsent == 2
