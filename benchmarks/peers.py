@@ -288,7 +288,8 @@ def _wait(port: int, timeout: float = 60) -> None:
 
 # Each phase's end in fedcxr's own log: "(<s> s into the run; ServerApp RSS <x> GiB, peak
 # <y> GiB)".
-_AT = r"[(;] ?([\d.]+) s into the run(?:; ServerApp RSS ([\d.]+) GiB, peak ([\d.]+) GiB)?"
+_AT = (r"[(;] ?([\d.]+) s into the run(?:; ServerApp RSS ([\d.]+) GiB(?: \(([\d.]+) shared\))?"
+       r", peak ([\d.]+) GiB)?")
 PHASES = (("discovery and role probe", r"protocol: .*" + _AT),
           ("training rounds", r"training done: .*" + _AT),
           ("thresholds fixed", r"thresholds fixed .*" + _AT),
@@ -313,7 +314,7 @@ def fedcxr(cohort: Path, rounds: int, size: int, out: Path, extra: str = ""
     text = done.stdout + done.stderr
     marks, memory = {}, {}
     # Its own per-round wall time (first message to checkpoint written), round 1 included.
-    found = re.search(r"ServerApp main \(([\d.]+) s after its process started\)", text)
+    found = re.search(r"ServerApp main ([\d.]+) s after its process started", text)
     if found:
         marks["main after process start"] = float(found.group(1))
     rounds = [float(x) for x in re.findall(r"round \d+: federated .*?; ([\d.]+) s \(replies",
@@ -325,7 +326,8 @@ def fedcxr(cohort: Path, rounds: int, size: int, out: Path, extra: str = ""
         if found:
             marks[name] = float(found.group(1))
             if found.group(2):
-                memory[name] = (float(found.group(2)), float(found.group(3)))
+                memory[name] = (float(found.group(2)), float(found.group(3) or 0),
+                                float(found.group(4)))
     return total, peaks, marks, memory
 
 
@@ -355,7 +357,7 @@ def main() -> None:
     best: dict[tuple[str, int], float] = {}
     peaks: dict[str, dict[str, int]] = {"plain Flower": {}, "fedcxr": {}}
     marks: dict[str, float] = {}
-    memory: dict[str, tuple[float, float]] = {}  # phase -> ServerApp (RSS, peak) GiB at its end
+    memory: dict[str, tuple[float, float, float]] = {}  # phase -> (RSS, shared, peak) GiB
     logged = 0.0  # fedcxr's own mean round time in its best R'-round run
     ages: dict[str, list[float]] = {}  # ServerApp main, s after the simulation process began
     loads = []
@@ -425,8 +427,8 @@ def main() -> None:
         for name, at in marks.items():
             if name in ("mean round (its log)", "main after process start"):
                 continue
-            rss = (f"   ServerApp RSS {memory[name][0]:.2f} GiB, peak {memory[name][1]:.2f}"
-                   if name in memory else "")
+            rss = (f"   ServerApp RSS {memory[name][0]:.2f} GiB ({memory[name][1]:.2f} "
+                   f"shared), peak {memory[name][2]:.2f}" if name in memory else "")
             print(f"  {name:<28}{at:>8.1f}  (+{at - last:.1f}){rss}")
             last = at
         whole = best[("fedcxr", args.rounds)]

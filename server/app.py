@@ -105,11 +105,13 @@ def _memory() -> str:
         status = Path("/proc/self/status").read_text()
     except OSError:
         return ""
-    kb = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, re.M))
-    if len(kb) != 2:
+    kb = {k: int(v) / 2**20 for k, v in
+          re.findall(r"^(VmRSS|VmHWM|RssShmem):\s+(\d+) kB", status, re.M)}
+    if "VmRSS" not in kb or "VmHWM" not in kb:
         return ""
-    return (f"; ServerApp RSS {int(kb['VmRSS']) / 2**20:.2f} GiB, "
-            f"peak {int(kb['VmHWM']) / 2**20:.2f} GiB")
+    # Shared memory (Ray's object store, in a simulation) is counted in RSS too.
+    shared = f" ({kb['RssShmem']:.2f} shared)" if kb.get("RssShmem") else ""
+    return f"; ServerApp RSS {kb['VmRSS']:.2f} GiB{shared}, peak {kb['VmHWM']:.2f} GiB"
 
 
 def _process_age() -> str:
@@ -120,7 +122,8 @@ def _process_age() -> str:
         uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (OSError, IndexError, ValueError):
         return ""
-    return f" ({uptime - start / os.sysconf('SC_CLK_TCK'):.1f} s after its process started)"
+    return f"; ServerApp main {uptime - start / os.sysconf('SC_CLK_TCK'):.1f} s after its " \
+        "process started"
 
 
 def _into(started: float) -> str:
@@ -235,8 +238,7 @@ def open_run(run: RunConfig, context: Context) -> tuple[str, Path, RunState]:
         run_name = run.run_name or f"run-{context.run_id}"
     run_dir = Path(run.out_dir) / run_name
     run_dir.mkdir(parents=True, exist_ok=True)
-    log.info("fedcxr: run %s -> %s; ServerApp main%s", run_name, run_dir.resolve(),
-             _process_age())
+    log.info("fedcxr: run %s -> %s%s", run_name, run_dir.resolve(), _process_age())
     return run_name, run_dir, st
 
 
@@ -248,7 +250,9 @@ def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node],
     strategy = make_strategy(run, len(train_nodes))
     if not run.resume_from:
         init = initial.result()
-        st.arms = {FEDERATED: init, **{single(v.site): {k: a.copy() for k, a in init.items()}
+        # One copy of the identical starting weights, shared by every arm until its first
+        # trained weights replace it (nothing writes into an arm's arrays in place).
+        st.arms = {FEDERATED: init, **{single(v.site): dict(init)
                                         for v in train_nodes.values()}}
         return strategy
     restore_strategy_state(strategy, st.strategy)
