@@ -138,7 +138,7 @@ def main(grid: Grid, context: Context) -> None:
     stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
     age = float(Path("/proc/uptime").read_text().split()[0]) - int(stat[19]) / os.sysconf(
         "SC_CLK_TCK")
-    Path(context.run_config["timing"]).write_text(f"{age:.2f}\n")
+    Path(context.run_config["timing"]).write_text(f"{age:.2f}")
     n = int(context.run_config["sites"])
     strategy = FedAvg(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(build_model().state_dict()),
