@@ -19,7 +19,7 @@ Replies carry model weights and aggregate numbers only; see ``tests/test_federat
 This module is the ClientApp and its routing only; the handlers are in ``client.handlers``,
 imported by a node at its first message. Flower also loads this module in the process that
 hosts the ServerApp (the simulation checks that the ClientApp loads), and torch there would
-cost that process about 0.65 GiB for the whole run (``benchmarks/peers.py``).
+hold its memory in that process for the whole run (``benchmarks/peers.py`` prints its peak).
 """
 
 from __future__ import annotations

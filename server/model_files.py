@@ -1,10 +1,11 @@
 """Building, reading and writing model files for the ServerApp, in a child process.
 
 The ServerApp only moves weights (numpy arrays) between sites and a strategy; it never runs
-a model. Importing torch and torchvision to build the initial DenseNet-121 would cost its
-process about 0.65 GiB of resident memory for the whole run, and seconds before discovery
-(``benchmarks/peers.py`` prints both). So the three things that need torch run here, in a
-short-lived ``python -m server.model_files`` child that exchanges plain ``.npz`` files:
+a model. Importing torch and torchvision to build the initial DenseNet-121 would hold their
+resident memory in its process for the whole run and cost seconds before discovery
+(``benchmarks/peers.py`` prints each process's peak RSS and when the ServerApp's main ran).
+So the three things that need torch run here, in a short-lived
+``python -m server.model_files`` child that exchanges plain ``.npz`` files:
 
 - ``initial``: the arms' starting weights (seeded; optionally from ``init-weights``). It
   starts before discovery and is collected after it, so it costs no wall time;

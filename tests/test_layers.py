@@ -53,8 +53,8 @@ def test_the_layer_check_sees_lazy_imports(tmp_path):
 def test_the_process_that_hosts_the_server_app_loads_no_torch():
     """Flower's simulation process imports the ServerApp and the ClientApp module (to check it
     loads); a deployed ServerApp imports the first. Neither may pull in torch, torchvision
-    or Opacus: that process holds numpy weights for the whole run, and torch alone is over
-    0.5 GiB of it (server.model_files builds models in a child process)."""
+    or Opacus: that process holds numpy weights for the whole run, and torch's memory would
+    stay in it (server.model_files builds models in a child process)."""
     import subprocess
     import sys
 
