@@ -60,3 +60,23 @@ def task_identity():
 
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     yield
+
+
+EXIT_GRACE_S = 300  # after the last test, how long the interpreter may take to exit
+
+
+def pytest_unconfigure(config):
+    """A suite that passes but never exits (a thread the interpreter's exit joins, stuck on
+    a dead worker's pipe) ran into CI's time limit once. If this process is still alive
+    ``EXIT_GRACE_S`` after the last test, print every thread's stack and exit with 1: a
+    failure that names its cause, in minutes rather than at the limit."""
+    import faulthandler
+    import sys
+    import threading
+
+    left = [t.name for t in threading.enumerate()
+            if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if left:
+        print(f"\nthreads the interpreter's exit will wait for: {', '.join(left)}",
+              file=sys.stderr)
+    faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
