@@ -1,6 +1,7 @@
 """DenseNet-121 for 1-channel chest radiographs, 14 logits.
 
-Three changes to torchvision's model, each for a reason:
+The network is torchvision's DenseNet-121 (``common.densenet``: the same modules, keys and
+seeded initial weights, without importing torchvision). Three changes, each for a reason:
 - the stem takes ``in_channels`` (1 for radiographs); 3-channel ImageNet weights are summed
   over their input channels, which gives the same response to a grey image;
 - no in-place ReLU anywhere (torchvision's ``forward`` uses ``F.relu(inplace=True)`` and its
@@ -22,9 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from common.atomic import atomic_path
+from common.densenet import densenet121_features
 from common.errors import FedcxrError
 from common.labels import LABELS
 
@@ -43,19 +44,16 @@ class ModelLoadError(FedcxrError):
 
 
 class CxrDenseNet(nn.Module):
-    """torchvision DenseNet-121 features + linear head, with an out-of-place forward."""
+    """DenseNet-121 features + linear head, with an out-of-place forward."""
 
     def __init__(self, num_labels: int = len(LABELS), in_channels: int = 1,
                  norm: str = "batch") -> None:
         super().__init__()
-        base = torchvision.models.densenet121(weights=None)
-        base.features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3,
-                                        bias=False)
-        for module in base.features.modules():
-            if isinstance(module, nn.ReLU):
-                module.inplace = False
-        self.features = base.features
-        self.classifier = nn.Linear(base.classifier.in_features, num_labels)
+        features, imagenet_head = densenet121_features()
+        features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3,
+                                   bias=False)
+        self.features = features
+        self.classifier = nn.Linear(imagenet_head.in_features, num_labels)
         self.num_labels, self.in_channels, self.norm = num_labels, in_channels, "batch"
         if norm == "group":
             to_group_norm(self)

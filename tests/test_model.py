@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,3 +174,49 @@ def test_training_on_a_device_leaves_the_weights_on_the_cpu(tmp_path):
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     validate(model, ds, device=device)
     assert {p.device.type for p in model.parameters()} == {"cpu"}
+
+
+def _torchvision_path(seed: int, in_channels: int = 1, num_labels: int = 14) -> nn.Module:
+    """What ``CxrDenseNet`` built before ``common.densenet``: torchvision's model, its stem
+    and head replaced, every ReLU out of place."""
+    torch.manual_seed(seed)
+    tv = torchvision.models.densenet121(weights=None)
+    tv.features.conv0 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3,
+                                  bias=False)
+    tv.classifier = nn.Linear(tv.classifier.in_features, num_labels)
+    for m in tv.modules():
+        if isinstance(m, nn.ReLU):
+            m.inplace = False
+    return tv
+
+
+def test_our_densenet_is_torchvisions_weight_for_weight_and_output_for_output():
+    """Same keys, same seeded initial weights (seeded runs unchanged), same logits, and the
+    same gradients in training mode (BatchNorm batch statistics)."""
+    tv = _torchvision_path(11)
+    torch.manual_seed(11)
+    ours = build_model()
+    theirs_state, our_state = tv.state_dict(), ours.state_dict()
+    assert list(our_state) == list(theirs_state)
+    for key, value in theirs_state.items():
+        assert torch.equal(our_state[key], value), key
+    x = torch.rand(3, 1, 64, 64)
+    tv.train(), ours.train()
+    out_tv, out_ours = tv(x), ours(x)
+    torch.testing.assert_close(out_ours, out_tv, rtol=0, atol=0)
+    out_tv.sum().backward()
+    out_ours.sum().backward()
+    torch.testing.assert_close(ours.features.denseblock3.denselayer7.conv1.weight.grad,
+                               tv.features.denseblock3.denselayer7.conv1.weight.grad)
+
+
+def test_building_a_model_imports_no_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys; from common.model import build_model; build_model(); "
+            "print('torchvision' in sys.modules)")
+    root = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=root).stdout
+    assert out.strip() == "False"
