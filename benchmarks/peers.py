@@ -293,8 +293,7 @@ _AT = (r"[(;] ?([\d.]+) s into the run(?:; ServerApp RSS ([\d.]+) GiB(?: \(([\d.
 PHASES = (("discovery and role probe", r"protocol: .*" + _AT),
           ("training rounds", r"training done: .*" + _AT),
           ("thresholds fixed", r"thresholds fixed .*" + _AT),
-          ("external validation", r"external validation done .*" + _AT),
-          ("internal validation (meanwhile)", r"internal validation done .*" + _AT),
+          ("internal and external validation", r"validation done .*" + _AT),
           ("verdict and report", r"report\.html written " + _AT),
           ("tracking", r"tracking done " + _AT))
 

@@ -317,25 +317,25 @@ def validate_models(msg: Message, context: Context) -> Message:
 
 
 def internal(msg: Message, context: Context) -> Message:
-    """The selected models on this training site's own test split (the internal side of the
+    """One selected model on this training site's own test split (the internal side of the
     internal-to-external drop): aggregate AUCs only, clustered by patient."""
     run, site = _setup(context)
     request = wire.InternalRequest.decode(msg.content)
     test = site.splits(run)["test"]
-    models = {name: _model(rec, request.norm) for name, rec in request.models.items()}
-    labels, scores = score_dataset(test, models, run.batch_size, device=site.device)
+    model = _model(request.arrays, request.norm)
+    labels, scores = score_dataset(test, {request.name: model}, run.batch_size,
+                                   device=site.device)
     result = internal_validation(labels, scores, test.cache.index.iloc[test.rows],
                                  site=site.name, primary=request.primary)
     options = _localisation(run, site, run_folder(site.state_dir / "internal",
                                                   request.run_name))
     if options is not None:  # boxes on the test split: localisation and shortcut reliance
-        for name, model in models.items():
-            for key, rows in localise_site(test.cache, name, model, site=site.name,
-                                           options=options, rows=test.rows).items():
-                result.setdefault(key, []).extend(rows)
+        for key, rows in localise_site(test.cache, request.name, model, site=site.name,
+                                       options=options, rows=test.rows).items():
+            result.setdefault(key, []).extend(rows)
     write_baselines(site, request.run_name, run.image_size, test, labels, scores)
-    log.info("site %s: internal validation of %d models on %d test images", site.name,
-             len(scores), len(labels))
+    log.info("site %s: internal validation of %s on %d test images", site.name, request.name,
+             len(labels))
     return Message(wire.StatisticsReply(result).encode(), reply_to=msg)
 
 

@@ -446,6 +446,14 @@ def _models_in(content: RecordDict) -> dict[str, ArrayRecord]:
     return models
 
 
+def _one_model(content: RecordDict, kind: str) -> tuple[str, ArrayRecord]:
+    models = _models_in(content)
+    if len(models) != 1:
+        raise MessageRejected(f"{kind} message carries one model, not {len(models)}")
+    ((name, arrays),) = models.items()
+    return name, arrays
+
+
 @dataclass(frozen=True)
 class ValidateRequest:
     """Validate each model on the training site's validation split."""
@@ -480,24 +488,27 @@ class ValidateReply:
 
 @dataclass(frozen=True)
 class InternalRequest:
-    """Evaluate every selected model on the training site's own test split (one message
-    per site: each message starts a ClientApp process in deployment, and the models are
-    scored in one pass over the split)."""
+    """Evaluate one selected model on the training site's own test split; the statistics
+    come back at once (each model's are its own: no statistic of internal validation
+    compares models). One model per message, as scoring: a message's size and the server's
+    memory do not grow with the number of arms, which is the number of sites."""
 
-    models: dict[str, ArrayRecord]
+    name: str
+    arrays: ArrayRecord
     norm: str
     primary: list[str]
-    run_name: str  # the site keeps each model's monitoring baseline under it
+    run_name: str  # the site keeps the model's monitoring baseline under it
 
     def encode(self) -> RecordDict:
-        return RecordDict({**_models(self.models), CONFIG: ConfigRecord(
+        return RecordDict({MODEL + self.name: self.arrays, CONFIG: ConfigRecord(
             {"norm": self.norm, "primary": _json(self.primary), "run-name": self.run_name})})
 
     @classmethod
     @_schema
     def decode(cls, content: RecordDict) -> InternalRequest:
+        name, arrays = _one_model(content, "an internal validation")
         c = content[CONFIG]
-        return cls(_models_in(content), checked_norm(c["norm"]),
+        return cls(name, arrays, checked_norm(c["norm"]),
                    checked_labels(checked_json(c["primary"], "primary"), "primary"),
                    checked_text(c["run-name"], "run-name"))
 
@@ -518,10 +529,7 @@ class ScoreRequest:
     @classmethod
     @_schema
     def decode(cls, content: RecordDict) -> ScoreRequest:
-        models = _models_in(content)
-        if len(models) != 1:
-            raise MessageRejected(f"a score message carries one model, not {len(models)}")
-        ((name, arrays),) = models.items()
+        name, arrays = _one_model(content, "a score")
         c = content[CONFIG]
         return cls(name, arrays, checked_norm(c["norm"]), checked_text(c["run-name"], "run-name"))
 

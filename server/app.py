@@ -52,7 +52,7 @@ from common.releases import release_rows
 from common.run_status import ArmRound, RunStatus
 from common.seeds import arm_seed
 from server import checkpoint, model_files
-from server.exchange import Exchange, failure_reason, send, stream_replies
+from server.exchange import Exchange, failure_reason, interleave, send, stream_replies
 from server.state import (
     CENTRALISED,
     CENTRALISED_LABEL,
@@ -436,8 +436,13 @@ def _consider(st: RunState, arm: str, rnd: int, val: PooledValidation,
     better = mean is not None and (current is None or current.mean_val_auc is None
                                    or mean > current.mean_val_auc)
     if rule == "last" or better:
+        # No copy: the selected model shares its arrays with the arm until the arm's next
+        # weights replace them (with an arm per site, a copy of each was the largest state
+        # the server kept). Read-only, so that nothing can write into the two at once.
+        for v in weights.values():
+            v.flags.writeable = False
         st.selected[arm] = SelectedModel(rnd, mean, val.pos, val.neg, list(val.sites),
-                                         {k: v.copy() for k, v in weights.items()})
+                                         dict(weights))
 
 
 def _record_history(st: RunState, rnd: int, arm: str, metrics: list[dict], *,
@@ -531,29 +536,46 @@ def fix_thresholds(run: RunConfig, pos: np.ndarray | None, neg: np.ndarray | Non
 def start_internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict],
                               train_nodes: dict[int, Node], primary: list[str], run_name: str
                               ) -> Exchange:
-    """Every training site evaluates every selected model on its own test split, in one
-    message per site (aggregate AUCs only): the internal side of the internal-to-external
-    drop. Pushed now, collected by ``internal_results`` (after external validation, which
-    runs meanwhile at the held-out sites)."""
-    if not models:
-        return Exchange(grid, [], run.round_timeout)
-    request = wire.InternalRequest({name: _record(w, run) for name, w in models.items()},
-                                   run.norm, primary, run_name).encode()
+    """Every training site evaluates every selected model on its own test split (aggregate
+    AUCs only): the internal side of the internal-to-external drop. One model per message,
+    each record built when its first message goes out: with one arm per site, a message of
+    every model would grow with the sites, and so would the server's memory."""
     group = run.num_rounds + PHASE_AFTER_TRAINING["internal"]
-    return Exchange(grid, (_msg(request, n, wire.INTERNAL, group) for n in train_nodes),
-                    run.round_timeout, window=run.max_in_flight)
+
+    def requests() -> Iterator[Message]:
+        for name, weights in models.items():
+            request = wire.InternalRequest(name, _record(weights, run), run.norm, primary,
+                                           run_name).encode()
+            for n in train_nodes:
+                yield _msg(request, n, wire.INTERNAL, group)
+
+    return Exchange(grid, requests(), run.round_timeout,
+                    window=run.max_in_flight or len(train_nodes))
 
 
-def internal_results(exchange: Exchange, train_nodes: dict[int, Node]) -> dict:
-    results = []
-    for r in exchange.replies():
+def internal_results(replies: list[Message], exchange: Exchange, names: list[str],
+                     train_nodes: dict[int, Node]) -> dict:
+    """The sites' internal statistics as one set of tables, in site then model order (as if
+    each site had sent all its models' statistics at once)."""
+    per_site: dict[int, list[tuple[int, dict]]] = {}
+    for r in replies:
+        node = r.metadata.src_node_id
+        name = names[exchange.order[r.metadata.reply_to_message_id] // len(train_nodes)]
         if r.has_error():
-            node = r.metadata.src_node_id
-            log.warning("internal validation at %s failed: %s",
+            log.warning("internal validation of %s at %s failed: %s", name,
                         train_nodes[node].site if node in train_nodes else node,
                         r.error.reason)
             continue
-        results.append(wire.StatisticsReply.decode(r.content).results)
+        per_site.setdefault(node, []).append((names.index(name),
+                                              wire.StatisticsReply.decode(r.content).results))
+    results = []
+    for node in [n for n in train_nodes if n in per_site]:
+        site = [res for _, res in sorted(per_site[node], key=lambda x: x[0])]
+        merged = combine_sites(site)
+        label_order = {lb: k for k, lb in enumerate(LABELS)}
+        merged["internal"].sort(key=lambda row: label_order.get(row["label"], len(LABELS)))
+        results.append({**merged, "site": site[0]["site"], "n_images": site[0]["n_images"],
+                        "clustered_by": site[0].get("clustered_by", "image")})
     return combine_sites(results)
 
 
@@ -570,29 +592,29 @@ def primary_pairs(arms: list[str], reference: dict) -> list[tuple[str, str]]:
     return pairs
 
 
-def external_validation(grid: Grid, run: RunConfig, run_name: str, models: dict[str, dict],
-                        norms: dict[str, str], thresholds: dict, held_out: dict[int, Node],
-                        primary: list[str], pairs: list[tuple[str, str]]) -> list[dict]:
-    """Every held-out node scores every model (one per message, scores kept at the site),
-    then returns the statistics of all: per-label (secondary) and the primary endpoint."""
-    if not models:  # no arm trained and no model given: nothing to validate
-        return []
+def start_scoring(grid: Grid, run: RunConfig, run_name: str, models: dict[str, dict],
+                  norms: dict[str, str], held_out: dict[int, Node]) -> Exchange:
+    """Every held-out node scores every model, one per message; the scores stay at the site.
+    Model by model, each record built when its first message goes out; a node that finishes
+    one model gets the next without waiting for the others."""
     group = run.num_rounds + PHASE_AFTER_TRAINING["external"]
-    scored: dict[int, set[str]] = {n: set() for n in held_out}
-    names = list(models)
 
     def requests() -> Iterator[Message]:
-        # Model by model, each record built when its first message goes out; a node
-        # that finishes one model gets the next without waiting for the others.
-        for name in names:
-            request = wire.ScoreRequest(name, _record(models[name], run), norms[name],
+        for name, weights in models.items():
+            request = wire.ScoreRequest(name, _record(weights, run), norms[name],
                                         run_name).encode()
             for n in held_out:
                 yield _msg(request, n, wire.SCORE, group)
 
-    exchange = Exchange(grid, requests(), run.round_timeout,
-                        window=run.max_in_flight or len(held_out))
-    for r in exchange.replies():
+    return Exchange(grid, requests(), run.round_timeout,
+                    window=run.max_in_flight or len(held_out))
+
+
+def scored_models(replies: list[Message], exchange: Exchange, names: list[str],
+                  held_out: dict[int, Node]) -> dict[int, set[str]]:
+    """Which models each held-out node has scored."""
+    scored: dict[int, set[str]] = {n: set() for n in held_out}
+    for r in replies:
         node = r.metadata.src_node_id
         name = names[exchange.order[r.metadata.reply_to_message_id] // len(held_out)]
         if r.has_error():
@@ -600,8 +622,16 @@ def external_validation(grid: Grid, run: RunConfig, run_name: str, models: dict[
                         held_out[node].site if node in held_out else node, r.error.reason)
         elif node in scored:
             scored[node].add(name)
-    request = wire.ExternalRequest(run_name, list(models), thresholds, primary,
-                                   pairs).encode()
+    return scored
+
+
+def external_statistics(grid: Grid, run: RunConfig, run_name: str, models: list[str],
+                        thresholds: dict, scored: dict[int, set[str]], primary: list[str],
+                        pairs: list[tuple[str, str]]) -> list[dict]:
+    """Every held-out node that scored every model returns the statistics of all: per-label
+    (secondary) and the primary endpoint."""
+    group = run.num_rounds + PHASE_AFTER_TRAINING["external"]
+    request = wire.ExternalRequest(run_name, models, thresholds, primary, pairs).encode()
     msgs = [_msg(request, n, wire.EXTERNAL, group) for n, done in scored.items()
             if done == set(models)]
     out = []
@@ -612,6 +642,36 @@ def external_validation(grid: Grid, run: RunConfig, run_name: str, models: dict[
             continue
         out.append(wire.StatisticsReply.decode(r.content).results)
     return out
+
+
+def validate_everywhere(grid: Grid, run: RunConfig, run_name: str, selection: Selection,
+                        extra: dict[str, dict], extra_norms: dict[str, str],
+                        nodes: tuple[dict[int, Node], dict[int, Node]], primary: list[str]
+                        ) -> tuple[list[dict], dict, dict]:
+    """Phases 4 and 5 at once (disjoint sites): internal validation of every selected model
+    (and a centralised reference) at every training site, and scoring of every model at
+    every held-out site, their messages interleaved; then the held-out sites' statistics.
+    Extra models (not trained here) come after the arms: secondary analysis only. Returns
+    the held-out sites' results, the internal tables and the thresholds used."""
+    train_nodes, held_out = nodes
+    reference = {n: w for n, w in extra.items() if n == CENTRALISED}
+    internal_models = {**selection.weights, **reference}
+    models = {**selection.weights, **extra}
+    norms = {**{a: run.norm for a in selection.weights}, **extra_norms}
+    thresholds = {**{name: {} for name in extra}, **selection.thresholds}
+    internal = start_internal_validation(grid, run, internal_models, train_nodes, primary,
+                                         run_name)
+    scoring = start_scoring(grid, run, run_name, models, norms, held_out)
+    replies: tuple[list[Message], list[Message]] = ([], [])
+    for which, reply in interleave([internal, scoring]):
+        replies[which].append(reply)  # small: statistics, or a count of scored images
+    scored = scored_models(replies[1], scoring, list(models), held_out)
+    site_results = external_statistics(grid, run, run_name, list(models), thresholds, scored,
+                                       primary, primary_pairs(list(selection.weights),
+                                                              reference)) if models else []
+    return (site_results,
+            internal_results(replies[0], internal, list(internal_models), train_nodes),
+            thresholds)
 
 
 def exclude_unlabelled(evaluation: dict, train_nodes: dict[int, Node]) -> dict:
@@ -767,24 +827,13 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
              run.threshold_method, run.threshold_target, _into(started))
 
     # 4-5. Internal validation (every training site, every selected model, its test split)
-    # and external validation (every held-out node) at the same time: they are disjoint
-    # sites. Extra models (not trained here) come after the arms: secondary analysis only.
+    # and external validation (every held-out node), at the same time: disjoint sites.
     board.enter("validation")
-    reference = {n: w for n, w in extra.items() if n == CENTRALISED}
-    internal_exchange = start_internal_validation(
-        grid, run, {**selection.weights, **reference}, train_nodes, primary, run_name)
-    models = {**selection.weights, **extra}
-    norms = {**{a: run.norm for a in selection.weights}, **extra_norms}
-    thresholds = {**{name: {} for name in extra}, **selection.thresholds}
-    site_results = external_validation(grid, run, run_name, models, norms, thresholds,
-                                       held_out, primary,
-                                       primary_pairs(list(selection.weights), reference))
+    site_results, internal, thresholds = validate_everywhere(
+        grid, run, run_name, selection, extra, extra_norms, (train_nodes, held_out), primary)
     evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)
-    log.info("external validation done at %d held-out site(s) (%s)",
-             len(site_results), _into(started))
-    internal = internal_results(internal_exchange, train_nodes)
-    log.info("internal validation done at %d training site(s) (%s)",
-             len(internal["clustering"]), _into(started))
+    log.info("validation done at %d held-out and %d training site(s) (%s)",
+             len(site_results), len(internal["clustering"]), _into(started))
 
     # 6. Verdict and report.
     board.enter("report")

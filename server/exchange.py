@@ -25,9 +25,9 @@ MAX_POLL_SECONDS = 1.0
 
 
 class Exchange:
-    """Messages pushed now, their replies pulled later (``replies``): two phases that talk to
-    disjoint nodes (internal validation at the training sites, external validation at the
-    held-out ones) run at the same time instead of one after the other.
+    """Messages pushed now, their replies pulled later (``replies``, or ``interleave`` for
+    several): two phases that talk to disjoint nodes (internal validation at the training
+    sites, scoring at the held-out ones) run at the same time instead of one after the other.
 
     ``window`` (run config ``max-in-flight``) bounds how many are out at once: the first
     ``window`` are pushed now and one more each time a reply is pulled, so ``messages`` may
@@ -35,8 +35,8 @@ class Exchange:
     once."""
 
     def __init__(self, grid: Grid, messages: Iterable[Message], timeout: float, *,
-                 poll: float = POLL_SECONDS, window: int = 0) -> None:
-        self.grid, self.poll, self.window = grid, poll, window
+                 window: int = 0) -> None:
+        self.grid, self.window = grid, window
         self._queue: Iterator[Message] = iter(messages)
         self.pending: list[str] = []
         self.order: dict[str, int] = {}  # message id -> its place in ``messages``
@@ -53,41 +53,72 @@ class Exchange:
             self.order.update((mid, first + k) for k, mid in enumerate(ids))
             self.pending += ids
 
+    @property
+    def answered(self) -> bool:
+        return not self.pending
+
+    @property
+    def expired(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def _pull(self) -> Iterator[Message]:
+        """One pull for every pending message: each reply as it is pulled (one id per pull:
+        one model in memory), each letting the next message out within the window."""
+        for mid in list(self.pending):
+            for reply in self.grid.pull_messages([mid]):
+                if reply.metadata.reply_to_message_id in self.pending:
+                    self.pending.remove(reply.metadata.reply_to_message_id)
+                if self.window and not self.expired:
+                    self._push(1)  # the next message takes this one's place
+                yield reply
+
+    def _close(self) -> None:
+        self.unsent = sum(1 for _ in self._queue)  # a window still full at the deadline
+        if self.pending or self.unsent:
+            log.warning("%d message(s) unanswered after %.0f s%s", len(self.pending),
+                        self.timeout, f", {self.unsent} never sent" if self.unsent else "")
+
     def replies(self) -> Iterator[Message]:
         """Each reply as soon as it is pulled, until all have answered or the timeout (from
         the push) has passed; messages unanswered then are simply missing, as with
         ``send_and_receive``."""
-        pending, wait = self.pending, self.poll / 2
-        while pending:  # at least one pull: replies may have come in while the caller worked
-            arrived = False
-            for mid in list(pending):
-                for reply in self.grid.pull_messages([mid]):  # one id: one model in memory
-                    if reply.metadata.reply_to_message_id in pending:
-                        pending.remove(reply.metadata.reply_to_message_id)
-                    arrived = True
-                    if self.window and time.monotonic() < self.deadline:
-                        self._push(1)  # the next message takes this one's place
-                    yield reply
-            if not pending or time.monotonic() >= self.deadline:
-                break
-            # Back off while nothing arrives: every poll is one request per pending message,
-            # and the SuperLink serves every node too.
-            wait = self.poll / 2 if arrived else min(wait * 2, MAX_POLL_SECONDS)
-            if not arrived:
-                time.sleep(min(wait, max(self.deadline - time.monotonic(), 0)))
-        self.unsent = sum(1 for _ in self._queue)  # a window still full at the deadline
-        if pending or self.unsent:
-            log.warning("%d message(s) unanswered after %.0f s%s", len(pending), self.timeout,
-                        f", {self.unsent} never sent" if self.unsent else "")
+        for _, reply in interleave([self]):
+            yield reply
+
+
+def interleave(exchanges: list[Exchange]) -> Iterator[tuple[int, Message]]:
+    """The replies of several exchanges as they come, each with its exchange's place in
+    ``exchanges``: phases that run at the same time are served together, so neither's
+    window waits for the other to finish. Each exchange is pulled at least once (replies
+    may have come in while the caller worked), then until it is answered or expired."""
+    live = list(range(len(exchanges)))
+    wait = POLL_SECONDS / 2
+    while live:
+        arrived = False
+        for i in list(live):
+            for reply in exchanges[i]._pull():
+                arrived = True
+                yield i, reply
+            if exchanges[i].answered or exchanges[i].expired:
+                live.remove(i)
+                exchanges[i]._close()
+        if not live:
+            break
+        # Back off while nothing arrives: every poll is one request per pending message,
+        # and the SuperLink serves every node too.
+        wait = POLL_SECONDS / 2 if arrived else min(wait * 2, MAX_POLL_SECONDS)
+        if not arrived:
+            first_deadline = min(exchanges[i].deadline for i in live)
+            time.sleep(min(wait, max(first_deadline - time.monotonic(), 0)))
 
 
 def stream_replies(grid: Grid, messages: Iterable[Message], timeout: float, *,
-                   poll: float = POLL_SECONDS, window: int = 0) -> Iterator[Message]:
+                   window: int = 0) -> Iterator[Message]:
     """Push ``messages`` (at the first ``next``; ``window`` at a time, see ``Exchange``);
     yield each reply as soon as it is pulled, until all have answered or ``timeout`` seconds
     have passed (messages still unanswered then are simply missing from what was yielded, as
     with ``send_and_receive``)."""
-    exchange = Exchange(grid, messages, timeout, poll=poll, window=window)
+    exchange = Exchange(grid, messages, timeout, window=window)
     del messages
     yield from exchange.replies()
 

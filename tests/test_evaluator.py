@@ -237,3 +237,31 @@ def test_report_template_escapes_names_and_shows_the_primary_endpoint(evaluated)
     assert str(escape(results["verdict"]["rule"])) in page
     assert "Primary endpoint" in page and "single:site1" in page
     assert "0.900 → 0.700 (-0.200)" in page
+
+
+def test_a_models_internal_statistics_are_its_own():
+    """Internal validation sends one model per message: each model's rows must be what the
+    site computes with every model at once (no statistic of it compares models)."""
+    from common.evaluation.external import internal_validation
+
+    rng = np.random.default_rng(3)
+    n = 120
+    labels = (rng.random((n, len(LABELS))) < 0.3).astype(float)
+    labels[rng.random((n, len(LABELS))) < 0.1] = np.nan  # unannotated
+    labels[:, 2] = 0.0  # a label with no positives: not estimable
+    scores = {m: np.clip(labels * s + rng.normal(0.5, 0.3, labels.shape), 0, 1)
+              for m, s in (("federated", 0.4), ("single:a", 0.1), ("single:b", 0.0))}
+    scores = {m: np.nan_to_num(v, nan=0.5) for m, v in scores.items()}
+    meta = pd.DataFrame({"patient_id": [f"p{k // 3}" for k in range(n)]})
+    primary = [LABELS[0], LABELS[1]]
+    together = internal_validation(labels, scores, meta, site="s", primary=primary)
+    assert together["clustered_by"] == "patient"
+    for name in scores:
+        alone = internal_validation(labels, {name: scores[name]}, meta, site="s",
+                                    primary=primary)
+        for key in ("internal", "internal_primary"):
+            mine = [r for r in together[key] if r["model"] == name]
+            assert mine and len(alone[key]) == len(mine), (name, key)
+            for a, b in zip(alone[key], mine, strict=True):  # equal to rounding
+                assert a == {k: pytest.approx(v, rel=1e-12) if isinstance(v, float) else v
+                             for k, v in b.items()}, (name, key)

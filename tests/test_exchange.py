@@ -8,7 +8,7 @@ import time
 import pytest
 from flwr.app import Message, RecordDict
 
-from server.exchange import Exchange
+from server.exchange import Exchange, interleave
 
 
 class Grid:
@@ -61,17 +61,19 @@ def test_replies_that_came_while_the_caller_worked_are_collected_after_the_timeo
     assert exchange.pending == ["m1"]
 
 
+class Answering(Grid):
+    """Every node answers as soon as its message is pushed."""
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for mid in ids:
+            self.answer(mid)
+        return ids
+
+
 def test_a_window_sends_the_next_message_as_each_reply_comes():
     """max-in-flight 2 over 5 sites (each answering at once): two messages out, each built
     only when it is sent; every reply lets exactly one more out; all five answered."""
-
-    class Answering(Grid):
-        def push_messages(self, messages):
-            ids = super().push_messages(messages)
-            for mid in ids:
-                self.answer(mid)
-            return ids
-
     grid, built = Answering(), []
     exchange = Exchange(grid, _messages([1, 2, 3, 4, 5], built), timeout=30, window=2)
     assert list(grid.sent) == ["m0", "m1"] and built == [1, 2]
@@ -91,3 +93,23 @@ def test_a_window_still_full_at_the_timeout_leaves_the_rest_unsent():
     time.sleep(0.05)
     assert list(exchange.replies()) == []
     assert list(grid.sent) == ["m0"] and exchange.unsent == 2
+
+
+def test_interleaved_phases_each_move_on_as_their_own_replies_come():
+    """Internal validation and scoring, a window of 1 each: their replies alternate, so
+    neither phase waits for the other to finish before its next message goes out."""
+    grid = Answering()
+    internal = Exchange(grid, _messages([1, 2, 3]), timeout=30, window=1)
+    scoring = Exchange(grid, _messages([4, 5, 6]), timeout=30, window=1)
+    got = [i for i, _ in interleave([internal, scoring])]
+    assert got == [0, 1, 0, 1, 0, 1]
+    assert internal.answered and scoring.answered and internal.unsent == scoring.unsent == 0
+
+
+def test_an_expired_phase_stops_while_the_other_goes_on():
+    grid = Answering()
+    stuck = Exchange(Grid(), _messages([1, 2]), timeout=0.01, window=1)  # nobody answers
+    time.sleep(0.05)
+    moving = Exchange(grid, _messages([3, 4, 5]), timeout=30, window=1)
+    got = [i for i, _ in interleave([stuck, moving])]
+    assert got == [1, 1, 1] and stuck.unsent == 1 and len(stuck.pending) == 1

@@ -511,6 +511,23 @@ def test_one_selection_rule_for_every_arm():
             assert sel.pos[0] == rnd and sel.weights["w"][0] == rnd
 
 
+def test_a_selected_model_shares_the_arms_arrays_and_nothing_writes_into_them():
+    """No copy of the selected weights (the largest state the server kept with an arm per
+    site): the arrays are the arm's own, read-only, and the arm's next weights replace the
+    dict instead of writing into it, so the selection keeps its round's values."""
+    from server.app import PooledValidation, RunState, _consider
+
+    st = RunState()
+    st.arms["a"] = {"w": np.full(3, 1.0)}
+    _consider(st, "a", 1, PooledValidation(["s"], [0.9], None, None), st.arms["a"], "best-val")
+    assert st.selected["a"].weights["w"] is st.arms["a"]["w"]
+    with pytest.raises(ValueError, match="read-only"):
+        st.arms["a"]["w"] += 1.0
+    st.arms["a"] = {"w": np.full(3, 2.0)}
+    _consider(st, "a", 2, PooledValidation(["s"], [0.5], None, None), st.arms["a"], "best-val")
+    assert st.selected["a"].round == 1 and st.selected["a"].weights["w"][0] == 1.0
+
+
 def test_run_state_round_trips_through_a_checkpoint(tmp_path):
     """Typed run state -> checkpoint file -> the same typed state (arrays by value), and a
     checkpoint of the earlier shape (only the best global model) reads as the federated
