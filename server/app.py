@@ -72,6 +72,8 @@ log = logging.getLogger("flwr")
 app = ServerApp()
 # Message group ids of the phases after training (rounds are 1..num-rounds).
 PHASE_AFTER_TRAINING = {"select": 1, "internal": 2, "external": 3}
+# The validation phase's exchanges, in the order they start (see validate_everywhere).
+_INTERNAL, _SCORING, _EXTERNAL = range(3)
 
 
 @dataclass(frozen=True)
@@ -625,17 +627,21 @@ def scored_models(replies: list[Message], exchange: Exchange, names: list[str],
     return scored
 
 
-def external_statistics(grid: Grid, run: RunConfig, run_name: str, models: list[str],
-                        thresholds: dict, scored: dict[int, set[str]], primary: list[str],
-                        pairs: list[tuple[str, str]]) -> list[dict]:
+def start_external_statistics(grid: Grid, run: RunConfig, run_name: str, models: list[str],
+                              thresholds: dict, scored: dict[int, set[str]],
+                              primary: list[str], pairs: list[tuple[str, str]]) -> Exchange:
     """Every held-out node that scored every model returns the statistics of all: per-label
     (secondary) and the primary endpoint."""
     group = run.num_rounds + PHASE_AFTER_TRAINING["external"]
     request = wire.ExternalRequest(run_name, models, thresholds, primary, pairs).encode()
-    msgs = [_msg(request, n, wire.EXTERNAL, group) for n, done in scored.items()
-            if done == set(models)]
+    return Exchange(grid, [_msg(request, n, wire.EXTERNAL, group)
+                           for n, done in scored.items() if done == set(models)],
+                    run.round_timeout)
+
+
+def external_results(replies: list[Message]) -> list[dict]:
     out = []
-    for r in send(grid, msgs, run.round_timeout):
+    for r in replies:
         if r.has_error():
             log.warning("external validation at node %d failed: %s", r.metadata.src_node_id,
                         r.error.reason)
@@ -650,27 +656,37 @@ def validate_everywhere(grid: Grid, run: RunConfig, run_name: str, selection: Se
                         ) -> tuple[list[dict], dict, dict]:
     """Phases 4 and 5 at once (disjoint sites): internal validation of every selected model
     (and a centralised reference) at every training site, and scoring of every model at
-    every held-out site, their messages interleaved; then the held-out sites' statistics.
-    Extra models (not trained here) come after the arms: secondary analysis only. Returns
-    the held-out sites' results, the internal tables and the thresholds used."""
+    every held-out site, then the held-out sites' statistics as soon as their scoring is
+    done, the phases' messages interleaved. Extra models (not trained here) come after the
+    arms: secondary analysis only. Returns the held-out sites' results, the internal tables
+    and the thresholds used."""
     train_nodes, held_out = nodes
     reference = {n: w for n, w in extra.items() if n == CENTRALISED}
     internal_models = {**selection.weights, **reference}
     models = {**selection.weights, **extra}
     norms = {**{a: run.norm for a in selection.weights}, **extra_norms}
     thresholds = {**{name: {} for name in extra}, **selection.thresholds}
-    internal = start_internal_validation(grid, run, internal_models, train_nodes, primary,
-                                         run_name)
-    scoring = start_scoring(grid, run, run_name, models, norms, held_out)
-    replies: tuple[list[Message], list[Message]] = ([], [])
-    for which, reply in interleave([internal, scoring]):
+    phases = [start_internal_validation(grid, run, internal_models, train_nodes, primary,
+                                        run_name),
+              start_scoring(grid, run, run_name, models, norms, held_out)]
+    replies: tuple[list[Message], ...] = ([], [], [])
+
+    def external_statistics() -> Exchange:
+        scored = scored_models(replies[_SCORING], phases[_SCORING], list(models), held_out)
+        return start_external_statistics(grid, run, run_name, list(models), thresholds,
+                                         scored, primary,
+                                         primary_pairs(list(selection.weights), reference))
+
+    for which, reply in interleave(phases):
         replies[which].append(reply)  # small: statistics, or a count of scored images
-    scored = scored_models(replies[1], scoring, list(models), held_out)
-    site_results = external_statistics(grid, run, run_name, list(models), thresholds, scored,
-                                       primary, primary_pairs(list(selection.weights),
-                                                              reference)) if models else []
-    return (site_results,
-            internal_results(replies[0], internal, list(internal_models), train_nodes),
+        if which == _SCORING and phases[_SCORING].answered and models:
+            phases.append(external_statistics())  # served in this same loop
+    if len(phases) == _EXTERNAL and models:  # scoring ran out of time: the nodes that finished
+        phases.append(external_statistics())
+        replies[_EXTERNAL].extend(phases[_EXTERNAL].replies())
+    return (external_results(replies[_EXTERNAL]),
+            internal_results(replies[_INTERNAL], phases[_INTERNAL], list(internal_models),
+                             train_nodes),
             thresholds)
 
 

@@ -89,9 +89,12 @@ class Exchange:
 def interleave(exchanges: list[Exchange]) -> Iterator[tuple[int, Message]]:
     """The replies of several exchanges as they come, each with its exchange's place in
     ``exchanges``: phases that run at the same time are served together, so neither's
-    window waits for the other to finish. Each exchange is pulled at least once (replies
-    may have come in while the caller worked), then until it is answered or expired."""
+    window waits for the other to finish. The caller may append an exchange while it
+    iterates (a phase that follows one of them). Each exchange is pulled at least once
+    (replies may have come in while the caller worked), then until it is answered or
+    expired."""
     live = list(range(len(exchanges)))
+    seen = len(exchanges)
     wait = POLL_SECONDS / 2
     while live:
         arrived = False
@@ -102,6 +105,9 @@ def interleave(exchanges: list[Exchange]) -> Iterator[tuple[int, Message]]:
             if exchanges[i].answered or exchanges[i].expired:
                 live.remove(i)
                 exchanges[i]._close()
+            if len(exchanges) > seen:  # appended by the caller
+                live += range(seen, len(exchanges))
+                seen = len(exchanges)
         if not live:
             break
         # Back off while nothing arrives: every poll is one request per pending message,
