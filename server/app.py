@@ -100,6 +100,14 @@ def _record(weights: dict[str, np.ndarray], run: RunConfig) -> ArrayRecord:
     return to_record(weights, run.transport_dtype)
 
 
+def _queued(run: RunConfig) -> int:
+    """The window of the validation phase's one-model messages: twice ``max-in-flight``, so
+    that a node finishing one has the next waiting. They take a fraction of a second each;
+    with exactly one per node, every one waited for the server's next poll (up to a second)
+    with the node idle (``benchmarks/peers.py --sites 20`` prints the phase's time)."""
+    return 2 * run.max_in_flight
+
+
 def _memory() -> str:
     """This process's resident memory now and at its peak (the kernel's VmRSS / VmHWM; Linux
     only, else nothing): the phase log doubles as a memory breakdown."""
@@ -552,7 +560,7 @@ def start_internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict
                 yield _msg(request, n, wire.INTERNAL, group)
 
     return Exchange(grid, requests(), run.round_timeout,
-                    window=run.max_in_flight or len(train_nodes))
+                    window=_queued(run) or len(train_nodes))
 
 
 def internal_results(replies: list[Message], exchange: Exchange, names: list[str],
@@ -609,7 +617,7 @@ def start_scoring(grid: Grid, run: RunConfig, run_name: str, models: dict[str, d
                 yield _msg(request, n, wire.SCORE, group)
 
     return Exchange(grid, requests(), run.round_timeout,
-                    window=run.max_in_flight or len(held_out))
+                    window=_queued(run) or len(held_out))
 
 
 def scored_models(replies: list[Message], exchange: Exchange, names: list[str],
