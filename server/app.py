@@ -29,7 +29,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -543,24 +543,38 @@ def fix_thresholds(run: RunConfig, pos: np.ndarray | None, neg: np.ndarray | Non
 # ---------------------------------------------------------------- phases 4 and 5
 
 
+def model_by_model(grid: Grid, run: RunConfig, models: dict[str, dict], nodes: dict[int, Node],
+                   kind: str, phase: str, request: Callable[[str, ArrayRecord], RecordDict]
+                   ) -> Exchange:
+    """Every node gets every model, one model per message and model by model: each record
+    is built when its first message goes out, and a node that finishes one model gets the
+    next without waiting for the others (the window: ``_queued``)."""
+    group = run.num_rounds + PHASE_AFTER_TRAINING[phase]
+
+    def messages() -> Iterator[Message]:
+        for name, weights in models.items():
+            content = request(name, _record(weights, run))
+            for n in nodes:
+                yield _msg(content, n, kind, group)
+
+    return Exchange(grid, messages(), run.round_timeout, window=_queued(run) or len(nodes))
+
+
+def model_of(reply: Message, exchange: Exchange, names: list[str], nodes: dict) -> str:
+    """Which model a reply of ``model_by_model`` answers."""
+    return names[exchange.order[reply.metadata.reply_to_message_id] // len(nodes)]
+
+
 def start_internal_validation(grid: Grid, run: RunConfig, models: dict[str, dict],
                               train_nodes: dict[int, Node], primary: list[str], run_name: str
                               ) -> Exchange:
     """Every training site evaluates every selected model on its own test split (aggregate
-    AUCs only): the internal side of the internal-to-external drop. One model per message,
-    each record built when its first message goes out: with one arm per site, a message of
-    every model would grow with the sites, and so would the server's memory."""
-    group = run.num_rounds + PHASE_AFTER_TRAINING["internal"]
-
-    def requests() -> Iterator[Message]:
-        for name, weights in models.items():
-            request = wire.InternalRequest(name, _record(weights, run), run.norm, primary,
-                                           run_name).encode()
-            for n in train_nodes:
-                yield _msg(request, n, wire.INTERNAL, group)
-
-    return Exchange(grid, requests(), run.round_timeout,
-                    window=_queued(run) or len(train_nodes))
+    AUCs only): the internal side of the internal-to-external drop. One model per message:
+    with one arm per site, a message of every model would grow with the sites, and so would
+    the server's memory."""
+    return model_by_model(grid, run, models, train_nodes, wire.INTERNAL, "internal",
+                          lambda name, record: wire.InternalRequest(
+                              name, record, run.norm, primary, run_name).encode())
 
 
 def internal_results(replies: list[Message], exchange: Exchange, names: list[str],
@@ -570,7 +584,7 @@ def internal_results(replies: list[Message], exchange: Exchange, names: list[str
     per_site: dict[int, list[tuple[int, dict]]] = {}
     for r in replies:
         node = r.metadata.src_node_id
-        name = names[exchange.order[r.metadata.reply_to_message_id] // len(train_nodes)]
+        name = model_of(r, exchange, names, train_nodes)
         if r.has_error():
             log.warning("internal validation of %s at %s failed: %s", name,
                         train_nodes[node].site if node in train_nodes else node,
@@ -604,20 +618,11 @@ def primary_pairs(arms: list[str], reference: dict) -> list[tuple[str, str]]:
 
 def start_scoring(grid: Grid, run: RunConfig, run_name: str, models: dict[str, dict],
                   norms: dict[str, str], held_out: dict[int, Node]) -> Exchange:
-    """Every held-out node scores every model, one per message; the scores stay at the site.
-    Model by model, each record built when its first message goes out; a node that finishes
-    one model gets the next without waiting for the others."""
-    group = run.num_rounds + PHASE_AFTER_TRAINING["external"]
-
-    def requests() -> Iterator[Message]:
-        for name, weights in models.items():
-            request = wire.ScoreRequest(name, _record(weights, run), norms[name],
-                                        run_name).encode()
-            for n in held_out:
-                yield _msg(request, n, wire.SCORE, group)
-
-    return Exchange(grid, requests(), run.round_timeout,
-                    window=_queued(run) or len(held_out))
+    """Every held-out node scores every model, one per message; the scores stay at the
+    site until the statistics message."""
+    return model_by_model(grid, run, models, held_out, wire.SCORE, "external",
+                          lambda name, record: wire.ScoreRequest(
+                              name, record, norms[name], run_name).encode())
 
 
 def scored_models(replies: list[Message], exchange: Exchange, names: list[str],
@@ -626,7 +631,7 @@ def scored_models(replies: list[Message], exchange: Exchange, names: list[str],
     scored: dict[int, set[str]] = {n: set() for n in held_out}
     for r in replies:
         node = r.metadata.src_node_id
-        name = names[exchange.order[r.metadata.reply_to_message_id] // len(held_out)]
+        name = model_of(r, exchange, names, held_out)
         if r.has_error():
             log.warning("external scoring of %s at %s failed: %s", name,
                         held_out[node].site if node in held_out else node, r.error.reason)
