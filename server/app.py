@@ -593,10 +593,10 @@ def internal_results(replies: list[Message], exchange: Exchange, names: list[str
         per_site.setdefault(node, []).append((names.index(name),
                                               wire.StatisticsReply.decode(r.content).results))
     results = []
+    label_order = {lb: k for k, lb in enumerate(LABELS)}
     for node in [n for n in train_nodes if n in per_site]:
         site = [res for _, res in sorted(per_site[node], key=lambda x: x[0])]
         merged = combine_sites(site)
-        label_order = {lb: k for k, lb in enumerate(LABELS)}
         merged["internal"].sort(key=lambda row: label_order.get(row["label"], len(LABELS)))
         results.append({**merged, "site": site[0]["site"], "n_images": site[0]["n_images"],
                         "clustered_by": site[0].get("clustered_by", "image")})
