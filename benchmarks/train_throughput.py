@@ -105,7 +105,8 @@ def step_breakdown(size: int, batch: int, steps: int, device: str = "cpu"
                                                  batch_size=batch)
             net, opt, _, _ = BookkeepingPrivacyEngine(accountant="rdp").make_private(
                 module=model, optimizer=opt, data_loader=loader, noise_multiplier=1.0,
-                max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost")
+                max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost",
+                noise_generator=torch.Generator(device=device).manual_seed(0))  # as local_train
         net.train()
         parts = {"forward": 0.0, "backward (+ clipping)": 0.0, "optimizer (+ noise)": 0.0}
         for i in range(steps + 1):

@@ -24,12 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import cpu_runtime
 from common.atomic import atomic_path
 from common.densenet import densenet121_features
 from common.errors import FedcxrError
 from common.labels import LABELS
 
 log = logging.getLogger(__name__)
+
+cpu_runtime.apply()  # oneDNN kernel caches sized for varying batch sizes, before any kernel
 
 CHECKPOINT_FORMAT = "fedcxr-model/1"
 GROUPS = 32  # every DenseNet-121 norm layer has a multiple of 32 channels

@@ -90,6 +90,19 @@ def test_opacus_reads_norm_sample_and_sums_into_summed_grad():
     assert "summed_grad" in inspect.getsource(DPOptimizerFastGradientClipping.accumulate)
 
 
+def test_opacus_noise_is_what_our_whole_model_noise_step_reproduces():
+    """``BookkeepingDPOptimizer.add_noise`` / ``scale_grad`` redo these two methods as
+    whole-model operations: the std, the noised sum in ``p.grad`` and the processed flags."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    add_noise = inspect.getsource(DPOptimizerFastGradientClipping.add_noise)
+    assert "effective_noise_multiplier * self.max_grad_norm" in add_noise
+    assert "p.grad = (p.summed_grad + noise).view_as(p)" in add_noise
+    assert "_mark_as_processed(p.summed_grad)" in add_noise
+    assert "p.grad /= self.expected_batch_size * self.accumulated_iterations" in \
+        inspect.getsource(DPOptimizerFastGradientClipping.scale_grad)
+
+
 def test_opacus_accountants_keep_a_history_list():
     from opacus.accountants import PRVAccountant, RDPAccountant
 

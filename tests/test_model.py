@@ -220,3 +220,31 @@ def test_building_a_model_imports_no_torchvision():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=root).stdout
     assert out.strip() == "False"
+
+
+
+def _python(code: str, env: dict | None = None) -> str:
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, cwd=Path(__file__).resolve().parents[1], env=env).stdout
+
+
+@pytest.mark.parametrize("preset", [None, "100"])
+def test_the_kernel_caches_keep_many_batch_sizes_unless_the_operator_sized_them(preset):
+    """DP's Poisson batches change size every step; with oneDNN's default 1024-entry caches
+    each new size recompiled the convolution kernels. Importing the model module sizes both
+    caches before any kernel is built, and keeps a value the operator set."""
+    import os
+
+    from common.cpu_runtime import KERNEL_CACHE_ENTRIES, KERNEL_CACHES
+
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHES}
+    if preset is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = preset
+    out = _python("import os, common.model; print(os.environ['ONEDNN_PRIMITIVE_CACHE_CAPACITY'],"
+                  " os.environ['LRU_CACHE_CAPACITY'])", env)
+    assert out.split() == [preset or KERNEL_CACHE_ENTRIES, KERNEL_CACHE_ENTRIES]
+    assert int(KERNEL_CACHE_ENTRIES) >= 8 * 1024
+

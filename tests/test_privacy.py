@@ -167,6 +167,81 @@ def test_an_empty_poisson_batch_takes_a_noise_only_step(mode):
     assert sum(steps for _, _, steps in engine.accountant.history) == 1
 
 
+def _noise_step_optimizer(seed: int, noise_multiplier: float, n_params: int = 200_000):
+    """A bk-mode DP optimizer (SGD, lr 1) over one parameter vector whose clipped sum is
+    zero: each step moves the parameter by minus the noise / the expected batch (4)."""
+    from common.dp_grad_sample import BookkeepingPrivacyEngine, register
+
+    register()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(n_params // 10, 10, bias=False))
+    data = torch.utils.data.TensorDataset(torch.randn(8, n_params // 10), torch.randn(8, 10))
+    _, optimizer, _, _ = BookkeepingPrivacyEngine().make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=torch.utils.data.DataLoader(data, batch_size=4),
+        noise_multiplier=noise_multiplier, max_grad_norm=0.5, grad_sample_mode="ghost",
+        noise_generator=torch.Generator().manual_seed(seed))
+    return model, optimizer
+
+
+def _noise_of_steps(seed: int, steps: int = 3, noise_multiplier: float = 1.5) -> list:
+    model, optimizer = _noise_step_optimizer(seed, noise_multiplier)
+    weight = model[0].weight
+    drawn = []
+    for _ in range(steps):
+        before = weight.detach().clone()
+        optimizer.zero_grad(set_to_none=True)
+        weight.grad = torch.zeros_like(weight)
+        optimizer.step()
+        drawn.append((before - weight.detach()).flatten() * 4)  # the noise itself
+    return drawn
+
+
+def test_the_noise_drawn_ahead_is_opacus_mechanism_fresh_each_step_and_seeded():
+    """The whole-model noise step (drawn ahead in a thread) must add N(0, (sigma C)^2) to
+    every coordinate, a new draw each step, and the same sequence for the same seed."""
+    from scipy import stats
+
+    first, again = _noise_of_steps(seed=7), _noise_of_steps(seed=7)
+    std = 1.5 * 0.5
+    for noise in first:
+        n = len(noise)
+        assert n == 200_000
+        assert abs(float(noise.mean())) < 5 * std / math.sqrt(n)
+        assert float(noise.std()) == pytest.approx(std, rel=0.01)  # sd of the sd: 0.16%
+        assert stats.kstest(noise.numpy() / std, "norm").pvalue > 1e-4
+    for a, b in zip(first, first[1:], strict=False):
+        assert abs(float(torch.corrcoef(torch.stack([a, b]))[0, 1])) < 0.02  # fresh draws
+    for a, b in zip(first, again, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the generator's own sequence
+    other = _noise_of_steps(seed=8, steps=1)[0]
+    assert not torch.equal(other, first[0])
+
+
+@pytest.mark.parametrize("noise_multiplier", [0.0, 1.3])
+def test_our_noise_step_equals_opacus_own(noise_multiplier):
+    """The clipped sum plus the noise, over the expected batch, is what Opacus' own add_noise
+    and scale_grad give from the same generator: exactly without noise, and to float
+    rounding (a fused multiply-add) with it."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    results = []
+    for own in (False, True):
+        model, optimizer = _noise_step_optimizer(seed=0, noise_multiplier=noise_multiplier,
+                                                 n_params=2_000)
+        if own:
+            optimizer.__class__ = DPOptimizerFastGradientClipping
+        torch.manual_seed(1)
+        for _ in range(2):
+            optimizer.zero_grad(set_to_none=True)
+            model[0].weight.grad = torch.randn_like(model[0].weight)
+            optimizer.step()
+        results.append(model[0].weight.detach().clone())
+    exact = noise_multiplier == 0
+    torch.testing.assert_close(results[0], results[1], rtol=0 if exact else 1e-6,
+                               atol=0 if exact else 1e-7)
+
+
 def test_patients_are_the_sampling_unit(train):
     groups = patient_groups(train)
     patients = train.cache.index["patient_id"].to_numpy()[train.rows]
