@@ -6,10 +6,10 @@ LRU caches of 1024 entries (oneDNN's primitive cache and PyTorch's ideep cache i
 it). One batch size of DenseNet-121 fills several hundred entries (120 convolutions; forward,
 input and weight gradients), so two or three batch sizes evict each other. DP-SGD's Poisson
 batches change size every step: with the default caches nearly every step recompiled its
-kernels (a scratch loop of 64 px bk-mode steps with Poisson batch sizes: 22-23 img/s, 28-32
-with these caches, 32-35 at a fixed size). ``KERNEL_CACHE_ENTRIES`` keeps the few dozen sizes a
-run meets, for under 200 MB (the same loop's peak RSS: 2.08 -> 2.25 GB). Both caches read
-their size when the first kernel is built; an operator's own setting wins.
+kernels (the DP rows of ``benchmarks/train_throughput.py``, README Benchmarks, before and
+after). ``KERNEL_CACHE_ENTRIES`` keeps the few dozen sizes a run meets; memory grows only with
+the sizes met. Both caches read their size when the first kernel is built; an operator's own
+setting wins.
 """
 
 from __future__ import annotations

@@ -282,9 +282,9 @@ class NoiseAhead:
     a small-image step is Python overhead that leaves the other core idle, so the draw costs
     little there. Only the optimizer's own generator is used, by one thread at a time (the
     next draw starts after this one is taken), parameter by parameter: the noise is the
-    sequence Opacus' own ``add_noise`` draws from that generator. Each draw is used once:
-    ``take`` refuses a buffer that was not redrawn, and a failed draw raises in the step
-    that needs it."""
+    sequence Opacus' own ``add_noise`` draws from that generator. Each draw is used once
+    (``take`` draws itself when no fresh draw is waiting), and a failed draw raises in the
+    step that needs it."""
 
     def __init__(self, params: list[nn.Parameter], generator: torch.Generator) -> None:
         self.generator = generator
@@ -319,9 +319,7 @@ class NoiseAhead:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError("drawing the DP noise failed") from error
-        if not self._fresh:
-            raise RuntimeError("DP noise would be reused: no fresh draw")
-        self._fresh = False
+        self._fresh = False  # used once: the next take() draws again unless draw_next() did
         return self.views
 
     def draw_next(self) -> None:
@@ -385,7 +383,7 @@ class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
             torch._foreach_div_([p.grad for p in self.params],
                                 self.expected_batch_size * self.accumulated_iterations)
 
-    def step(self, closure=None):
+    def step(self, closure=None) -> float | None:
         # The next draw starts after the wrapped optimizer's update, which uses both cores:
         # it then runs beside the next batch's loading and forward pass.
         result = super().step(closure)
