@@ -369,18 +369,15 @@ class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
         sums = [p.summed_grad for p in params]
         for s in sums:
             _check_processed_flag(s)
-        if std == 0:
-            noised = [s.clone() for s in sums]
-        else:
+        if std != 0:
             if self._noise is None:
                 self._noise = NoiseAhead(params, self.generator)
             # In place: the clipped sum is this step's own tensor (``accumulate``), read by
             # nothing after the noise; a new 7 M-value result cost an allocation and its page
             # faults every step.
             torch._foreach_add_(sums, self._noise.take(), alpha=std)
-            noised = sums
-        for p, s, g in zip(params, sums, noised, strict=True):
-            p.grad = g.view_as(p)
+        for p, s in zip(params, sums, strict=True):
+            p.grad = s.view_as(p)
             _mark_as_processed(s)
 
     def scale_grad(self) -> None:
