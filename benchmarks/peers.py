@@ -18,8 +18,12 @@ run starts (SuperLink, SuperExec, the simulation process that hosts the ServerAp
 actors and daemons). fedcxr's own log gives its breakdown (discovery, rounds, thresholds,
 internal and external validation, report; fedcxr runs with tracking-uri=off, as the plain app
 tracks nothing). The ServerApp builds its initial model in a short-lived child
-(``server.model_files``): its peak is its own row. NVFlare is not compared here (no NVFlare
-job runner; the issue's NVFlare figures came from a separate run).
+(``server.model_files``): its peak is its own row.
+
+- **NVFlare** (with ``--nvflare-python``, a side environment; skipped with a message
+  otherwise): its PyTorch FedAvg recipe and a Client API site script in its simulator, two
+  sites at a time, and that script's own direct loop, on the same sites' splits and model
+  (``benchmarks/nvflare_peer.py``).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import nvflare_peer  # benchmarks/, beside this script
 import torch
 
 from common.data import split_datasets
@@ -156,7 +161,8 @@ class Peaks:
 
     @staticmethod
     def role(cmd: str) -> str | None:
-        for pattern, name in (("flower-superlink", "superlink"), ("flower-superexec", "superexec"),
+        for pattern, name in (*nvflare_peer.ROLES, ("flower-superlink", "superlink"),
+                              ("flower-superexec", "superexec"),
                               ("flwr-simulation", "simulation (ServerApp)"),
                               ("flwr-serverapp", "ServerApp"), ("ray::", "Ray actor"),
                               ("raylet", "Ray daemons"), ("gcs_server", "Ray daemons"),
@@ -345,6 +351,9 @@ def main() -> None:
     p.add_argument("--unwindowed", action="store_true",
                    help="also one fedcxr run of --rounds with max-in-flight=0 (every message "
                         "out at once, fedcxr simulate's default before issue #20): its peaks")
+    p.add_argument("--nvflare-python", default=os.environ.get("FEDCXR_NVFLARE_PYTHON"),
+                   help="a Python with nvflare and torch (a side venv): adds NVFlare's "
+                        "simulator to the comparison (default: $FEDCXR_NVFLARE_PYTHON)")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
@@ -353,8 +362,16 @@ def main() -> None:
                                   size=64, seed=1))
     for s in train_sites(cohort):
         ensure_cache(SiteSource(cohort / s["path"]), args.size)
+    nv_python = args.nvflare_python
+    skipped = nvflare_peer.unavailable(nv_python)
+    if skipped is None:
+        nv_folder = work / "nvflare"
+        nvflare_peer.export_sites([split_datasets(ensure_cache(SiteSource(cohort / s["path"]),
+                                                               args.size))
+                                   for s in train_sites(cohort)], nv_folder)
     best: dict[tuple[str, int], float] = {}
-    peaks: dict[str, dict[str, int]] = {"plain Flower": {}, "fedcxr": {}}
+    systems = ["fedcxr", "plain Flower"] + (["NVFlare"] if skipped is None else [])
+    peaks: dict[str, dict[str, int]] = {name: {} for name in systems}
     marks: dict[str, float] = {}
     memory: dict[str, tuple[float, float, float]] = {}  # phase -> (RSS, shared, peak) GiB
     logged = 0.0  # fedcxr's own mean round time in its best R'-round run
@@ -374,6 +391,14 @@ def main() -> None:
             keep(("plain Flower", r), total)
             for k, v in pk.by_role.items():
                 peaks["plain Flower"][k] = max(peaks["plain Flower"].get(k, 0), v)
+            if skipped is None:
+                keep(("direct (NVFlare loop)", r),
+                     nvflare_peer.direct(nv_python, nv_folder, r, args.sites))
+                total, pk = nvflare_peer.simulate(nv_python, nv_folder, r, args.sites,
+                                                  min(args.sites, os.cpu_count() or 1), Peaks)
+                keep(("NVFlare", r), total)
+                for k, v in pk.by_role.items():
+                    peaks["NVFlare"][k] = max(peaks["NVFlare"].get(k, 0), v)
             total, pk, mk, mem = fedcxr(cohort, r, args.size, work / "runs")
             if "main after process start" in mk:
                 ages.setdefault("fedcxr", []).append(mk["main after process start"])
@@ -393,31 +418,35 @@ def main() -> None:
     def per_round(name: str) -> float:
         return (best[(name, args.more_rounds)] - best[(name, args.rounds)]) / span
 
-    own = {"fedcxr": "direct (2 arms)", "plain Flower": "direct (1 arm)"}
+    own = {"fedcxr": "direct (2 arms)", "plain Flower": "direct (1 arm)",
+           "NVFlare": "direct (NVFlare loop)"}
     print(f"\n{args.sites} training sites (+1 held out) x {args.images} images at {args.size} px, "
           f"DenseNet-121, {args.rounds} and {args.more_rounds} rounds, best of {args.tries} "
           f"interleaved tries; load average {min(loads):.2f}-{max(loads):.2f}")
-    print(f"{'figure':<52}{'fedcxr':>14}{'plain Flower':>16}")
-    ratio = {n: per_round(n) / per_round(own[n]) for n in own}
-    print(f"{'per-round cost vs its own direct loop':<52}{ratio['fedcxr']:>13.2f}x"
-          f"{ratio['plain Flower']:>15.2f}x")
-    fixed = {n: best[(n, args.rounds)] - args.rounds * per_round(n) for n in own}
-    print(f"{'fixed cost of a run':<52}{fixed['fedcxr']:>13.1f}s{fixed['plain Flower']:>15.1f}s")
-    print(f"{'per round':<52}{per_round('fedcxr'):>13.1f}s{per_round('plain Flower'):>15.1f}s")
-    roles = sorted(set(peaks["fedcxr"]) | set(peaks["plain Flower"]))
-    for role in roles:
-        a, b = peaks["fedcxr"].get(role), peaks["plain Flower"].get(role)
-        print(f"{'peak RSS: ' + role:<52}{gib(a) if a else '-':>14}{gib(b) if b else '-':>16}")
+
+    def row(figure: str, cells: list[str]) -> None:
+        print(f"{figure:<52}" + "".join(f"{c:>16}" for c in cells))
+
+    row("figure", [f"NVFlare {nvflare_peer.version(nv_python)}" if n == "NVFlare" else n
+                   for n in systems])
+    row("per-round cost vs its own direct loop",
+        [f"{per_round(n) / per_round(own[n]):.2f}x" for n in systems])
+    row("fixed cost of a run",
+        [f"{best[(n, args.rounds)] - args.rounds * per_round(n):.1f}s" for n in systems])
+    row("per round", [f"{per_round(n):.1f}s" for n in systems])
+    for role in sorted({r for n in systems for r in peaks[n]}):
+        row("peak RSS: " + role, [gib(peaks[n][role]) if role in peaks[n] else "-"
+                                  for n in systems])
     for role, peak in sorted(unwindowed.items()):
-        print(f"{'peak RSS: ' + role + ', max-in-flight=0':<52}{gib(peak):>14}{'-':>16}")
+        row("peak RSS: " + role + ", max-in-flight=0", [gib(peak)] + ["-"] * (len(systems) - 1))
     if ages:
-        print(f"{'ServerApp main, s after its process began (min)':<52}"
-              f"{min(ages.get('fedcxr', [float('nan')])):>13.1f}s"
-              f"{min(ages.get('plain Flower', [float('nan')])):>15.1f}s")
+        row("ServerApp main, s after its process began (min)",
+            [f"{min(ages[n]):.1f}s" if n in ages else "-" for n in systems])
     if logged:
-        print(f"{'per round, fedcxr log (mean of ' + str(args.more_rounds) + ' rounds)':<52}"
-              f"{logged:>13.1f}s{'-':>16}")
-    print("NVFlare: not compared by this script (it has no NVFlare job runner)")
+        row(f"per round, fedcxr log (mean of {args.more_rounds} rounds)",
+            [f"{logged:.1f}s"] + ["-"] * (len(systems) - 1))
+    if skipped is not None:
+        print(f"NVFlare: skipped ({skipped})")
     if marks:
         print(f"\nfedcxr breakdown of a {args.rounds}-round run (its own log: phase ends, s "
               "into the ServerApp's run; the rest of the wall time is Flower's start, the "
