@@ -134,23 +134,18 @@ ROLES = (("simulator.simulator_worker", "NVFlare site worker"),
          ("nvflare_job.py", "NVFlare job script"))
 
 
-def unavailable(python: str | None) -> str | None:
-    """Why NVFlare cannot run from ``python`` (None when it can)."""
+def probe(python: str | None) -> tuple[str | None, str]:
+    """(why NVFlare cannot run from ``python``, or None; its version), in one child."""
     if not python:
-        return "pass --nvflare-python PATH (a Python with nvflare and torch) to compare it"
+        return "pass --nvflare-python PATH (a Python with nvflare and torch) to compare it", ""
     if not Path(python).is_file():
-        return f"--nvflare-python {python}: no such file"
+        return f"--nvflare-python {python}: no such file", ""
     done = subprocess.run([python, "-c", "import nvflare, torch; print(nvflare.__version__)"],
                           capture_output=True, text=True)
     if done.returncode != 0:
-        return f"--nvflare-python {python} cannot import nvflare and torch: " \
-               f"{(done.stderr.strip().splitlines() or ['?'])[-1]}"
-    return None
-
-
-def version(python: str) -> str:
-    return subprocess.run([python, "-c", "import nvflare; print(nvflare.__version__)"],
-                          capture_output=True, text=True).stdout.strip()
+        return (f"--nvflare-python {python} cannot import nvflare and torch: "
+                f"{(done.stderr.strip().splitlines() or ['?'])[-1]}"), ""
+    return None, done.stdout.strip()
 
 
 def export_sites(splits: list[dict], folder: Path) -> Path:

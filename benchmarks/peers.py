@@ -360,15 +360,13 @@ def main() -> None:
     cohort = work / "cohort"
     generate(cohort, SynthOptions(sites=args.sites + 1, held_out=1, images_per_site=args.images,
                                   size=64, seed=1))
-    for s in train_sites(cohort):
-        ensure_cache(SiteSource(cohort / s["path"]), args.size)
+    caches = [ensure_cache(SiteSource(cohort / s["path"]), args.size)
+              for s in train_sites(cohort)]
     nv_python = args.nvflare_python
-    skipped = nvflare_peer.unavailable(nv_python)
+    skipped, nv_version = nvflare_peer.probe(nv_python)
     if skipped is None:
         nv_folder = work / "nvflare"
-        nvflare_peer.export_sites([split_datasets(ensure_cache(SiteSource(cohort / s["path"]),
-                                                               args.size))
-                                   for s in train_sites(cohort)], nv_folder)
+        nvflare_peer.export_sites([split_datasets(c) for c in caches], nv_folder)
     best: dict[tuple[str, int], float] = {}
     systems = ["fedcxr", "plain Flower"] + (["NVFlare"] if skipped is None else [])
     peaks: dict[str, dict[str, int]] = {name: {} for name in systems}
@@ -427,8 +425,7 @@ def main() -> None:
     def row(figure: str, cells: list[str]) -> None:
         print(f"{figure:<52}" + "".join(f"{c:>16}" for c in cells))
 
-    row("figure", [f"NVFlare {nvflare_peer.version(nv_python)}" if n == "NVFlare" else n
-                   for n in systems])
+    row("figure", [f"NVFlare {nv_version}" if n == "NVFlare" else n for n in systems])
     row("per-round cost vs its own direct loop",
         [f"{per_round(n) / per_round(own[n]):.2f}x" for n in systems])
     row("fixed cost of a run",

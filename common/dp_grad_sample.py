@@ -344,9 +344,8 @@ class BookkeepingDPOptimizer(DPOptimizerFastGradientClipping):
     - The noise is Opacus' mechanism, N(0, (noise multiplier x max grad norm)^2) on every
       coordinate from the optimizer's generator, but drawn ahead (``NoiseAhead``) and added
       in one fused operation, in place into the clipped sum; Opacus allocates a zero tensor,
-      draws and adds per parameter
-      (364 of them on DenseNet-121: 33 ms of a 64 px DP step on 2 cores, 5-7 ms this way,
-      the optimizer step 56 -> 25-32 ms; a scratch profile). Secure mode, a missing
+      draws and adds per parameter, 364 times on DenseNet-121 (the optimizer part of
+      ``benchmarks/train_throughput.py --breakdown``, before and after). Secure mode, a missing
       generator (the global one is not ours to use from a thread) or mixed dtypes keep
       Opacus' own ``add_noise``."""
 
