@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
@@ -43,7 +44,7 @@ from common.config import RunConfig, as_flower, label_list, model_specs, parse
 from common.errors import ConfigError
 from common.evaluation.combine import combine_sites
 from common.evaluation.metrics import choose_threshold
-from common.evaluation.report import build_results, write_report
+from common.evaluation.report import build_results, load_plotting, write_report
 from common.evaluation.verdict import Protocol
 from common.labels import LABELS
 from common.privacy import Spend, compose_epsilon, default_delta
@@ -67,6 +68,7 @@ from server.state import (
 from server.strategy import TrainNodesGrid, make_strategy, restore_strategy_state, strategy_state
 from server.tracking import Tracker
 from server.updates import UpdateStore
+from server.weight_files import StoredWeights, WeightFiles, Weights, load, shape_template
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -96,8 +98,9 @@ def _msg(content: RecordDict, node: int, kind: str, group: int) -> Message:
     return Message(content, dst_node_id=node, message_type=kind, group_id=str(group))
 
 
-def _record(weights: dict[str, np.ndarray], run: RunConfig) -> ArrayRecord:
-    return to_record(weights, run.transport_dtype)
+def _record(weights: StoredWeights | Weights, run: RunConfig) -> ArrayRecord:
+    """A model as a record, read from its file now (dropped with the message)."""
+    return to_record(load(weights), run.transport_dtype)
 
 
 def _queued(run: RunConfig) -> int:
@@ -253,18 +256,18 @@ def open_run(run: RunConfig, context: Context) -> tuple[str, Path, RunState]:
 
 
 def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node],
-                 initial: model_files.InitialWeights):
+                 initial: model_files.InitialWeights, files: WeightFiles):
     """The Flower strategy and every arm's starting weights (fresh, built by ``initial``, or
     as resumed). A training site that was not in a resumed run before the crash has no
     single-site arm to continue: it sits the rest out rather than join mid-experiment."""
     strategy = make_strategy(run, len(train_nodes))
     if not run.resume_from:
-        init = initial.result()
-        # One copy of the identical starting weights, shared by every arm until its first
-        # trained weights replace it (nothing writes into an arm's arrays in place).
-        st.arms = {FEDERATED: init, **{single(v.site): dict(init)
-                                        for v in train_nodes.values()}}
+        # One file of the identical starting weights, every arm's until its first trained
+        # weights replace it.
+        init = files.put("round-000-initial", initial.result())
+        st.arms = {FEDERATED: init, **{single(v.site): init for v in train_nodes.values()}}
         return strategy
+    st.spill(files)  # models as arrays (format 2), or files of another run folder
     restore_strategy_state(strategy, st.strategy)
     for n, v in list(train_nodes.items()):
         if single(v.site) not in st.arms:
@@ -278,11 +281,11 @@ def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node],
 
 def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
                  train_nodes: dict[int, Node], run_name: str, run_dir: Path,
-                 board: RunStatus, tracker: Tracker) -> None:
+                 board: RunStatus, tracker: Tracker, files: WeightFiles) -> None:
     """Every remaining round, each followed by a checkpoint and metrics.csv."""
     for rnd in range(st.round + 1, run.num_rounds + 1):
         began = time.monotonic()
-        train_round(grid, run, rnd, train_nodes, st, strategy, run_name, run_dir)
+        train_round(grid, run, rnd, train_nodes, st, strategy, run_name, run_dir, files)
         st.round = rnd
         st.strategy = strategy_state(strategy)
         saving = time.monotonic()
@@ -335,15 +338,19 @@ def train_requests(run: RunConfig, rnd: int, st: RunState, strategy, grid: Grid,
 
 
 def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Node],
-                st: RunState, strategy, run_name: str, run_dir: Path) -> None:
+                st: RunState, strategy, run_name: str, run_dir: Path,
+                files: WeightFiles) -> None:
     started = time.monotonic()
     train_ids = sorted(train_nodes)
     sites = {n: train_nodes[n].site for n in train_ids}
     msgs = train_requests(run, rnd, st, strategy, grid, sites, run_name)
     # Replies are taken one at a time: a federated update is checked, measured and spilled
     # to the coordinator's disk (UpdateStore) and dropped before the next one is pulled.
-    store = UpdateStore(run_dir / "updates" / f"round-{rnd:03d}", pack(st.arms[FEDERATED]),
+    global_model = load(st.arms[FEDERATED])
+    template = shape_template(global_model)  # keys, shapes and dtypes: no values
+    store = UpdateStore(run_dir / "updates" / f"round-{rnd:03d}", pack(global_model),
                         round=rnd, sites=sites)
+    del global_model
     answered: dict[str, set[int]] = {FEDERATED: set()}
     errors: dict[int, str] = {}
     fed_metrics: dict[int, dict] = {}
@@ -362,7 +369,8 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
         # Single-site arm: the site's own model, never averaged, validated at its own site
         # and selected by the same rule as the federated arm.
         arm = result.arm
-        st.arms[arm] = dict(unpack(record_arrays(result.arrays), st.arms[arm]))
+        st.arms[arm] = files.put(f"round-{rnd:03d}-{arm}",
+                                 unpack(record_arrays(result.arrays), template))
         st.trained.setdefault(arm, []).append(rnd)
         _record_history(st, rnd, arm, [metrics], mean_val=result.val_mean_auc,
                         validated=int(result.val_mean_auc is not None))
@@ -402,7 +410,9 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
         if len(kept) >= max(run.min_train_sites, 1):
             new = store.aggregate(strategy)
             if new is not None:
-                st.arms[FEDERATED] = dict(unpack(new, st.arms[FEDERATED]))
+                st.arms[FEDERATED] = files.put(f"round-{rnd:03d}-{FEDERATED}",
+                                               unpack(new, template))
+                del new
                 st.trained.setdefault(FEDERATED, []).append(rnd)
         else:  # no aggregate: the round is not a round of the federated arm
             log.warning("round %d: only %d accepted federated updates (< min-train-sites %d); "
@@ -426,8 +436,8 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
         f"{h.arm} loss {_auc(h.loss)} val AUC {_auc(h.val_auc)}" for h in singles) or "none")
 
 
-def _validated(st: RunState, rnd: int, val: PooledValidation, weights: dict[str, np.ndarray],
-               rule: str) -> None:
+def _validated(st: RunState, rnd: int, val: PooledValidation,
+               weights: StoredWeights | Weights, rule: str) -> None:
     """Round ``rnd``'s global model (``weights``) was validated: fill its history row and
     consider it for selection."""
     row = st.federated_row(rnd)
@@ -436,7 +446,7 @@ def _validated(st: RunState, rnd: int, val: PooledValidation, weights: dict[str,
 
 
 def _consider(st: RunState, arm: str, rnd: int, val: PooledValidation,
-              weights: dict[str, np.ndarray], rule: str) -> None:
+              weights: StoredWeights | Weights, rule: str) -> None:
     """One selection rule for every arm: keep round ``rnd``'s model of ``arm``, with its
     pooled validation ROC counts (for thresholds), when it is the last (``last``) or has the
     best validation AUC so far (``best-val``; the earliest round wins a tie). The federated
@@ -446,13 +456,10 @@ def _consider(st: RunState, arm: str, rnd: int, val: PooledValidation,
     better = mean is not None and (current is None or current.mean_val_auc is None
                                    or mean > current.mean_val_auc)
     if rule == "last" or better:
-        # No copy: the selected model shares its arrays with the arm until the arm's next
-        # weights replace them (with an arm per site, a copy of each was the largest state
-        # the server kept). Read-only, so that nothing can write into the two at once.
-        for v in weights.values():
-            v.flags.writeable = False
+        # No copy: the selected model is the arm's model of that round, the same file; the
+        # arm's next weights are a new file (server.weight_files).
         st.selected[arm] = SelectedModel(rnd, mean, val.pos, val.neg, list(val.sites),
-                                         dict(weights))
+                                         weights)
 
 
 def _record_history(st: RunState, rnd: int, arm: str, metrics: list[dict], *,
@@ -476,7 +483,7 @@ def _write_metrics_csv(run_dir: Path, st: RunState) -> None:
 # ---------------------------------------------------------------- phase 3: select
 
 
-def validate_global(grid: Grid, run: RunConfig, weights: dict,
+def validate_global(grid: Grid, run: RunConfig, weights: StoredWeights | Weights,
                     train_nodes: dict[int, Node]) -> PooledValidation:
     """The last global model's validation at every training site (the earlier ones were
     validated by the next round's train message)."""
@@ -498,7 +505,7 @@ def validate_global(grid: Grid, run: RunConfig, weights: dict,
 class Selection:
     """Every arm's selected model, the round it came from, and its operating points."""
 
-    weights: dict[str, dict]
+    weights: dict[str, StoredWeights | Weights]
     rounds: dict[str, int]
     validation_auc: dict[str, float | None]
     thresholds: dict[str, dict[str, float]]
@@ -543,7 +550,8 @@ def fix_thresholds(run: RunConfig, pos: np.ndarray | None, neg: np.ndarray | Non
 # ---------------------------------------------------------------- phases 4 and 5
 
 
-def model_by_model(grid: Grid, run: RunConfig, models: dict[str, dict], nodes: dict[int, Node],
+def model_by_model(grid: Grid, run: RunConfig, models: dict[str, StoredWeights | Weights],
+                   nodes: dict[int, Node],
                    kind: str, phase: str, request: Callable[[str, ArrayRecord], RecordDict]
                    ) -> Exchange:
     """Every node gets every model, one model per message and model by model: each record
@@ -841,10 +849,12 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
 
         # 2. Train, interleaved, checkpoint every round.
         board.enter("training")
-        strategy = prepare_arms(run, st, train_nodes, initial)
+        files = checkpoint.weight_files(run_dir)
+        strategy = prepare_arms(run, st, train_nodes, initial, files)
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
     nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
-    train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board, tracker)
+    train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board, tracker,
+                 files)
     log.info("training done: %d round(s) (%s)", st.round, _into(started))
 
     # 3. Select every arm by one rule; operating points from training-site validation only.
@@ -858,6 +868,8 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     # 4-5. Internal validation (every training site, every selected model, its test split)
     # and external validation (every held-out node), at the same time: disjoint sites.
     board.enter("validation")
+    # The report's plotting library loads while the ServerApp waits for the sites.
+    threading.Thread(target=load_plotting, name="load-plotting", daemon=True).start()
     site_results, internal, thresholds = validate_everywhere(
         grid, run, run_name, selection, extra, extra_norms, (train_nodes, held_out), primary)
     evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)

@@ -6,9 +6,12 @@ the RNG states. It is written to a temporary file and renamed, so a crash leaves
 previous checkpoint or the new one, never half of one. Client-side training is seeded by
 (seed, round, arm), so resuming from round r reproduces an uninterrupted run exactly.
 
-The file is a pickle (protocol 5: each array's buffer is written as it is, no copy), not
-``torch.save``: the ServerApp holds weights as numpy arrays and never imports torch (see
-``server.model_files``). Checkpoints of format 1 (``torch.save``) still resume.
+The file is a pickle, not ``torch.save``: the ServerApp holds weights as numpy arrays and
+never imports torch (see ``server.model_files``). Format 3 names each model by its file in
+``checkpoints/weights/`` (``server.weight_files``: written once, when the model arrived),
+so a round's checkpoint is small and writes no model again; the files a pruned checkpoint
+alone named are deleted with it. Checkpoints of format 2 (models as arrays in the pickle)
+and 1 (``torch.save``) still resume.
 """
 
 from __future__ import annotations
@@ -24,9 +27,16 @@ import numpy as np
 from common.atomic import atomic_path
 from common.errors import FedcxrError
 from server.state import RunState
+from server.weight_files import FOLDER, WeightFiles, rebase
 
-FORMAT = "fedcxr-server-checkpoint/2"
+FORMAT = "fedcxr-server-checkpoint/3"
+ARRAYS_FORMAT = "fedcxr-server-checkpoint/2"  # models as arrays in the pickle; read, not written
 TORCH_FORMAT = "fedcxr-server-checkpoint/1"  # torch.save of tensors; read, not written
+
+
+def weight_files(run_dir: Path) -> WeightFiles:
+    """The folder of a run's model files, beside its checkpoints."""
+    return WeightFiles(Path(run_dir) / "checkpoints" / FOLDER)
 
 
 def _convert(obj, kind: type, fn):
@@ -44,7 +54,8 @@ def _convert(obj, kind: type, fn):
 def save(run_name: str, config: dict, state: RunState, run_dir: Path, round: int,
          keep: str = "all", best_round: int | None = None) -> Path:
     """Checkpoint ``state`` after ``round`` (``round-NNN.pt`` and ``latest.pt``), then drop
-    the round files ``keep`` does not name (``prune``)."""
+    the round files ``keep`` does not name (``prune``) and the model files that neither
+    ``state`` nor a kept round file names (``keep="all"`` drops nothing)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "run_name": run_name, "config": config,
@@ -58,6 +69,12 @@ def save(run_name: str, config: dict, state: RunState, run_dir: Path, round: int
     os.link(path, latest)  # the same bytes, no second write
     os.replace(latest, ckpt_dir / "latest.pt")
     prune(ckpt_dir, keep, {round} | ({best_round} if best_round else set()))
+    if keep != "all":  # the model files only pruned checkpoints (or none) named
+        named = state.stored()
+        for kept in sorted(ckpt_dir.glob("round-*.pt")):
+            with open(kept, "rb") as f:
+                named += RunState.from_checkpoint(pickle.load(f)["state"]).stored()
+        weight_files(run_dir).collect(named)
     return path
 
 
@@ -112,9 +129,14 @@ def load(spec: str, out_dir: str | Path = "runs") -> dict:
                 state = pickle.load(f)
         except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
             raise FedcxrError(f"{path}: not a fedcxr server checkpoint ({exc})") from None
-    if not isinstance(state, dict) or state.get("format") not in (FORMAT, TORCH_FORMAT):
+    if not isinstance(state, dict) or state.get("format") not in (FORMAT, ARRAYS_FORMAT,
+                                                                  TORCH_FORMAT):
         raise FedcxrError(f"{path}: not a fedcxr server checkpoint")
-    state["state"] = RunState.from_checkpoint(state["state"])
+    state["state"] = st = RunState.from_checkpoint(state["state"])
+    folder = path.parent / FOLDER  # the files where this checkpoint is (a moved run folder)
+    st.arms = {arm: rebase(w, folder) for arm, w in st.arms.items()}
+    for sel in st.selected.values():
+        sel.weights = rebase(sel.weights, folder)
     rng = state.pop("rng")
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])

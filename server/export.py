@@ -25,6 +25,7 @@ from common.config import norm_for
 from common.errors import FedcxrError
 from common.labels import LABELS
 from common.model import CxrDenseNet, build_model
+from server.weight_files import load
 
 FORMATS = ("torchscript", "onnx")
 METADATA_FILE = "fedcxr.json"
@@ -95,6 +96,7 @@ def selected_model(run_dir: Path, model: str) -> tuple[Deployable, ModelMeta]:
     weights = chosen.weights if chosen is not None else state.arms.get(model)
     if weights is None:
         raise FedcxrError(f"{run_dir}/checkpoints/latest.pt holds no weights for {model}")
+    weights = load(weights)
     norm = norm_for(bool(config.get("dp")) or config.get("client-dp", "off") != "off")
     net = build_model(norm=norm)
     try:

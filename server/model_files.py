@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import FedcxrError
+from server.weight_files import StoredWeights, Weights, load
 
 # The child runs with the same interpreter and finds the same packages as this process.
 _ROOT = str(Path(__file__).resolve().parents[1])
@@ -99,16 +100,16 @@ def read(path: str | Path) -> tuple[dict[str, np.ndarray], str]:
     return weights, norm
 
 
-def write(models: dict[str, tuple[dict[str, np.ndarray], dict]], norm: str,
+def write(models: dict[str, tuple[StoredWeights | Weights, dict]], norm: str,
           folder: Path) -> dict[str, Path]:
     """Each model (weights, checkpoint extras) as a fedcxr checkpoint ``<folder>/<name>.pt``
-    (``common.model.save_checkpoint``)."""
+    (``common.model.save_checkpoint``); a stored model is read when its turn comes."""
     folder.mkdir(parents=True, exist_ok=True)
     paths, jobs = {}, []
     with tempfile.TemporaryDirectory(prefix="fedcxr-write-") as tmp:
         for k, (name, (weights, extra)) in enumerate(models.items()):
             src = Path(tmp) / f"{k}.npz"
-            np.savez(src, **weights)
+            np.savez(src, **load(weights))
             paths[name] = folder / f"{name.replace(':', '_')}.pt"
             jobs.append({"weights": str(src), "out": str(paths[name]), "extra": extra})
         spec = Path(tmp) / "jobs.json"

@@ -3,7 +3,9 @@
 ``RunState.to_checkpoint`` / ``from_checkpoint`` turn it into plain dicts, lists and arrays
 (``server.checkpoint`` saves those atomically after every round) and back; a checkpoint
 written before every arm had a selected model (it kept only the best global model, ``best``)
-is read as the federated arm's selection.
+is read as the federated arm's selection. Models are ``StoredWeights`` (their file under
+``checkpoints/weights``, ``server.weight_files``); a checkpoint of format 2 or earlier holds
+them as arrays, which ``spill`` writes to files on resume.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from common import protocol as wire
 from common.labels import LABELS
 from server.updates import Rejection
+from server.weight_files import StoredWeights, WeightFiles, Weights
 
 FEDERATED = "federated"
 CENTRALISED = "centralised"  # the centralised reference (simulation only; cli.reference)
@@ -57,7 +60,7 @@ class SelectedModel:
     pos: np.ndarray | None  # pooled validation ROC counts (for thresholds)
     neg: np.ndarray | None
     sites: list[str]
-    weights: dict[str, np.ndarray]
+    weights: StoredWeights | Weights
 
 
 @dataclass
@@ -94,7 +97,7 @@ class Failure:
 @dataclass
 class RunState:
     round: int = 0
-    arms: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    arms: dict[str, StoredWeights | Weights] = field(default_factory=dict)
     selected: dict[str, SelectedModel] = field(default_factory=dict)
     strategy: dict = field(default_factory=dict)
     history: list[HistoryRow] = field(default_factory=list)
@@ -104,6 +107,30 @@ class RunState:
     # arm -> the rounds in which its weights changed (the federated arm: an aggregate was
     # taken; a single-site arm: its site's trained model came back). Empty: never trained.
     trained: dict[str, list[int]] = field(default_factory=dict)
+
+    def stored(self) -> list[StoredWeights]:
+        """Every model file the state names (arms and selected models)."""
+        models = [*self.arms.values(), *(s.weights for s in self.selected.values())]
+        return [w for w in models if isinstance(w, StoredWeights)]
+
+    def spill(self, files: WeightFiles) -> None:
+        """Every model a file of ``files`` (on resume): models held as arrays (a checkpoint
+        of format 2 or earlier) written once each (a selected model that shares its arm's
+        arrays: the arm's file), files of another run folder linked in."""
+        written: dict[int, StoredWeights] = {}
+
+        def stored(name: str, weights):
+            if isinstance(weights, StoredWeights):
+                return files.adopt(weights)
+            key = id(next(iter(weights.values()), None))  # the same arrays: the same file
+            if key not in written:
+                written[key] = files.put(name, weights)
+            return written[key]
+
+        for arm in list(self.arms):
+            self.arms[arm] = stored(f"resumed-{arm}", self.arms[arm])
+        for arm, sel in self.selected.items():
+            sel.weights = stored(f"resumed-{arm}-selected-round-{sel.round:03d}", sel.weights)
 
     def federated_row(self, rnd: int) -> HistoryRow:
         return next(h for h in self.history if h.round == rnd and h.arm == FEDERATED)

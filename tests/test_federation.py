@@ -130,7 +130,14 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     # of the federated arm's selected model, nothing else
     best = arms["federated"]["best_round"]
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
-        "latest.pt", "round-002.pt", f"round-{best:03d}.pt"}
+        "latest.pt", "round-002.pt", f"round-{best:03d}.pt", "weights"}
+    # ... and the model files those name (every arm's current and selected model), no other
+    from server import checkpoint
+
+    named = {w.path.name for p in (run_dir / "checkpoints").glob("*.pt")
+             for w in checkpoint.load(str(p))["state"].stored()}
+    assert {p.name for p in (run_dir / "checkpoints" / "weights").iterdir()} == named
+    assert {f"round-002-{arm}.pkl".replace(":", "_") for arm in arms} <= named
     # status.json (fedcxr status) followed the run to its end
     from common.run_status import RunStatus
 
@@ -252,8 +259,9 @@ def test_a_run_whose_arms_never_train_gives_no_verdict(small_cohort, tmp_path):
 
 def checkpoint_arms(path: Path) -> dict:
     from server import checkpoint
+    from server.weight_files import load
 
-    return checkpoint.load(str(path))["state"].arms
+    return {arm: load(w) for arm, w in checkpoint.load(str(path))["state"].arms.items()}
 
 
 def test_killed_and_resumed_run_ends_with_the_same_weights(run_a, small_cohort, tmp_path):
@@ -511,21 +519,26 @@ def test_one_selection_rule_for_every_arm():
             assert sel.pos[0] == rnd and sel.weights["w"][0] == rnd
 
 
-def test_a_selected_model_shares_the_arms_arrays_and_nothing_writes_into_them():
+def test_a_selected_model_is_its_rounds_file_and_the_arms_next_weights_are_a_new_one(
+        tmp_path):
     """No copy of the selected weights (the largest state the server kept with an arm per
-    site): the arrays are the arm's own, read-only, and the arm's next weights replace the
-    dict instead of writing into it, so the selection keeps its round's values."""
+    site): the selection names the arm's file of that round; the arm's next weights are a
+    new file, so the selection keeps its round's values, and the server holds no model."""
     from server.app import PooledValidation, RunState, _consider
+    from server.weight_files import StoredWeights, WeightFiles
 
+    files = WeightFiles(tmp_path / "weights")
     st = RunState()
-    st.arms["a"] = {"w": np.full(3, 1.0)}
+    st.arms["a"] = files.put("round-001-a", {"w": np.full(3, 1.0)})
     _consider(st, "a", 1, PooledValidation(["s"], [0.9], None, None), st.arms["a"], "best-val")
-    assert st.selected["a"].weights["w"] is st.arms["a"]["w"]
-    with pytest.raises(ValueError, match="read-only"):
-        st.arms["a"]["w"] += 1.0
-    st.arms["a"] = {"w": np.full(3, 2.0)}
+    assert st.selected["a"].weights is st.arms["a"]
+    assert isinstance(st.arms["a"], StoredWeights)
+    st.arms["a"] = files.put("round-002-a", {"w": np.full(3, 2.0)})
     _consider(st, "a", 2, PooledValidation(["s"], [0.5], None, None), st.arms["a"], "best-val")
-    assert st.selected["a"].round == 1 and st.selected["a"].weights["w"][0] == 1.0
+    assert st.selected["a"].round == 1 and st.selected["a"].weights.load()["w"][0] == 1.0
+    assert st.arms["a"].load()["w"][0] == 2.0
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
+        "round-001-a.pkl", "round-002-a.pkl"]
 
 
 def test_run_state_round_trips_through_a_checkpoint(tmp_path):
@@ -560,6 +573,76 @@ def test_run_state_round_trips_through_a_checkpoint(tmp_path):
     assert (older.history[0].sites_validated, older.history[0].sites_trained) == (3, 0)
 
 
+def test_a_checkpoint_names_its_models_files_and_resumes_from_a_moved_folder(tmp_path):
+    """Format 3: the models are files under checkpoints/weights (the pickle holds no
+    array), read back by value; a run folder moved elsewhere still resumes from its own
+    files; a missing file is one line naming it."""
+    import shutil
+
+    from server import checkpoint
+    from server.state import RunState, SelectedModel
+    from server.weight_files import StoredWeights
+
+    run = tmp_path / "out" / "r"
+    files = checkpoint.weight_files(run)
+    w1 = files.put("round-001-federated", {"a": np.arange(6, dtype=np.float32).reshape(2, 3),
+                                           "n": np.array(7, np.int64),
+                                           "big": np.zeros(250_000, np.float32)})
+    w2 = files.put("round-002-federated", {"a": np.ones((2, 3), np.float32),
+                                           "n": np.array(8, np.int64)})
+    st = RunState(round=2, arms={"federated": w2},
+                  selected={"federated": SelectedModel(1, 0.7, None, None, ["s1"], w1)})
+    path = checkpoint.save("r", {}, st, run, 2)
+    assert path.stat().st_size < 20_000  # names the 1 MB model, not its bytes
+    moved = tmp_path / "elsewhere" / "r"
+    shutil.move(run, moved)
+    back = checkpoint.load(str(moved))["state"]
+    assert isinstance(back.arms["federated"], StoredWeights)
+    assert back.arms["federated"].path.parent == (moved / "checkpoints" / "weights").resolve()
+    sel = back.selected["federated"].weights.load()
+    assert sel["a"].tolist() == [[0, 1, 2], [3, 4, 5]] and sel["n"].dtype == np.int64
+    assert back.arms["federated"].load()["n"] == 8
+    other = checkpoint.weight_files(tmp_path / "resumed-elsewhere")
+    back.spill(other)  # resumed into another out-dir: its files become that run's own
+    assert {p.name for p in other.folder.iterdir()} == {"round-001-federated.pkl",
+                                                        "round-002-federated.pkl"}
+    assert back.selected["federated"].weights.path.parent == other.folder.resolve()
+    assert back.selected["federated"].weights.load()["n"] == 7
+    (moved / "checkpoints" / "weights" / "round-001-federated.pkl").unlink()
+    with pytest.raises(FedcxrError, match="round-001-federated.pkl: a model file .* is gone"):
+        checkpoint.load(str(moved))["state"].selected["federated"].weights.load()
+
+
+def test_a_format_2_checkpoint_resumes_with_its_arrays_written_to_files_once(tmp_path):
+    """A checkpoint that held its models as arrays (format 2): on resume each distinct
+    model becomes one file (arms that share the initial arrays, and a selected model that
+    shares its arm's, share the file), with the same values."""
+    import pickle
+
+    from server import checkpoint
+    from server.state import RunState, SelectedModel
+
+    init = {"a": np.zeros(4, np.float32)}
+    trained = {"a": np.full(4, 3.0, np.float32)}
+    st = RunState(round=1, arms={"federated": trained, "single:s1": dict(init),
+                                 "single:s2": dict(init)},
+                  selected={"federated": SelectedModel(1, 0.6, None, None, [], trained)})
+    folder = tmp_path / "r" / "checkpoints"
+    folder.mkdir(parents=True)
+    with open(folder / "latest.pt", "wb") as f:
+        pickle.dump({"format": checkpoint.ARRAYS_FORMAT, "run_name": "r", "config": {},
+                     "state": st.to_checkpoint(),
+                     "rng": {"numpy": np.random.get_state(),
+                             "python": __import__("random").getstate()}}, f, protocol=5)
+    back = checkpoint.load(str(tmp_path / "r"))["state"]
+    files = checkpoint.weight_files(tmp_path / "r")
+    back.spill(files)
+    assert len(list(files.folder.glob("*.pkl"))) == 2
+    assert back.arms["single:s1"] == back.arms["single:s2"]
+    assert back.selected["federated"].weights == back.arms["federated"]
+    assert back.arms["federated"].load()["a"].tolist() == [3.0] * 4
+
+
 @pytest.mark.parametrize("keep,best,kept", [
     ("all", 2, {1, 2, 3, 4}), ("last", 2, {4}), ("last,best", 2, {2, 4}),
     ("last,best", None, {4}), ("last,best", 4, {4})])
@@ -570,13 +653,19 @@ def test_checkpoints_kept_are_the_last_and_the_selected_round(tmp_path, keep, be
     from server import checkpoint
     from server.state import RunState
 
-    st = RunState(arms={"federated": {"a": np.zeros(3, np.float32)}})
+    files = checkpoint.weight_files(tmp_path / "out" / "r")
+    st = RunState()
     for rnd in range(1, 5):
         st.round = rnd
+        st.arms = {"federated": files.put(f"round-{rnd:03d}-federated",
+                                          {"a": np.full(3, rnd, np.float32)})}
         checkpoint.save("r", {"seed": 0}, st, tmp_path / "out" / "r", rnd, keep=keep,
                         best_round=best if best is None or best <= rnd else None)
     names = {p.name for p in (tmp_path / "out" / "r" / "checkpoints").iterdir()}
-    assert names == {"latest.pt"} | {f"round-{r:03d}.pt" for r in kept}
+    assert names == {"latest.pt", "weights"} | {f"round-{r:03d}.pt" for r in kept}
+    # the model files no kept checkpoint names went with their checkpoints
+    assert {p.name for p in files.folder.iterdir()} == {f"round-{r:03d}-federated.pkl"
+                                                        for r in kept}
     assert checkpoint.load("r", tmp_path / "out")["state"].round == 4
     with pytest.raises(FedcxrError, match="no checkpoint there"):
         checkpoint.load("missing", tmp_path / "out")

@@ -1,0 +1,125 @@
+"""Every model the ServerApp keeps, one file each on the coordinator's disk, read when needed.
+
+The run state holds a model per arm (the federated arm and one single-site arm per training
+site) and each arm's selected model. Held in memory, that state grew with the sites: at 20
+sites, 21 DenseNet-121s of 28 MB each, twice over once an arm's selected round falls behind
+its current one, and every round's checkpoint wrote all of them again
+(``benchmarks/peers.py --sites 20`` prints the ServerApp's peak RSS). Here each model is
+written once, when it arrives, to ``<run>/checkpoints/weights/``, and the state keeps a
+``StoredWeights`` (its file) instead: a message that carries a model reads it when the
+message is built and drops it once sent, so the server holds the models being sent, not
+every model of the run. A selected model is the same file as the arm's round it came from
+(no copy), and a checkpoint names the files instead of repeating their bytes.
+
+Files are never changed once written (a model of a round has one name), so a checkpoint
+stays valid for as long as its files are kept; ``collect`` deletes the files that neither
+the state nor any kept checkpoint names.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from common.atomic import atomic_path
+from common.errors import FedcxrError
+
+Weights = dict[str, np.ndarray]
+FOLDER = "weights"  # under the run's checkpoints/
+
+
+@dataclass(frozen=True)
+class StoredWeights:
+    """One model's weights (a state dict of numpy arrays) in one file of the coordinator's
+    disk, written by ``WeightFiles.put`` and never changed."""
+
+    path: Path
+
+    def load(self) -> Weights:
+        """The weights, read now (the caller drops them when done)."""
+        try:
+            with open(self.path, "rb") as f:
+                weights = pickle.load(f)
+        except FileNotFoundError:
+            raise FedcxrError(f"{self.path}: a model file the run's state names is gone; "
+                              "restore it (or resume from a checkpoint whose files are all "
+                              "there)") from None
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+            raise FedcxrError(f"{self.path}: not a fedcxr model file ({exc})") from None
+        if not isinstance(weights, dict):
+            raise FedcxrError(f"{self.path}: not a fedcxr model file")
+        return weights
+
+
+def load(weights: Weights | StoredWeights) -> Weights:
+    """The arrays of ``weights``, read from disk when they are stored (a checkpoint of
+    format 2 or earlier holds them in memory)."""
+    return weights.load() if isinstance(weights, StoredWeights) else weights
+
+
+class WeightFiles:
+    """The folder of a run's model files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+
+    def put(self, name: str, weights: Weights) -> StoredWeights:
+        """Write ``weights`` as ``<name>.pkl`` (atomically, synced to disk before a
+        checkpoint can name it) and return its handle. ``name`` is unique to the model: an
+        arm and the round its weights came from."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{name.replace(':', '_').replace(os.sep, '_')}.pkl"
+        with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
+            pickle.dump({k: np.asarray(v) for k, v in weights.items()}, f, protocol=5)
+        return StoredWeights(path.resolve())
+
+    def adopt(self, weights: StoredWeights) -> StoredWeights:
+        """A stored model of another folder (a run resumed into another out-dir) as a file
+        of this one, hard-linked where the disk allows (else copied), so that this run's
+        checkpoints name only files of their own folder."""
+        path = Path(weights.path)
+        if path.parent == self.folder.resolve():
+            return weights
+        self.folder.mkdir(parents=True, exist_ok=True)
+        target = self.folder / path.name
+        if not target.exists():
+            try:
+                os.link(path, target)
+            except OSError:
+                with atomic_path(target, fsync=True) as tmp:
+                    shutil.copyfile(path, tmp)
+        return StoredWeights(target.resolve())
+
+    def collect(self, named: Iterable[StoredWeights]) -> list[Path]:
+        """Delete every model file of this folder that ``named`` does not name (the models
+        of checkpoints that were pruned); returns what was deleted."""
+        keep = {Path(w.path).name for w in named}
+        gone = []
+        for path in sorted(self.folder.glob("*.pkl")):
+            if path.name not in keep:
+                path.unlink(missing_ok=True)
+                gone.append(path)
+        return gone
+
+
+def shape_template(weights: Weights) -> Weights:
+    """``weights``' keys, shapes and dtypes with no values (each array one element seen
+    through zero strides): what ``common.records.unpack`` needs to shape a model that
+    arrived, without keeping a model in memory to do it."""
+    return {k: np.broadcast_to(np.zeros((), np.asarray(v).dtype), np.shape(v))
+            for k, v in weights.items()}
+
+
+def rebase(weights: StoredWeights | Weights, folder: Path) -> StoredWeights | Weights:
+    """A stored model whose file is not where the checkpoint says but is in ``folder`` (the
+    checkpoint's own weights folder: a run folder that was moved or copied)."""
+    if not isinstance(weights, StoredWeights) or Path(weights.path).exists():
+        return weights
+    moved = Path(folder) / Path(weights.path).name
+    return StoredWeights(moved.resolve()) if moved.exists() else weights
