@@ -67,6 +67,24 @@ def _model(record: ArrayRecord, norm: str):
     return model
 
 
+_EVAL_MODELS: dict[str, torch.nn.Module] = {}  # norm -> this process's model to evaluate
+
+
+def _eval_model(record: ArrayRecord, norm: str):
+    """A model to evaluate (validate, internal validation, scoring): built once per process
+    and norm, every parameter and buffer then overwritten by ``record`` (a strict load).
+    The ClientApp is re-created for every message but its process is not (a simulation's
+    actor serves hundreds of one-model validation messages); building DenseNet-121, most
+    of it random initialisation that the weights replace, was half of such a message's
+    work at a site (``benchmarks/peers.py --sites 20`` prints the validation phase's time).
+    Training builds its own model: Opacus wraps and hooks it."""
+    model = _EVAL_MODELS.get(norm)
+    if model is None:
+        model = _EVAL_MODELS[norm] = build_model(norm=norm)
+    model.load_state_dict(from_record(record, model.state_dict()))
+    return model
+
+
 def query(msg: Message, context: Context) -> Message:
     run, site = _setup(context)
     splits = site.splits(run)
@@ -311,7 +329,7 @@ def validate_models(msg: Message, context: Context) -> Message:
     request = wire.ValidateRequest.decode(msg.content)
     val_ds = site.splits(run)["val"]
     return Message(wire.ValidateReply(site.name, {
-        name: summary(validate(_model(rec, request.norm), val_ds, device=site.device),
+        name: summary(validate(_eval_model(rec, request.norm), val_ds, device=site.device),
                       site.config.min_cell, sends_roc_counts(run, site))
         for name, rec in request.models.items()}).encode(), reply_to=msg)
 
@@ -322,7 +340,7 @@ def internal(msg: Message, context: Context) -> Message:
     run, site = _setup(context)
     request = wire.InternalRequest.decode(msg.content)
     test = site.splits(run)["test"]
-    model = _model(request.arrays, request.norm)
+    model = _eval_model(request.arrays, request.norm)
     labels, scores = score_dataset(test, {request.name: model}, run.batch_size,
                                    device=site.device)
     result = internal_validation(labels, scores, test.cache.index.iloc[test.rows],
@@ -390,7 +408,7 @@ def score(msg: Message, context: Context) -> Message:
     request = wire.ScoreRequest.decode(msg.content)
     store = _external_store(site, request.run_name)
     n = score_into_store(site.cache(run.image_size), request.name,
-                         _model(request.arrays, request.norm), store, site=site.name,
+                         _eval_model(request.arrays, request.norm), store, site=site.name,
                          options=EvaluationOptions(
                              shift=run.shift, device=site.device,
                              min_cell=site.config.min_cell,

@@ -91,6 +91,30 @@ def test_checkpoint_round_trip(tmp_path):
     torch.testing.assert_close(model(x), again(x))
 
 
+def test_a_sites_evaluation_model_is_built_once_and_the_weights_received_overwrite_all_of_it():
+    """A site reuses one model per norm for every evaluation message of its process; after
+    a use that changed its state (training-mode batch statistics, a Grad-CAM hook added and
+    removed), the next model's weights replace every parameter and buffer: it computes what
+    a freshly built model with those weights computes."""
+    from client import handlers
+    from common.evaluation.gradcam import gradcam_labels
+    from common.records import to_record
+
+    torch.manual_seed(3)
+    first, second = build_model(), build_model()
+    model = handlers._eval_model(to_record(first.state_dict()), "batch")
+    model.train()(torch.rand(4, 1, 32, 32))  # moves BatchNorm's running statistics
+    gradcam_labels(model, torch.rand(2, 1, 32, 32), [0, 1])
+    again = handlers._eval_model(to_record(second.state_dict()), "batch")
+    assert again is model and handlers._eval_model(
+        to_record(build_model(norm="group").state_dict()), "group") is not model
+    for key, value in second.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
+    x = torch.rand(3, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(again.eval()(x), second.eval()(x))
+
+
 @pytest.mark.parametrize("norm", ["batch", "group"])
 def test_weights_travel_packed_and_come_back_exactly(norm):
     from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
