@@ -18,8 +18,10 @@ the state nor any kept checkpoint names.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -63,6 +65,14 @@ def load(weights: Weights | StoredWeights) -> Weights:
     return weights.load() if isinstance(weights, StoredWeights) else weights
 
 
+def file_name(name: str) -> str:
+    """``name`` (an arm's name holds a site's name, which the site reports) as a safe file
+    name: letters, digits, ``._-`` only, plus a hash of the original when that changed it, so
+    that two names never share a file."""
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:150]
+    return safe if safe == name else f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
 class WeightFiles:
     """The folder of a run's model files."""
 
@@ -74,7 +84,7 @@ class WeightFiles:
         checkpoint can name it) and return its handle. ``name`` is unique to the model: an
         arm and the round its weights came from."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{name.replace(':', '_').replace(os.sep, '_')}.pkl"
+        path = self.folder / f"{file_name(name)}.pkl"
         with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
             pickle.dump({k: np.asarray(v) for k, v in weights.items()}, f, protocol=5)
         return StoredWeights(path.resolve())

@@ -133,11 +133,12 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
         "latest.pt", "round-002.pt", f"round-{best:03d}.pt", "weights"}
     # ... and the model files those name (every arm's current and selected model), no other
     from server import checkpoint
+    from server.weight_files import file_name
 
     named = {w.path.name for p in (run_dir / "checkpoints").glob("*.pt")
              for w in checkpoint.load(str(p))["state"].stored()}
     assert {p.name for p in (run_dir / "checkpoints" / "weights").iterdir()} == named
-    assert {f"round-002-{arm}.pkl".replace(":", "_") for arm in arms} <= named
+    assert {f"{file_name(f'round-002-{arm}')}.pkl" for arm in arms} <= named
     # status.json (fedcxr status) followed the run to its end
     from common.run_status import RunStatus
 
@@ -539,6 +540,20 @@ def test_a_selected_model_is_its_rounds_file_and_the_arms_next_weights_are_a_new
     assert st.arms["a"].load()["w"][0] == 2.0
     assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == [
         "round-001-a.pkl", "round-002-a.pkl"]
+
+
+def test_a_model_file_stays_in_its_folder_and_two_arms_never_share_one(tmp_path):
+    """An arm's name holds the site's name, which the site reports: the file name keeps
+    only safe characters, and names that differ only in the others get different files."""
+    from server.weight_files import WeightFiles
+
+    files = WeightFiles(tmp_path / "w")
+    a = files.put("round-001-single:../../evil", {"w": np.zeros(1)})
+    b = files.put("round-001-single:.._.._evil", {"w": np.ones(1)})
+    assert a.path.parent == b.path.parent == (tmp_path / "w").resolve()
+    assert a.path != b.path and a.load()["w"][0] == 0 and b.load()["w"][0] == 1
+    assert files.put("round-001-federated", {"w": np.ones(1)}).path.name == \
+        "round-001-federated.pkl"
 
 
 def test_run_state_round_trips_through_a_checkpoint(tmp_path):
