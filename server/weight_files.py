@@ -98,11 +98,12 @@ class WeightFiles:
             return weights
         self.folder.mkdir(parents=True, exist_ok=True)
         target = self.folder / path.name
-        if not target.exists():
-            try:
-                os.link(path, target)
-            except OSError:
-                with atomic_path(target, fsync=True) as tmp:
+        if not (target.exists() and os.path.samefile(path, target)):
+            with atomic_path(target, fsync=True) as tmp:
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(path, tmp)
+                except OSError:  # another disk
                     shutil.copyfile(path, tmp)
         return StoredWeights(target.resolve())
 
