@@ -6,7 +6,6 @@ Replies carry model weights and aggregate numbers only; see ``tests/test_federat
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -34,6 +33,7 @@ from common.evaluation.external import (
     score_into_store,
 )
 from common.evaluation.localisation import LocalisationOptions
+from common.file_names import safe_name
 from common.labels import LABELS
 from common.model import build_model
 from common.privacy import BudgetExceeded, DPConfig, LedgerError, Spend
@@ -75,8 +75,9 @@ def _eval_model(record: ArrayRecord, norm: str):
     and norm, every parameter and buffer then overwritten by ``record`` (a strict load).
     The ClientApp is re-created for every message but its process is not (a simulation's
     actor serves hundreds of one-model validation messages); building DenseNet-121, most
-    of it random initialisation that the weights replace, was half of such a message's
-    work at a site (``benchmarks/peers.py --sites 20`` prints the validation phase's time).
+    of it random initialisation that the weights replace, was a large part of such a
+    message's work at a site (``benchmarks/peers.py --sites 20`` prints the validation
+    phase's time).
     Training builds its own model: Opacus wraps and hooks it."""
     model = _EVAL_MODELS.get(norm)
     if model is None:
@@ -378,10 +379,7 @@ def run_folder(parent: Path, run_name: str) -> Path:
     """The folder a run's name becomes under ``parent``: the name reduced to a safe character
     set (plus a hash of the original when that changed it, so two names never share a
     folder), and checked to stay inside ``parent`` whatever the coordinator sent."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", run_name).lstrip(".")[:100] or "run"
-    if safe != run_name:
-        safe += "-" + hashlib.sha256(run_name.encode()).hexdigest()[:8]
-    folder = parent / safe
+    folder = parent / safe_name(run_name)
     if not folder.resolve().is_relative_to(parent.resolve()):
         raise MessageRejected(f"run-name {run_name[:60]!r} leads outside the site's state folder")
     return folder

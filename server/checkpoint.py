@@ -71,7 +71,7 @@ def save(run_name: str, config: dict, state: RunState, run_dir: Path, round: int
     prune(ckpt_dir, keep, {round} | ({best_round} if best_round else set()))
     if keep != "all":  # the model files only pruned checkpoints (or none) named
         named = state.stored()
-        for kept in sorted(ckpt_dir.glob("round-*.pt")):
+        for kept in sorted(set(ckpt_dir.glob("round-*.pt")) - {path}):  # `path` is `state`
             with open(kept, "rb") as f:
                 named += RunState.from_checkpoint(pickle.load(f)["state"]).stored()
         weight_files(run_dir).collect(named)
@@ -134,9 +134,7 @@ def load(spec: str, out_dir: str | Path = "runs") -> dict:
         raise FedcxrError(f"{path}: not a fedcxr server checkpoint")
     state["state"] = st = RunState.from_checkpoint(state["state"])
     folder = path.parent / FOLDER  # the files where this checkpoint is (a moved run folder)
-    st.arms = {arm: rebase(w, folder) for arm, w in st.arms.items()}
-    for sel in st.selected.values():
-        sel.weights = rebase(sel.weights, folder)
+    st.map_models(lambda _, w: rebase(w, folder))
     rng = state.pop("rng")
     np.random.set_state(rng["numpy"])
     random.setstate(rng["python"])

@@ -10,6 +10,7 @@ them as arrays, which ``spill`` writes to files on resume.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -124,13 +125,18 @@ class RunState:
                 return files.adopt(weights)
             key = id(next(iter(weights.values()), None))  # the same arrays: the same file
             if key not in written:
-                written[key] = files.put(name, weights)
+                written[key] = files.put(f"resumed-{name}", weights)
             return written[key]
 
-        for arm in list(self.arms):
-            self.arms[arm] = stored(f"resumed-{arm}", self.arms[arm])
+        self.map_models(stored)
+
+    def map_models(self, fn: Callable[[str, StoredWeights | Weights], StoredWeights | Weights]
+                   ) -> None:
+        """Every model (each arm's, then each selected one) replaced by ``fn(name, model)``;
+        ``name`` says which model it is."""
+        self.arms = {arm: fn(arm, w) for arm, w in self.arms.items()}
         for arm, sel in self.selected.items():
-            sel.weights = stored(f"resumed-{arm}-selected-round-{sel.round:03d}", sel.weights)
+            sel.weights = fn(f"{arm}-selected-round-{sel.round:03d}", sel.weights)
 
     def federated_row(self, rnd: int) -> HistoryRow:
         return next(h for h in self.history if h.round == rnd and h.arm == FEDERATED)

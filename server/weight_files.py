@@ -18,10 +18,8 @@ the state nor any kept checkpoint names.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
-import re
 import shutil
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +29,7 @@ import numpy as np
 
 from common.atomic import atomic_path
 from common.errors import FedcxrError
+from common.file_names import safe_name
 
 Weights = dict[str, np.ndarray]
 FOLDER = "weights"  # under the run's checkpoints/
@@ -65,14 +64,6 @@ def load(weights: Weights | StoredWeights) -> Weights:
     return weights.load() if isinstance(weights, StoredWeights) else weights
 
 
-def file_name(name: str) -> str:
-    """``name`` (an arm's name holds a site's name, which the site reports) as a safe file
-    name: letters, digits, ``._-`` only, plus a hash of the original when that changed it, so
-    that two names never share a file."""
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)[:150]
-    return safe if safe == name else f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
-
-
 class WeightFiles:
     """The folder of a run's model files."""
 
@@ -84,7 +75,7 @@ class WeightFiles:
         checkpoint can name it) and return its handle. ``name`` is unique to the model: an
         arm and the round its weights came from."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        path = self.folder / f"{file_name(name)}.pkl"
+        path = self.folder / f"{safe_name(name)}.pkl"  # an arm's name holds a site's
         with atomic_path(path, fsync=True) as tmp, open(tmp, "wb") as f:
             pickle.dump({k: np.asarray(v) for k, v in weights.items()}, f, protocol=5)
         return StoredWeights(path.resolve())

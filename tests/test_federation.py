@@ -132,13 +132,13 @@ def test_results_have_both_arms_external_metrics_and_verdict(run_a):
     assert {p.name for p in (run_dir / "checkpoints").iterdir()} == {
         "latest.pt", "round-002.pt", f"round-{best:03d}.pt", "weights"}
     # ... and the model files those name (every arm's current and selected model), no other
+    from common.file_names import safe_name
     from server import checkpoint
-    from server.weight_files import file_name
 
     named = {w.path.name for p in (run_dir / "checkpoints").glob("*.pt")
              for w in checkpoint.load(str(p))["state"].stored()}
     assert {p.name for p in (run_dir / "checkpoints" / "weights").iterdir()} == named
-    assert {f"{file_name(f'round-002-{arm}')}.pkl" for arm in arms} <= named
+    assert {f"{safe_name(f'round-002-{arm}')}.pkl" for arm in arms} <= named
     # status.json (fedcxr status) followed the run to its end
     from common.run_status import RunStatus
 

@@ -608,9 +608,10 @@ def write_replicates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
 
 
 def load_plotting() -> None:
-    """Import matplotlib (its file backend) and pyplot: about 0.6 s on this project's
-    2-core machine, which a run pays at its very end unless the ServerApp calls this ahead,
-    in a thread, while it waits for the sites' validation replies."""
+    """Import matplotlib (its file backend) and pyplot: a part of the report phase
+    (``benchmarks/peers.py`` prints its time) that a run pays at its very end unless the
+    ServerApp calls this ahead, in a thread, while it waits for the sites' validation
+    replies."""
     import matplotlib
 
     matplotlib.use("Agg")
