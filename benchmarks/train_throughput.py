@@ -95,16 +95,51 @@ def ours_rate(ds: CachedImages, batch: int, steps: int, dp: DPPlan | None,
 
 def step_breakdown(size: int, batch: int, steps: int, device: str = "cpu"
                    ) -> dict[str, dict[str, float]]:
-    """Milliseconds per step in each part of a training step, GroupNorm model, without DP
-    and in bk mode: where the DP step's extra time goes; and the minor page faults per step
-    (at 224 px glibc maps the largest activations afresh every step)."""
-    from common.dp_grad_sample import BookkeepingPrivacyEngine, clipped_backward, register
+    """Median milliseconds per step in each part of a training step, GroupNorm model, without
+    DP and in bk mode: where the DP step's extra time goes. bk's backward is split into
+    autograd's own pass (input gradients only), the per-layer norm functions it calls (timed
+    by wrapping them), and the clipped sum formed after it. The two loops take turns, a few
+    steps each (the noise drawn ahead is waited for at each turn, so neither pays for the
+    other's thread): the machine's drift hits both alike and medians drop the outliers."""
+    import statistics
+    from contextlib import contextmanager
+
+    from common.dp_grad_sample import (
+        BookkeepingGradSampleModule,
+        BookkeepingPrivacyEngine,
+        clipped_sum,
+        norms_backward,
+        register,
+    )
     from common.training import masked_bce
 
     register()
-    x = torch.rand(batch * 2, 1, size, size, device=device)
-    y = (torch.rand(batch * 2, 14, device=device) < 0.2).float()
-    out = {}
+    x = torch.rand(batch, 1, size, size, device=device)
+    y = (torch.rand(batch, 14, device=device) < 0.2).float()
+    hook_seconds = [0.0]
+
+    @contextmanager
+    def timed_norm_functions():
+        samplers = BookkeepingGradSampleModule.NORM_SAMPLERS
+        kept = dict(samplers)
+
+        def timed(fn):
+            def run(*args):
+                t = time.perf_counter()
+                out = fn(*args)
+                sync(device)
+                hook_seconds[0] += time.perf_counter() - t
+                return out
+            return run
+
+        samplers.update({k: timed(fn) for k, fn in kept.items()})
+        try:
+            yield
+        finally:
+            samplers.clear()
+            samplers.update(kept)
+
+    loops = {}
     for name in ("GroupNorm non-DP", "DP bk"):
         torch.manual_seed(0)
         model = build_model(norm="group").to(device)
@@ -118,33 +153,59 @@ def step_breakdown(size: int, batch: int, steps: int, device: str = "cpu"
                 max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode="ghost",
                 noise_generator=torch.Generator(device=device).manual_seed(0))  # as local_train
         net.train()
-        parts = {"forward": 0.0, "backward (+ clipping)": 0.0, "optimizer (+ noise)": 0.0,
-                 "page faults": 0.0}
-        for i in range(steps + 1):
-            xb = x[:batch].clone().requires_grad_(name == "DP bk")
-            sync(device)
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t0 = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            per_image = masked_bce(net(xb), y[:batch], per_image=True)
-            sync(device)
-            t1 = time.perf_counter()
-            if name == "DP bk":
-                clipped_backward(net, per_image, xb)
-            else:
-                per_image.mean().backward()
-            sync(device)
-            t2 = time.perf_counter()
-            opt.step()
-            sync(device)
-            t3 = time.perf_counter()
-            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-            if i:  # the first step is warm-up
-                for k, dt in zip(list(parts)[:3], (t1 - t0, t2 - t1, t3 - t2), strict=True):
-                    parts[k] += dt * 1000 / steps
-                parts["page faults"] += faults / steps
-        out[name] = parts
-    return out
+        loops[name] = (net, opt)
+
+    def step(name: str) -> dict[str, float]:
+        net, opt = loops[name]
+        dp = name == "DP bk"
+        xb = x.clone().requires_grad_(dp)
+        sync(device)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        per_image = masked_bce(net(xb), y, per_image=True)
+        sync(device)
+        t1 = time.perf_counter()
+        hook_seconds[0] = 0.0
+        if dp:
+            norms_backward(per_image, xb)
+        else:
+            per_image.mean().backward()
+        sync(device)
+        t2 = time.perf_counter()
+        if dp:
+            clipped_sum(net)
+        sync(device)
+        t3 = time.perf_counter()
+        opt.step()
+        sync(device)
+        t4 = time.perf_counter()
+        parts = {"forward": t1 - t0}
+        if dp:
+            parts |= {"backward: autograd": t2 - t1 - hook_seconds[0],
+                      "backward: norm functions": hook_seconds[0],
+                      "backward: clipped sum": t3 - t2}
+        else:
+            parts["backward"] = t2 - t1
+        parts["optimizer (+ noise)"] = t4 - t3
+        parts = {k: v * 1000 for k, v in parts.items()}
+        parts["page faults"] = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        return parts
+
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name in loops}
+    turns, per_turn = max(4, steps // 2), 3
+    with timed_norm_functions():
+        for turn in range(turns + 1):
+            for name in loops:
+                for _ in range(per_turn):
+                    parts = step(name)
+                    if turn:  # the first turn is warm-up
+                        samples[name].append(parts)
+                noise = getattr(loops[name][1], "_noise", None)
+                if noise is not None and noise._thread is not None:
+                    noise._thread.join()  # this loop's draw ahead ends in its own turn
+    return {name: {k: statistics.median(s[k] for s in rows) for k in rows[0]}
+            for name, rows in samples.items()}
 
 
 MODES = ("hooks", "ghost", "bk")  # Opacus per-sample grads | two-pass ghost | one-pass bk
@@ -164,7 +225,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved tries; best is kept")
     ap.add_argument("--breakdown", action="store_true",
-                    help="also time the parts of a step (forward, backward, optimizer)")
+                    help="also time the parts of a step (forward, backward, optimizer), the two"
+                         " loops taking turns; bk's backward split three ways")
     args = ap.parse_args()
     try:
         device = resolve_device(args.device)
@@ -209,7 +271,7 @@ def main() -> None:
             if args.breakdown:
                 for name, parts in step_breakdown(size, args.batch, steps, device).items():
                     faults = parts.pop("page faults")
-                    print(f"  ms per step, {name}: " + ", ".join(
+                    print(f"  median ms per step, {name}: " + ", ".join(
                         f"{k} {v:.0f}" for k, v in parts.items())
                         + f"; total {sum(parts.values()):.0f}; minor page faults per step "
                         f"{faults / 1000:.0f} K")

@@ -439,7 +439,21 @@ def clipped_backward(gsm: BookkeepingGradSampleModule, loss_per_sample: torch.Te
     coefficient for image i) on every trainable parameter. ``inputs`` is the batch, with
     ``requires_grad`` set: the pass runs towards it only, so autograd forms no weight
     gradient (they would be unclipped). Returns the per-image clipping coefficients."""
+    norms_backward(loss_per_sample, inputs)
+    return clipped_sum(gsm)
+
+
+def norms_backward(loss_per_sample: torch.Tensor, inputs: torch.Tensor) -> None:
+    """The single backward pass of ``clipped_backward``: input gradients only; on the way the
+    norm functions set every parameter's per-image gradient norms and keep the parts of its
+    clipped gradient (``benchmarks/train_throughput.py --breakdown`` times the two apart)."""
     torch.autograd.backward(loss_per_sample.mean(), inputs=[inputs])
+
+
+def clipped_sum(gsm: BookkeepingGradSampleModule) -> torch.Tensor:
+    """After ``norms_backward``: Opacus' clipping coefficients from the norms, and
+    ``p.grad = sum_i c_i * grad_i`` from the kept parts, layer by layer. Returns the
+    coefficients."""
     coef = gsm.get_clipping_coef()
     # The kept parts are the batch-mean loss's (1/n of each image's gradient; see _capture).
     scale = len(coef) if gsm._scale_mean else 1

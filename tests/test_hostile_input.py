@@ -442,6 +442,50 @@ def test_unwritable_outputs_are_one_line_errors(tmp_path, capsys):
     assert "cannot write the cache" in err and "--cache" in err and "Traceback" not in err
 
 
+needs_dev_full = pytest.mark.skipif(not os.path.exists("/dev/full"),
+                                    reason="needs /dev/full (Linux): a real ENOSPC")
+
+
+def _full_disk_at(path: Path) -> Path:
+    """Make the next atomic write of ``path`` go to /dev/full, whose writes fail with the
+    kernel's own ENOSPC: its temporary file beside it is a link there."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.symlink_to("/dev/full")
+    return tmp
+
+
+@needs_dev_full
+def test_a_full_disk_is_one_line_and_a_rerun_with_space_continues(tmp_path, capsys):
+    """A site's cache and the coordinator's model files, written onto a full disk: one line
+    naming the file and what to do (exit 2 from the CLI), the temporary file gone, the file
+    that was there before unchanged; once there is space the same command works."""
+    d = canonical_site(tmp_path / "site", [])
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    tmp = _full_disk_at(cache / "index.csv")
+    args = ["site", "prepare", str(d), "--cache", str(cache), "--image-size", "32",
+            "--min-side", "32"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{cache / 'index.csv'}: no space left" in err and "free space" in err
+    errors = [line for line in err.splitlines() if not line.startswith("decoding ")]
+    assert "Traceback" not in err and len(errors) == 1  # progress lines, then one line
+    assert not os.path.lexists(tmp)  # the temporary file is removed: its space is free
+    assert main(args) == 0  # space again: the same command completes the cache
+    assert (cache / "index.csv").exists()
+
+    from common.atomic import DiskFull
+    from server.weight_files import WeightFiles
+
+    files = WeightFiles(tmp_path / "weights")
+    kept = files.put("round-001-federated", {"w": np.arange(4.0)})
+    before = kept.path.read_bytes()
+    tmp = _full_disk_at(kept.path)
+    with pytest.raises(DiskFull, match="no space left"):
+        files.put("round-001-federated", {"w": np.zeros(1 << 20)})
+    assert not os.path.lexists(tmp) and kept.path.read_bytes() == before
+
+
 def test_exit_codes_tell_nothing_usable_from_the_tool_failing(tmp_path, monkeypatch, capsys):
     d = tmp_path / "site"
     d.mkdir()
