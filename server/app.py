@@ -66,9 +66,17 @@ from server.state import (
     single,
 )
 from server.strategy import TrainNodesGrid, make_strategy, restore_strategy_state, strategy_state
+from server.tracking import OFF as TRACKING_OFF
 from server.tracking import Tracker
 from server.updates import UpdateStore
-from server.weight_files import StoredWeights, WeightFiles, Weights, load, shape_template
+from server.weight_files import (
+    StoredWeights,
+    WeightFiles,
+    Weights,
+    check_space,
+    load,
+    shape_template,
+)
 
 log = logging.getLogger("flwr")
 app = ServerApp()
@@ -259,24 +267,37 @@ def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node],
                  initial: model_files.InitialWeights, files: WeightFiles):
     """The Flower strategy and every arm's starting weights (fresh, built by ``initial``, or
     as resumed). A training site that was not in a resumed run before the crash has no
-    single-site arm to continue: it sits the rest out rather than join mid-experiment."""
+    single-site arm to continue: it sits the rest out rather than join mid-experiment. A run
+    whose model files cannot fit under ``out-dir`` stops here (``check_space``)."""
     strategy = make_strategy(run, len(train_nodes))
     if not run.resume_from:
         # One file of the identical starting weights, every arm's until its first trained
         # weights replace it.
         init = files.put("round-000-initial", initial.result())
         st.arms = {FEDERATED: init, **{single(v.site): init for v in train_nodes.values()}}
-        return strategy
-    st.spill(files)  # models as arrays (format 2), or files of another run folder
-    restore_strategy_state(strategy, st.strategy)
-    for n, v in list(train_nodes.items()):
-        if single(v.site) not in st.arms:
-            log.warning("resume: %s was not in this run before round %d; it does not train in "
-                        "the rest of it", v.site, st.round)
-            del train_nodes[n]
-    if not train_nodes:
-        raise RuntimeError("resume: none of the run's training sites is connected")
+    else:
+        st.spill(files)  # models as arrays (format 2), or files of another run folder
+        restore_strategy_state(strategy, st.strategy)
+        for n, v in list(train_nodes.items()):
+            if single(v.site) not in st.arms:
+                log.warning("resume: %s was not in this run before round %d; it does not "
+                            "train in the rest of it", v.site, st.round)
+                del train_nodes[n]
+        if not train_nodes:
+            raise RuntimeError("resume: none of the run's training sites is connected")
+    # Before any round: a run whose model files cannot fit stops now, not at its last round.
+    arms = 1 + len(train_nodes)
+    if warning := check_space(files.folder, st.stored()[0].path.stat().st_size, arms,
+                              run.num_rounds - st.round, run.keep_checkpoints,
+                              extra_copies=arms if _tracked_locally(run) else 0):
+        log.warning("%s", warning)
     return strategy
+
+
+def _tracked_locally(run: RunConfig) -> bool:
+    """Whether the tracker stores its copies of the selected models on this disk."""
+    uri = run.tracking_uri
+    return uri != TRACKING_OFF and not uri.startswith(("http://", "https://"))
 
 
 def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,

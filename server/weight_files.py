@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common.atomic import atomic_path
+from common.atomic import DiskFull, atomic_path
 from common.errors import FedcxrError
 from common.file_names import safe_name
 
@@ -108,6 +108,41 @@ class WeightFiles:
                 path.unlink(missing_ok=True)
                 gone.append(path)
         return gone
+
+
+def space_needed(model_bytes: int, arms: int, rounds_left: int, keep: str) -> tuple[int, int]:
+    """Bytes of new model files a run's remaining rounds hold on disk at once: (at least, at
+    most). Each round writes a file per arm. ``keep=all`` keeps them all. Pruned, the files
+    left after a round are each arm's current and selected model plus, in the kept round
+    file of the federated arm's best round, each arm's current and selected model of that
+    round: at most four an arm, and a fifth while the next round's are written before the
+    checkpoint prunes (``tests/test_federation.py`` counts them over random runs)."""
+    least = arms * model_bytes if rounds_left else 0
+    most = (rounds_left if keep == "all" else min(rounds_left, 5)) * arms * model_bytes
+    return least, most
+
+
+def check_space(folder: Path, model_bytes: int, arms: int, rounds_left: int, keep: str,
+                extra_copies: int = 0) -> str | None:
+    """Refuse, before a round is trained, a run whose model files cannot fit on the disk of
+    ``folder`` (one line: what it needs, what is free, what to do); a warning (returned) when
+    only the worst case does not fit. ``extra_copies``: models written once at the end (the
+    tracker's copies of the selected models)."""
+    least, most = space_needed(model_bytes, arms, rounds_left, keep)
+    least, most = least + extra_copies * model_bytes, most + extra_copies * model_bytes
+    free = shutil.disk_usage(folder).free
+    gib = 2 ** 30
+    sizes = (f"{arms} arm(s) x {model_bytes / 2**20:.0f} MB a model, {rounds_left} round(s) "
+             f"left, keep-checkpoints={keep}")
+    if least > free:
+        raise DiskFull(f"{folder}: the run's model files need at least {least / gib:.2f} GiB "
+                       f"({sizes}) and {free / gib:.2f} GiB are free; free space, or set "
+                       "out-dir to a larger disk")
+    if most > free:
+        return (f"{folder}: the run's model files may need up to {most / gib:.2f} GiB "
+                f"({sizes}) and {free / gib:.2f} GiB are free: it may stop for want of space "
+                "(a later resume-from continues it)")
+    return None
 
 
 def shape_template(weights: Weights) -> Weights:

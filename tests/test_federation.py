@@ -686,6 +686,63 @@ def test_checkpoints_kept_are_the_last_and_the_selected_round(tmp_path, keep, be
         checkpoint.load("missing", tmp_path / "out")
 
 
+@pytest.mark.parametrize("keep", ["all", "last", "last,best"])
+def test_the_space_a_run_asks_for_bounds_the_model_files_it_holds(tmp_path, keep):
+    """Brute force: random selections over 3 arms and 9 rounds, saved with keep-checkpoints
+    pruning as the ServerApp does; the most model files on disk at once (a round's files
+    written, before its checkpoint prunes) stays within ``space_needed``'s upper bound, and
+    one round's files within its lower one."""
+    from server import checkpoint
+    from server.state import RunState, SelectedModel
+    from server.weight_files import space_needed
+
+    rng = np.random.default_rng(len(keep))
+    arms, rounds = ["federated", "single:a", "single:b"], 9
+    for trial in range(4):
+        run_dir = tmp_path / keep.replace(",", "-") / str(trial)
+        files = checkpoint.weight_files(run_dir)
+        init = files.put("round-000-initial", {"w": np.zeros(1)})
+        st = RunState(arms=dict.fromkeys(arms, init))
+        peak = 0
+        for rnd in range(1, rounds + 1):
+            st.round = rnd
+            for arm in arms:
+                st.arms[arm] = files.put(f"round-{rnd:03d}-{arm}", {"w": np.full(1, rnd)})
+                if rnd == 1 or rng.random() < 0.3:  # a better validation AUC: selected now
+                    st.selected[arm] = SelectedModel(rnd, rng.random(), np.zeros((14, 3)),
+                                                     np.zeros((14, 3)), ["s"], st.arms[arm])
+            peak = max(peak, len(list(files.folder.glob("*.pkl"))) - 1)  # new files only
+            checkpoint.save("r", {"seed": 0}, st, run_dir, rnd, keep=keep,
+                            best_round=st.selected["federated"].round)
+        least, most = space_needed(1, len(arms), rounds, keep)
+        assert least <= peak <= most, (keep, trial, peak, most)
+    assert space_needed(1, 3, 0, keep) == (0, 0)  # nothing left to train: nothing to write
+
+
+def test_a_run_whose_model_files_cannot_fit_stops_before_training(tmp_path, monkeypatch):
+    """One line naming the folder, what the files need, what is free and what to do; a
+    warning when only the worst case does not fit; nothing when it all fits."""
+    import shutil
+
+    from common.atomic import DiskFull
+    from server.weight_files import check_space
+
+    def free(n):
+        monkeypatch.setattr(shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(
+            10 ** 12, 10 ** 12 - n, n))
+
+    mb = 2 ** 20
+    free(10 ** 12)
+    assert check_space(tmp_path, 28 * mb, 21, 20, "all", extra_copies=21) is None
+    free(21 * 28 * mb + 1)  # one round's files fit, with pruning five rounds' do not
+    warning = check_space(tmp_path, 28 * mb, 21, 20, "last,best")
+    assert warning and str(tmp_path) in warning and "may need up to 2.87 GiB" in warning
+    free(20 * 28 * mb)
+    with pytest.raises(DiskFull, match=r"need at least 0\.57 GiB .*21 arm\(s\) x 28 MB.* "
+                                       r"0\.55 GiB are free; free space, or set out-dir"):
+        check_space(tmp_path, 28 * mb, 21, 20, "last")
+
+
 def test_a_site_budget_means_dp_or_nothing_whatever_the_coordinator_says(small_cohort,
                                                                           task_identity):
     """A training node whose own config sets max-epsilon refuses a train message of a run
