@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/train_throughput.py [--sizes 64 224] [--steps 6]
 
 Prints images/s and the ratios (targets: ours >= 0.95x plain; DP >= 0.75x ours, issue #20),
-plus the DP variants tried (Opacus grad-sample mode, batch size, threads).
+plus the DP variants tried (Opacus grad-sample mode, batch size, threads); ``--breakdown``
+adds where a DP step's time goes (``step_breakdown``).
 """
 
 from __future__ import annotations
