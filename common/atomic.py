@@ -37,14 +37,11 @@ def atomic_path(path: Path | str, *, fsync: bool = False) -> Iterator[Path]:
             with open(tmp, "rb") as fh:
                 os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         tmp.unlink(missing_ok=True)
-        if exc.errno in _NO_SPACE:
+        if isinstance(exc, OSError) and exc.errno in _NO_SPACE:
             raise DiskFull(f"{path}: no space left on its disk to write it ({exc.strerror}); "
                            "free space there (or write somewhere else) and run again") from exc
-        raise
-    except BaseException:
-        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.annotations import find_annotations, join
+from common.atomic import DiskFull
 from common.cache import SiteCache, content_hash, duplicate_reason, open_cache, prepare
 from common.data import assign_splits
 from common.errors import FedcxrError
@@ -300,7 +301,7 @@ def writable_cache(cache_dir: Path, needed_bytes: int, given: bool) -> None:
                           f"{hint}") from exc
     free = shutil.disk_usage(cache_dir).free
     if needed_bytes > free:
-        raise FedcxrError(f"{cache_dir}: the cache needs about {needed_bytes / 2**30:.1f} GiB "
+        raise DiskFull(f"{cache_dir}: the cache needs about {needed_bytes / 2**30:.1f} GiB "
                           f"and {free / 2**30:.1f} GiB are free; free space, {hint}, or lower "
                           "--image-size")
 

@@ -66,7 +66,6 @@ from server.state import (
     single,
 )
 from server.strategy import TrainNodesGrid, make_strategy, restore_strategy_state, strategy_state
-from server.tracking import OFF as TRACKING_OFF
 from server.tracking import Tracker
 from server.updates import UpdateStore
 from server.weight_files import (
@@ -264,7 +263,7 @@ def open_run(run: RunConfig, context: Context) -> tuple[str, Path, RunState]:
 
 
 def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node],
-                 initial: model_files.InitialWeights, files: WeightFiles):
+                 initial: model_files.InitialWeights, files: WeightFiles, tracker: Tracker):
     """The Flower strategy and every arm's starting weights (fresh, built by ``initial``, or
     as resumed). A training site that was not in a resumed run before the crash has no
     single-site arm to continue: it sits the rest out rather than join mid-experiment. A run
@@ -289,15 +288,9 @@ def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node],
     arms = 1 + len(train_nodes)
     if warning := check_space(files.folder, st.stored()[0].path.stat().st_size, arms,
                               run.num_rounds - st.round, run.keep_checkpoints,
-                              extra_copies=arms if _tracked_locally(run) else 0):
+                              extra_copies=arms if tracker.stores_here else 0):
         log.warning("%s", warning)
     return strategy
-
-
-def _tracked_locally(run: RunConfig) -> bool:
-    """Whether the tracker stores its copies of the selected models on this disk."""
-    uri = run.tracking_uri
-    return uri != TRACKING_OFF and not uri.startswith(("http://", "https://"))
 
 
 def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
@@ -871,7 +864,7 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
         # 2. Train, interleaved, checkpoint every round.
         board.enter("training")
         files = checkpoint.weight_files(run_dir)
-        strategy = prepare_arms(run, st, train_nodes, initial, files)
+        strategy = prepare_arms(run, st, train_nodes, initial, files, tracker)
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
     nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
     train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board, tracker,

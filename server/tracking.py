@@ -51,6 +51,12 @@ class Tracker:
     def on(self) -> bool:
         return self.run_id is not None
 
+    @property
+    def stores_here(self) -> bool:
+        """Whether the run's artifacts (the selected models among them) go to this machine's
+        disk: a local store; an MLflow server keeps its own."""
+        return self.on and not self.uri.startswith(("http://", "https://"))
+
     def _guard(self, what: str, fn, *args, **kwargs):
         if self.client is None and what != "start":
             return None
