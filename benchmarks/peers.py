@@ -29,6 +29,7 @@ tracks nothing). The ServerApp builds its initial model in a short-lived child
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -139,15 +140,16 @@ def evaluate(msg: Message, context: Context) -> Message:
 def main(grid: Grid, context: Context) -> None:
     from common.model import build_model
 
-    began = time.perf_counter()
+    began, main_at = time.perf_counter(), time.time()
     stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
     age = float(Path("/proc/uptime").read_text().split()[0]) - int(stat[19]) / os.sysconf(
         "SC_CLK_TCK")
-    Path(context.run_config["timing"]).write_text(f"{age:.2f}")
     n = int(context.run_config["sites"])
     strategy = FedAvg(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
     strategy.start(grid=grid, initial_arrays=ArrayRecord(build_model().state_dict()),
                    num_rounds=int(context.run_config["num-rounds"]))
+    Path(context.run_config["timing"]).write_text(
+        f'{{"age": {age:.2f}, "main_at": {main_at:.3f}, "end_at": {time.time():.3f}}}')
     print(f"peer: ServerApp main returned after {time.perf_counter() - began:.1f} s", flush=True)
 '''
 
@@ -236,9 +238,10 @@ def _flower_env(home: Path) -> dict:
 
 
 def plain_flower(cohort: Path, rounds: int, size: int, sites: int
-                 ) -> tuple[float, Peaks, float]:
-    """Wall time, peaks, and how long after its process started the ServerApp's main ran."""
-    """The minimal Flower app, through the same SuperLink machinery as fedcxr simulate."""
+                 ) -> tuple[float, Peaks, dict[str, float]]:
+    """The minimal Flower app, through the same SuperLink machinery as fedcxr simulate. Wall
+    time, peaks, and its timing: how long after its process started the ServerApp's main
+    ran (``age``), wall seconds before that main began and after it returned."""
     from cli.simulate import free_port, submit_and_wait
 
     project = Path(tempfile.mkdtemp(prefix="peerapp-"))
@@ -253,13 +256,13 @@ def plain_flower(cohort: Path, rounds: int, size: int, sites: int
     config = home / "run-config.toml"
     config.write_text(f'num-rounds = {rounds}\nimage-size = {size}\nbatch-size = 16\n'
                       f'sites = {sites}\ncohort = "{cohort / "cohort.toml"}"\n'
-                      f'timing = "{home / "main-age.txt"}"\n')
+                      f'timing = "{home / "main-timing.json"}"\n')
     federation = (f"num-supernodes={sites} client-resources-num-cpus=1 "
                   f"client-resources-num-gpus=0.0 init-args-num-cpus={os.cpu_count() or 1} "
                   "init-args-num-gpus=0")
     log = home / "superlink.log"
     with Peaks() as peaks:
-        start = time.perf_counter()
+        start, began = time.perf_counter(), time.time()
         link = subprocess.Popen(
             [str(Path(sys.executable).parent / "flower-superlink"), "--insecure", "--simulation",
              "--isolation", "subprocess", "--disable-runtime-dependency-installation",
@@ -274,10 +277,12 @@ def plain_flower(cohort: Path, rounds: int, size: int, sites: int
         finally:
             os.killpg(link.pid, 15)
             link.wait(30)
-        total = time.perf_counter() - start
+        total, ended = time.perf_counter() - start, time.time()
     if status != "finished:completed":
         raise SystemExit(f"plain Flower run ended {status}; see {log}")
-    return total, peaks, float((home / "main-age.txt").read_text())
+    timing = json.loads((home / "main-timing.json").read_text())
+    return total, peaks, {"age": timing["age"], "before main": timing["main_at"] - began,
+                          "after main": ended - timing["end_at"]}
 
 
 def _wait(port: int, timeout: float = 60) -> None:
@@ -306,22 +311,30 @@ PHASES = (("discovery and role probe", r"protocol: .*" + _AT),
 
 def fedcxr(cohort: Path, rounds: int, size: int, out: Path, extra: str = ""
            ) -> tuple[float, Peaks, dict, dict]:
-    """``fedcxr simulate`` in a child process (its log parsed for the breakdown)."""
+    """``fedcxr simulate`` in a child process (its log parsed for the breakdown; its
+    status.json gives the wall clock at the ServerApp's start and end)."""
+    name = f"r{rounds}-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "cli.main", "simulate", "--cohort", str(cohort / "cohort.toml"),
            "--run-config", f"num-rounds={rounds} image-size={size} batch-size=16 "
-           f"out-dir={out} run-name=r{rounds}-{time.monotonic_ns()} tracking-uri=off {extra}"]
+           f"out-dir={out} run-name={name} tracking-uri=off {extra}"]
     with Peaks() as peaks:
-        start = time.perf_counter()
+        start, began = time.perf_counter(), time.time()
         done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        total = time.perf_counter() - start
+        total, ended = time.perf_counter() - start, time.time()
     if done.returncode != 0:
         raise SystemExit(f"fedcxr simulate failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
     text = done.stdout + done.stderr
     marks, memory = {}, {}
-    # Its own per-round wall time (first message to checkpoint written), round 1 included.
+    status = json.loads((out / name / "status.json").read_text())
+    marks["before main"] = status["started_at"] - began
+    marks["after main"] = ended - status["updated_at"]  # its last write: "finished"
     found = re.search(r"ServerApp main ([\d.]+) s after its process started", text)
     if found:
         marks["main after process start"] = float(found.group(1))
+    found = re.search(r"discover: .* the first ([\d.]+) s", text)
+    if found:  # asked at once: about as far into the run
+        marks["first reply to discovery"] = float(found.group(1))
+    # Its own per-round wall time (first message to checkpoint written), round 1 included.
     rounds = [float(x) for x in re.findall(r"round \d+: federated .*?; ([\d.]+) s \(replies",
                                            text)]
     if rounds:
@@ -374,6 +387,8 @@ def main() -> None:
     memory: dict[str, tuple[float, float, float]] = {}  # phase -> (RSS, shared, peak) GiB
     logged = 0.0  # fedcxr's own mean round time in its best R'-round run
     ages: dict[str, list[float]] = {}  # ServerApp main, s after the simulation process began
+    # Wall seconds of a run before its ServerApp's main began / after it returned, by system.
+    outside: dict[tuple[str, str], list[float]] = {}
     loads = []
 
     def keep(key, value):
@@ -384,8 +399,10 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             keep(("direct (2 arms)", r), direct(cohort, r, args.size, arms=2))
             keep(("direct (1 arm)", r), direct(cohort, r, args.size, arms=1))
-            total, pk, age = plain_flower(cohort, r, args.size, args.sites)
-            ages.setdefault("plain Flower", []).append(age)
+            total, pk, timing = plain_flower(cohort, r, args.size, args.sites)
+            ages.setdefault("plain Flower", []).append(timing["age"])
+            for k in ("before main", "after main"):
+                outside.setdefault(("plain Flower", k), []).append(timing[k])
             keep(("plain Flower", r), total)
             for k, v in pk.by_role.items():
                 peaks["plain Flower"][k] = max(peaks["plain Flower"].get(k, 0), v)
@@ -400,6 +417,8 @@ def main() -> None:
             total, pk, mk, mem = fedcxr(cohort, r, args.size, work / "runs")
             if "main after process start" in mk:
                 ages.setdefault("fedcxr", []).append(mk["main after process start"])
+            for k in ("before main", "after main"):
+                outside.setdefault(("fedcxr", k), []).append(mk[k])
             keep(("fedcxr", r), total)
             for k, v in pk.by_role.items():
                 peaks["fedcxr"][k] = max(peaks["fedcxr"].get(k, 0), v)
@@ -439,27 +458,44 @@ def main() -> None:
     if ages:
         row("ServerApp main, s after its process began (min)",
             [f"{min(ages[n]):.1f}s" if n in ages else "-" for n in systems])
+    # Flower's own share of a run's fixed cost: everything outside the ServerApp's main.
+    row("wall before the ServerApp's main (min)",
+        [f"{min(outside[(n, 'before main')]):.1f}s" if (n, "before main") in outside else "-"
+         for n in systems])
+    row("wall after the ServerApp's main returned (min)",
+        [f"{min(outside[(n, 'after main')]):.1f}s" if (n, "after main") in outside else "-"
+         for n in systems])
     if logged:
         row(f"per round, fedcxr log (mean of {args.more_rounds} rounds)",
             [f"{logged:.1f}s"] + ["-"] * (len(systems) - 1))
     if skipped is not None:
         print(f"NVFlare: skipped ({skipped})")
     if marks:
-        print(f"\nfedcxr breakdown of a {args.rounds}-round run (its own log: phase ends, s "
-              "into the ServerApp's run; the rest of the wall time is Flower's start, the "
-              "ServerApp's start and the teardown)")
+        print(f"\nfedcxr breakdown of its best {args.rounds}-round run (its own log: phase ends, s "
+              "into the ServerApp's run; its status.json: when the ServerApp's main began and "
+              "ended)")
+        before = "before the ServerApp's main"
+        print(f"  {before:<48}{'':>8}  ({marks['before main']:.1f}: CLI, SuperLink, app "
+              "install, simulation process start)")
         last = 0.0
         for name, at in marks.items():
-            if name in ("mean round (its log)", "main after process start"):
+            if name in ("mean round (its log)", "main after process start", "before main",
+                        "after main"):
                 continue
+            if name == "first reply to discovery":
+                name += " (Ray and the site processes start)"
             rss = (f"   ServerApp RSS {memory[name][0]:.2f} GiB ({memory[name][1]:.2f} "
                    f"shared), peak {memory[name][2]:.2f}" if name in memory else "")
-            print(f"  {name:<28}{at:>8.1f}  (+{at - last:.1f}){rss}")
+            print(f"  {name:<48}{at:>8.1f}  (+{at - last:.1f}){rss}")
             last = at
+        after = "after the ServerApp's main"
+        print(f"  {after:<48}{'':>8}  ({marks['after main']:.1f}: Ray and simulation "
+              "shutdown, run status, CLI clean-up)")
         whole = best[("fedcxr", args.rounds)]
-        print(f"  {'whole run (wall, this script)':<28}{whole:>8.1f}  (+{whole - last:.1f} "
-              "outside the ServerApp's run: CLI, SuperLink, app install, ServerApp start, "
-              "teardown)")
+        flower = marks["before main"] + marks["after main"] + marks.get(
+            "first reply to discovery", 0.0)
+        print(f"  {'whole run (wall, this script)':<48}{whole:>8.1f}  (Flower's start-up and "
+              f"teardown, before and after the main and until the first reply: {flower:.1f})")
 
 
 if __name__ == "__main__":

@@ -159,9 +159,17 @@ def _auc(value: float | None) -> str:
 
 
 def discover(grid: Grid, run: RunConfig) -> dict[int, Node]:
+    """Ask every node its facts. Logs when the first and the last reply came: in a simulation
+    the first one waits for Flower's start-up (Ray and the site processes), a cost of its own
+    that ``benchmarks/peers.py`` reads apart from fedcxr's."""
     ids = list(grid.get_node_ids())
-    replies = send(grid, [_msg(RecordDict(), n, wire.QUERY, 0) for n in ids],
-                   run.round_timeout)
+    asked, replies, first = time.monotonic(), [], 0.0
+    for r in stream_replies(grid, [_msg(RecordDict(), n, wire.QUERY, 0) for n in ids],
+                            run.round_timeout):
+        first = first or time.monotonic() - asked
+        replies.append(r)
+    log.info("discover: %d of %d node(s) answered, the first %.1f s and the last %.1f s after "
+             "asking", len(replies), len(ids), first, time.monotonic() - asked)
     nodes = {}
     for r in replies:
         if r.has_error():
