@@ -13,7 +13,10 @@ DenseNet-121, 1 local epoch. Three systems, interleaved try by try (best of N):
 - **fedcxr**: ``fedcxr simulate`` on the same cohort.
 
 Each system runs R and R' rounds. Per-round cost is the totals' difference over R' - R;
-fixed cost is T(R) - R x per-round. A sampler thread records the peak RSS of every process a
+fixed cost is T(R) - R x per-round, and the part of it outside each ServerApp's main (the
+wall time before the main began and after it returned; fedcxr's from its status.json) with,
+for fedcxr, discovery's first reply (it waits for Ray and the site processes) is Flower's
+start-up and teardown. A sampler thread records the peak RSS of every process a
 run starts (SuperLink, SuperExec, the simulation process that hosts the ServerApp, Ray's
 actors and daemons). fedcxr's own log gives its breakdown (discovery, rounds, thresholds,
 internal and external validation, report; fedcxr runs with tracking-uri=off, as the plain app
