@@ -302,8 +302,8 @@ def writable_cache(cache_dir: Path, needed_bytes: int, given: bool) -> None:
     free = shutil.disk_usage(cache_dir).free
     if needed_bytes > free:
         raise DiskFull(f"{cache_dir}: the cache needs about {needed_bytes / 2**30:.1f} GiB "
-                          f"and {free / 2**30:.1f} GiB are free; free space, {hint}, or lower "
-                          "--image-size")
+                       f"and {free / 2**30:.1f} GiB are free; free space, {hint}, or lower "
+                       "--image-size")
 
 
 def run_prepare(source: SiteSource, options: ImagingOptions, cache_dir: Path | None,

@@ -163,13 +163,17 @@ def discover(grid: Grid, run: RunConfig) -> dict[int, Node]:
     the first one waits for Flower's start-up (Ray and the site processes), a cost of its own
     that ``benchmarks/peers.py`` reads apart from fedcxr's."""
     ids = list(grid.get_node_ids())
-    asked, replies, first = time.monotonic(), [], 0.0
+    asked, replies, arrived = time.monotonic(), [], []  # arrived: s after asking, per reply
     for r in stream_replies(grid, [_msg(RecordDict(), n, wire.QUERY, 0) for n in ids],
                             run.round_timeout):
-        first = first or time.monotonic() - asked
         replies.append(r)
-    log.info("discover: %d of %d node(s) answered, the first %.1f s and the last %.1f s after "
-             "asking", len(replies), len(ids), first, time.monotonic() - asked)
+        arrived.append(time.monotonic() - asked)
+    if arrived:
+        log.info("discover: %d of %d node(s) answered, the first %.1f s and the last %.1f s "
+                 "after asking", len(replies), len(ids), arrived[0], arrived[-1])
+    else:
+        log.warning("discover: none of %d node(s) answered within round-timeout (%g s)",
+                    len(ids), run.round_timeout)
     nodes = {}
     for r in replies:
         if r.has_error():
