@@ -113,8 +113,9 @@ def _record(weights: StoredWeights | Weights, run: RunConfig) -> ArrayRecord:
 def _queued(run: RunConfig) -> int:
     """The window of the validation phase's one-model messages: twice ``max-in-flight``, so
     that a node finishing one has the next waiting. They take a fraction of a second each;
-    with exactly one per node, every one waited for the server's next poll (up to a second)
-    with the node idle (``benchmarks/peers.py --sites 20`` prints the phase's time)."""
+    with exactly one per node, every one waited for the server's next poll (up to a second
+    then; ``server.exchange.poll_wait`` now) with the node idle (``benchmarks/peers.py
+    --sites 20`` prints the phase's time)."""
     return 2 * run.max_in_flight
 
 

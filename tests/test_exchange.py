@@ -8,6 +8,7 @@ import time
 import pytest
 from flwr.app import Message, RecordDict
 
+from server import exchange
 from server.exchange import Exchange, interleave
 
 
@@ -113,3 +114,77 @@ def test_an_expired_phase_stops_while_the_other_goes_on():
     moving = Exchange(grid, _messages([3, 4, 5]), timeout=30, window=1)
     got = [i for i, _ in interleave([stuck, moving])]
     assert got == [1, 1, 1] and stuck.unsent == 1 and len(stuck.pending) == 1
+
+
+def test_poll_wait_pulls_a_reply_at_most_a_twentieth_of_its_wait_late_and_bounds_the_rate():
+    """Brute force over arrival times: polling by ``poll_wait`` from the start, a reply
+    that comes at T is pulled by T + max(0.05 s, T / 20) (1 s at most), and with many
+    messages pending the pulls stay under PULLS_PER_SECOND."""
+    for pending in (1, 3, 40, 500):
+        polls, now = [], 0.0
+        while now < 120:
+            polls.append(now)
+            now += exchange.poll_wait(now, pending)
+        for arrival in [k * 0.013 for k in range(1, 9000)]:
+            pulled = next(t for t in polls if t >= arrival)
+            bound = min(exchange.MAX_POLL_SECONDS,
+                        max(exchange.MIN_POLL_SECONDS, arrival * exchange.POLL_FRACTION,
+                            pending / exchange.PULLS_PER_SECOND))
+            assert pulled - arrival <= bound + 1e-9, (pending, arrival)
+        rate = max(sum(1 for t in polls if a <= t < a + 1) for a in range(119)) * pending
+        assert rate <= exchange.PULLS_PER_SECOND + pending  # one poll's requests of slack
+
+
+class Clock:
+    """A simulated clock for ``server.exchange`` (its ``time.monotonic`` and ``sleep``)."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Later(Grid):
+    """Each node answers ``after[node]`` simulated seconds after its message was pushed;
+    counts every pull request."""
+
+    def __init__(self, clock: Clock, after: dict[int, float]):
+        super().__init__()
+        self.clock, self.after, self.due, self.pulls = clock, after, {}, 0
+
+    def push_messages(self, messages):
+        ids = super().push_messages(messages)
+        for mid in ids:
+            self.due[mid] = self.clock.now + self.after[self.sent[mid].metadata.dst_node_id]
+        return ids
+
+    def pull_messages(self, ids):
+        self.pulls += len(ids)
+        for mid in ids:
+            if self.clock.now >= self.due[mid] and mid not in self.ready:
+                self.answer(mid)
+                self.due[mid] = float("inf")
+        return super().pull_messages(ids)
+
+
+def test_interleave_pulls_each_reply_soon_after_it_comes(monkeypatch):
+    """Sites answering 0.3 s, 2 s and 9 s after the push (a held-out node, a fast and a slow
+    training site): each reply is pulled within a twentieth of the time since the one before
+    it (0.05 s at least), with far fewer requests than a fixed 0.05-s poll would make."""
+    clock = Clock()
+    monkeypatch.setattr(exchange.time, "monotonic", clock.monotonic)
+    monkeypatch.setattr(exchange.time, "sleep", clock.sleep)
+    grid = Later(clock, {1: 0.3, 2: 2.0, 3: 9.0})
+    pulled = {}
+    for reply in Exchange(grid, _messages([1, 2, 3]), timeout=60).replies():
+        pulled[reply.metadata.reply_to_message_id] = clock.now
+    assert sorted(pulled) == ["m0", "m1", "m2"]
+    previous = 0.0
+    for mid, came in (("m0", 0.3), ("m1", 2.0), ("m2", 9.0)):
+        assert came <= pulled[mid] <= came + max(0.05, 0.05 * (came - previous)) + 1e-9, mid
+        previous = pulled[mid]
+    assert grid.pulls < 9.0 / 0.05
