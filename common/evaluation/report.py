@@ -621,20 +621,21 @@ def write_replicates(summary: dict, out_dir: Path) -> tuple[Path, Path]:
     return jpath, hpath
 
 
-def load_plotting() -> None:
-    """Import matplotlib (its file backend) and pyplot: a part of the report phase
-    (``benchmarks/peers.py`` prints its time) that a run pays at its very end unless the
-    ServerApp calls this ahead, in a thread, while it waits for the sites' validation
-    replies."""
+def load_report_libraries() -> None:
+    """Import what the report phase needs and a run would otherwise pay for at its very end:
+    matplotlib (its file backend) and pyplot, and statsmodels' multiple-testing module (with
+    pandas under it). The ServerApp calls this ahead, in a thread, while it waits for the
+    sites' validation replies (``benchmarks/peers.py`` prints the report phase's time)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot  # noqa: F401
+    import statsmodels.stats.multitest  # noqa: F401
 
 
 def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     """Write results.json and report.html into ``out_dir``."""
-    load_plotting()
+    load_report_libraries()
     out_dir = Path(out_dir)
     rpath = write_results(results, out_dir / "results.json")
     clean = json.loads(rpath.read_text())
