@@ -994,3 +994,51 @@ def test_each_training_site_keeps_its_monitoring_baselines(run_a, small_cohort):
         assert all(len(q) == len(QUANTILES) for q in b.score_quantiles.values())
         assert sum(b.intensity) == pytest.approx(1.0)
     assert not (small_cohort.parent / "site3" / ".fedcxr" / "baselines").exists()
+
+
+_WARM_UP_PROBE = """
+import json, sys
+from flwr.app import Context, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+from client.app import app
+from client import handlers
+assert "torch._dynamo" not in sys.modules, "imported before any message"
+run_config, partition = json.loads(sys.argv[1]), int(sys.argv[2])
+ctx = Context(run_id=1, node_id=5, node_config={"partition-id": partition,
+              "num-partitions": 3}, state=RecordDict(), run_config=run_config)
+reply = app(Message(RecordDict(), dst_node_id=5, message_type="query"), ctx)
+assert not reply.has_error(), reply.error.reason
+started = handlers._WARM_UP is not None
+handlers._setup(ctx)  # what every later handler does first
+print(json.dumps({"started": started, "imported": "torch._dynamo" in sys.modules,
+                  "finished": started and not handlers._WARM_UP.is_alive()}))
+"""
+
+
+@pytest.mark.parametrize("partition, dp, started", [(0, False, True), (2, False, False),
+                                                     (0, True, False)])
+def test_a_simulated_training_node_imports_torch_dynamo_after_its_query(small_cohort, tmp_path,
+                                                                       partition, dp,
+                                                                       started):
+    """A training node's query starts importing torch._dynamo in a thread (its first train
+    message would import it: torch.optim's Optimizer), and the next handler waits for it
+    to finish before its own work. A held-out node starts nothing (it never trains), nor
+    does a DP run (its query reads the privacy ledger: no import beside it). A fresh
+    interpreter each: this one has imported everything already; a copy of the cohort (a DP
+    query releases label counts into the site's ledger)."""
+    import shutil
+
+    cohort = tmp_path / "cohort"
+    shutil.copytree(small_cohort.parent, cohort)
+    run_config = {**as_flower(RunConfig()), **CONFIG, "cohort": str(cohort / "cohort.toml"),
+                  "dp": dp}
+    done = subprocess.run([sys.executable, "-c", _WARM_UP_PROBE, json.dumps(run_config),
+                           str(partition)], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["started"] is started
+    assert seen["finished"] is started
+    if started:
+        assert seen["imported"]
