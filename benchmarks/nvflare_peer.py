@@ -182,22 +182,54 @@ def direct(python: str, folder: Path, rounds: int, sites: int) -> float:
     return float(done.stdout.split("direct seconds")[-1])
 
 
+STALL_S = 120  # a simulator whose log has not grown for this long is stuck
+ATTEMPTS = 2
+
+
+def _run_watched(cmd: list[str], log: Path, cwd: Path) -> int | None:
+    """Run ``cmd`` (its output to ``log``); its return code, or None when its log stopped
+    growing for ``STALL_S`` (its whole process group is then killed). NVFlare 2.9.0's
+    simulator has hung after the server asked the sites to end the run, with nothing in
+    its log for minutes (one run in about fifteen on this machine)."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
+                                cwd=cwd, start_new_session=True)
+        size, changed = 0, time.monotonic()
+        while proc.poll() is None:
+            time.sleep(1)
+            grown = sum(f.stat().st_size for f in cwd.rglob("log.txt")) + log.stat().st_size
+            if grown != size:
+                size, changed = grown, time.monotonic()
+            elif time.monotonic() - changed > STALL_S:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                return None
+        return proc.returncode
+
+
 def simulate(python: str, folder: Path, rounds: int, sites: int, threads: int,
              peaks: Callable) -> tuple[float, object]:
     """Wall time and ``peaks`` (a ``peers.Peaks``) of one simulator run: ``threads`` sites
-    at a time, one torch thread each (fedcxr's and plain Flower's actors: one CPU each)."""
-    workspace = folder / f"workspace-{time.monotonic_ns()}"
-    log = folder / f"{workspace.name}.log"
-    with peaks() as pk, open(log, "w") as out:
-        start = time.perf_counter()
-        done = subprocess.run(
-            [python, str(folder / "nvflare_job.py"), "--rounds", str(rounds), "--sites",
-             str(sites), "--data", str(folder / "data"), "--workspace", str(workspace),
-             "--threads", str(threads)],
-            stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=folder, timeout=3600)
-        total = time.perf_counter() - start
+    at a time, one torch thread each (fedcxr's and plain Flower's actors: one CPU each). A
+    run that stalls (``_run_watched``) is killed and run again, once; its time and peaks
+    are not counted."""
+    for attempt in range(1, ATTEMPTS + 1):
+        workspace = folder / f"workspace-{time.monotonic_ns()}"
+        log = folder / f"{workspace.name}.log"
+        with peaks() as pk:
+            start = time.perf_counter()
+            code = _run_watched(
+                [python, str(folder / "nvflare_job.py"), "--rounds", str(rounds), "--sites",
+                 str(sites), "--data", str(folder / "data"), "--workspace", str(workspace),
+                 "--threads", str(threads)], log, folder)
+            total = time.perf_counter() - start
+        if code is not None:
+            break
+        print(f"NVFlare's simulator stalled (no log output for {STALL_S} s; attempt "
+              f"{attempt} of {ATTEMPTS}); its process group was killed", flush=True)
+    else:
+        raise SystemExit(f"NVFlare's simulator stalled {ATTEMPTS} times; see {log}")
     text = log.read_text()
-    if done.returncode != 0 or "Finished FedAvg" not in text or \
-            f"Round {rounds - 1} started" not in text:
-        raise SystemExit(f"NVFlare run failed (rc {done.returncode}); see {log}")
+    if code != 0 or "Finished FedAvg" not in text or f"Round {rounds - 1} started" not in text:
+        raise SystemExit(f"NVFlare run failed (rc {code}); see {log}")
     return total, pk
