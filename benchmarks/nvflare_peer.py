@@ -195,8 +195,11 @@ def _run_watched(cmd: list[str], log: Path, cwd: Path) -> int | None:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
                                 cwd=cwd, start_new_session=True)
         size, changed = 0, time.monotonic()
-        while proc.poll() is None:
-            time.sleep(1)
+        while True:
+            try:
+                return proc.wait(timeout=1)  # at once when it ends: its wall time is measured
+            except subprocess.TimeoutExpired:
+                pass
             grown = sum(f.stat().st_size for f in cwd.rglob("log.txt")) + log.stat().st_size
             if grown != size:
                 size, changed = grown, time.monotonic()
@@ -204,7 +207,6 @@ def _run_watched(cmd: list[str], log: Path, cwd: Path) -> int | None:
                 os.killpg(proc.pid, 9)
                 proc.wait()
                 return None
-        return proc.returncode
 
 
 def simulate(python: str, folder: Path, rounds: int, sites: int, threads: int,
