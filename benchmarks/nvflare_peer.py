@@ -186,11 +186,12 @@ STALL_S = 120  # a simulator whose log has not grown for this long is stuck
 ATTEMPTS = 2
 
 
-def _run_watched(cmd: list[str], log: Path, cwd: Path) -> int | None:
-    """Run ``cmd`` (its output to ``log``); its return code, or None when its log stopped
-    growing for ``STALL_S`` (its whole process group is then killed). NVFlare 2.9.0's
-    simulator has hung after the server asked the sites to end the run, with nothing in
-    its log for minutes (one run in about fifteen on this machine)."""
+def _run_watched(cmd: list[str], log: Path, cwd: Path, workspace: Path) -> int | None:
+    """Run ``cmd`` (its output to ``log``); its return code, or None when neither ``log``
+    nor the ``log.txt`` files under its ``workspace`` grew for ``STALL_S`` (its whole
+    process group is then killed). NVFlare 2.9.0's simulator once hung after the server
+    asked the sites to end the run, with nothing in any log for five minutes (session 17's
+    first comparison, at its fourth NVFlare run)."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
                                 cwd=cwd, start_new_session=True)
@@ -200,7 +201,8 @@ def _run_watched(cmd: list[str], log: Path, cwd: Path) -> int | None:
                 return proc.wait(timeout=1)  # at once when it ends: its wall time is measured
             except subprocess.TimeoutExpired:
                 pass
-            grown = sum(f.stat().st_size for f in cwd.rglob("log.txt")) + log.stat().st_size
+            grown = sum(f.stat().st_size for f in workspace.rglob("log.txt")) + \
+                log.stat().st_size
             if grown != size:
                 size, changed = grown, time.monotonic()
             elif time.monotonic() - changed > STALL_S:
@@ -223,7 +225,7 @@ def simulate(python: str, folder: Path, rounds: int, sites: int, threads: int,
             code = _run_watched(
                 [python, str(folder / "nvflare_job.py"), "--rounds", str(rounds), "--sites",
                  str(sites), "--data", str(folder / "data"), "--workspace", str(workspace),
-                 "--threads", str(threads)], log, folder)
+                 "--threads", str(threads)], log, folder, workspace)
             total = time.perf_counter() - start
         if code is not None:
             break
