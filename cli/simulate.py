@@ -24,6 +24,7 @@ from pathlib import Path
 
 from common.config import toml_value
 from common.errors import FedcxrError
+from common.run_status import STATUS_FILE
 
 PROJECT = Path(__file__).resolve().parents[1]
 # What the app is: its pyproject.toml (components, default run config) and its packages.
@@ -77,13 +78,16 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> 
                       f"{_tail(log)}")
 
 
-def _kill_session(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        pass
+def _kill_session(proc: subprocess.Popen, *, grace: float = 10) -> None:
+    """SIGTERM to ``proc``'s process session, SIGKILL to what is left after ``grace``
+    seconds (none: SIGKILL at once)."""
+    if grace > 0:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # anything of the session still alive
     with contextlib.suppress(subprocess.TimeoutExpired):
@@ -105,6 +109,15 @@ def _sweep(home: Path) -> int:
             continue
     return killed
 
+
+
+def _sweep_until_none(home: Path, *, settle: float = 0.1, limit: float = 5.0) -> None:
+    """``_sweep`` again every ``settle`` seconds until a sweep finds nothing (a Ray worker
+    can still be spawned by a raylet the sweep before had not reached yet), at most
+    ``limit`` seconds."""
+    deadline = time.monotonic() + limit
+    while _sweep(home) and time.monotonic() < deadline:
+        time.sleep(settle)
 
 
 def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
@@ -133,6 +146,7 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
     # SuperLink spawns flower-superexec by name: the venv's bin must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = home / "superlink.log"
+    completed = False
     superlink = subprocess.Popen(
         [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
          "--disable-runtime-dependency-installation",  # the app runs in this environment
@@ -151,29 +165,40 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
         config["out-dir"] = str(Path(config.get("out-dir", "runs")).resolve())
         overrides = home / "run-config.toml"
         overrides.write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in config.items()))
+        # The run's own status file ends the wait as soon as the ServerApp has written its
+        # last word (cli/wait_run.py); a resumed run without a run-name has none to name.
+        status_file = (Path(config["out-dir"]) / str(config["run-name"]) / STATUS_FILE
+                       if config.get("run-name") else None)
         _, status = submit_and_wait(stage_app(home / "app"), "fedcxr", overrides, env,
-                                    timeout=timeout,
-                                    federation_config=federation, show_log=not quiet)
-        return 0 if status == "finished:completed" else 1
+                                    timeout=timeout, federation_config=federation,
+                                    show_log=not quiet, status_file=status_file)
+        completed = status == "finished:completed"
+        return 0 if completed else 1
     finally:
-        _kill_session(superlink)
-        time.sleep(0.5)
-        _sweep(home)
+        # A completed run has everything on disk: Flower's own shutdown (the simulation's
+        # log flush, Ray's) has nothing left to save, so it is not waited for.
+        _kill_session(superlink, grace=0 if completed else 10)
+        _sweep_until_none(home)
         shutil.rmtree(home, ignore_errors=True)
 
 
 def submit_and_wait(project: Path, connection: str, run_config_file: Path, env: dict, *,
                     timeout: float, federation_config: str | None = None,
-                    show_log: bool = True) -> tuple[str, str]:
+                    show_log: bool = True, status_file: Path | None = None
+                    ) -> tuple[str, str]:
     """``flwr run`` the app, follow its log, and wait until the SuperLink says it finished.
 
     ``flwr run --stream`` can return while the run is still going (when its log stream
-    ends), so completion is read from the SuperLink's run status. Returns (run id, final
-    status such as ``finished:completed``).
+    ends), so completion is read from the SuperLink's run status, or sooner from
+    ``status_file`` (the run's status.json) once its ServerApp, started after this call,
+    wrote it as finished: only for a caller that stops the federation next (Flower is then
+    still shutting its simulation down). Returns (run id, final status such as
+    ``finished:completed``).
     """
     import json as _json
     import re
 
+    since = time.time()  # a status file written before this is an earlier run's
     cmd = [_bin("flwr"), "run", str(project), connection, "--run-config", str(run_config_file),
            "--format", "json"]
     if federation_config:
@@ -190,8 +215,9 @@ def submit_and_wait(project: Path, connection: str, run_config_file: Path, env: 
     # (server/wait_run.py): cheaper than a `flwr ls` process per poll.
     follower = subprocess.Popen([_bin("flwr"), "log", run_id, connection, "--stream"],
                                 env=env, cwd=project, start_new_session=True) if show_log else None
+    on_disk = ["--status-file", str(status_file), "--since", repr(since)] if status_file else []
     waiter = subprocess.Popen([sys.executable, "-m", "cli.wait_run", connection, run_id,
-                               "--timeout", str(timeout)], env=env, cwd=project,
+                               "--timeout", str(timeout), *on_disk], env=env, cwd=project,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               start_new_session=True)
     try:

@@ -72,3 +72,30 @@ def test_a_node_that_stopped_heartbeating_is_reported_disconnected(task_identity
     refused = Message(Error(code=4001, reason="held-out site"), reply_to=sent)
     assert failure_reason(refused) == "held-out site"
 
+
+
+def test_the_simulation_waiter_takes_a_finished_status_file_of_this_run_only(tmp_path):
+    """``fedcxr simulate`` stops waiting for Flower once the ServerApp wrote status.json as
+    finished (cli/wait_run.py): only a finished file of a ServerApp started after the
+    submission counts; running, failed, earlier, missing and torn files do not."""
+    from cli.wait_run import finished_on_disk
+
+    path = tmp_path / "status.json"
+    since = time.time()
+    assert not finished_on_disk(path, since)  # not written yet
+    path.write_text('{"state": "fini')  # torn
+    assert not finished_on_disk(path, since)
+    earlier = RunStatus("r", str(tmp_path), since - 60, num_rounds=2)
+    earlier.enter("finished")  # the last run under this name
+    assert not finished_on_disk(path, since)
+    b = RunStatus("r", str(tmp_path), since + 0.01, num_rounds=2)
+    with b.tracking():
+        b.enter("training")
+        assert not finished_on_disk(path, since)
+        b.enter("report")
+        assert not finished_on_disk(path, since)
+        b.enter("finished")
+    assert finished_on_disk(path, since)
+    with pytest.raises(ValueError), b.tracking():
+        raise ValueError("broke")  # a failure after "finished" is a failed run
+    assert not finished_on_disk(path, since)
