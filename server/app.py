@@ -45,8 +45,6 @@ from common.config import RunConfig, as_flower, label_list, model_specs, parse
 from common.errors import ConfigError
 from common.evaluation.combine import combine_sites
 from common.evaluation.metrics import choose_threshold
-from common.evaluation.report import build_results, load_report_libraries, write_report
-from common.evaluation.verdict import Protocol
 from common.labels import LABELS
 from common.privacy import Spend, compose_epsilon, default_delta
 from common.records import pack, record_arrays, to_record, unpack
@@ -884,8 +882,11 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
         nodes, train_nodes, role_probe, primary, extra, extra_norms = protocol_phase(
             grid, run, board, started)
 
-        # 2. Train, interleaved, checkpoint every round.
+        # 2. Train, interleaved, checkpoint every round. The analysis' libraries load
+        # meanwhile (``load_the_analysis``).
         board.enter("training")
+        threading.Thread(target=load_the_analysis, name="load-the-analysis",
+                         daemon=True).start()
         files = checkpoint.weight_files(run_dir)
         strategy = prepare_arms(run, st, train_nodes, initial, files, tracker)
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
@@ -905,9 +906,6 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     # 4-5. Internal validation (every training site, every selected model, its test split)
     # and external validation (every held-out node), at the same time: disjoint sites.
     board.enter("validation")
-    # The report's libraries load while the ServerApp waits for the sites.
-    threading.Thread(target=load_report_libraries, name="load-report-libraries",
-                     daemon=True).start()
     site_results, internal, thresholds = validate_everywhere(
         grid, run, run_name, selection, extra, extra_norms, (train_nodes, held_out), primary)
     evaluation = exclude_unlabelled(combine_sites(site_results), train_nodes)
@@ -923,6 +921,19 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     tracker.finish(results, run_dir, lambda folder: save_selected(selection, run, folder))
     log.info("tracking done (%s)", _into(started))
     board.enter("finished")
+
+
+def load_the_analysis() -> None:
+    """Import the verdict's and the report's libraries (scipy.stats, statsmodels, pandas,
+    matplotlib: about 1.4 s of CPU), in a thread started as training begins. Imported with
+    this module they delayed the ServerApp's main, while Flower's simulation starts Ray on
+    the same cores; loaded in the validation phase they competed with the sites validating.
+    A training round leaves a core idle while the last site trains (three sites, two
+    simulated nodes at a time), and a deployment's ServerApp just waits. ``report`` imports
+    them again, which waits for this thread if it is still importing."""
+    from common.evaluation.report import load_report_libraries
+
+    load_report_libraries()
 
 
 def spare_the_collector() -> None:
@@ -960,6 +971,9 @@ def report(run: RunConfig, st: RunState, selection: Selection, nodes: dict[int, 
            thresholds: dict, role_probe: list[dict], run_dir: Path, started: float) -> dict:
     """Phase 6: results.json (the verdict decided by ``common.evaluation.verdict``) and
     report.html; returns the results."""
+    from common.evaluation.report import build_results, write_report
+    from common.evaluation.verdict import Protocol
+
     train_nodes = [v for v in nodes.values() if v.role == "train"]
     cohort = [{"site": v.site, "role": v.role, "n_images": v.facts.n_images,
                "format": v.facts.format, "prevalence_withheld": v.facts.prevalence_withheld,
