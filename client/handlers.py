@@ -2,6 +2,11 @@
 routes each message here; ``client.mods`` guards every message first).
 
 Replies carry model weights and aggregate numbers only; see ``tests/test_federation.py``.
+
+Validation's statistics (``common.evaluation.external``: scipy.stats, scikit-learn,
+statsmodels, 1.2 s to import) are imported by the handlers that compute them, not with this
+module: a deployment runs each message in a process of its own, and a train message or a
+query needs none of them.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -24,16 +30,6 @@ from common.config import RunConfig, parse
 from common.data import patient_groups
 from common.errors import MessageRejected
 from common.evaluation.disclosure import merge_roc_cells
-from common.evaluation.external import (
-    EvaluationOptions,
-    ScoreStore,
-    evaluate_stored,
-    internal_validation,
-    localise_site,
-    score_dataset,
-    score_into_store,
-)
-from common.evaluation.localisation import LocalisationOptions
 from common.file_names import safe_name
 from common.labels import LABELS
 from common.model import build_model
@@ -48,6 +44,10 @@ from common.training import (
     local_train,
     validate,
 )
+
+if TYPE_CHECKING:  # validation's modules: imported by the handlers that compute statistics
+    from common.evaluation.external import ScoreStore
+    from common.evaluation.localisation import LocalisationOptions
 
 log = logging.getLogger("flwr")
 
@@ -364,6 +364,8 @@ def validate_models(msg: Message, context: Context) -> Message:
 def internal(msg: Message, context: Context) -> Message:
     """One selected model on this training site's own test split (the internal side of the
     internal-to-external drop): aggregate AUCs only, clustered by patient."""
+    from common.evaluation.external import internal_validation, localise_site, score_dataset
+
     run, site = _setup(context)
     request = wire.InternalRequest.decode(msg.content)
     test = site.splits(run)["test"]
@@ -414,6 +416,8 @@ def run_folder(parent: Path, run_name: str) -> Path:
 def _localisation(run: RunConfig, site, folder: Path) -> LocalisationOptions | None:
     """Grad-CAM against the site's boxes (H3), bounded by the run's gradcam-max-images;
     overlays under ``folder``/gradcam only when the site's own config asks."""
+    from common.evaluation.localisation import LocalisationOptions
+
     if run.gradcam_max_images <= 0:
         return None
     return LocalisationOptions(max_images=run.gradcam_max_images,
@@ -423,11 +427,15 @@ def _localisation(run: RunConfig, site, folder: Path) -> LocalisationOptions | N
 
 
 def _external_store(site, run_name: str) -> ScoreStore:
+    from common.evaluation.external import ScoreStore
+
     return ScoreStore(run_folder(site.state_dir / "external", run_name))
 
 
 def score(msg: Message, context: Context) -> Message:
     """Score one model on the whole held-out site; its scores stay on this disk."""
+    from common.evaluation.external import EvaluationOptions, score_into_store
+
     run, site = _setup(context)
     request = wire.ScoreRequest.decode(msg.content)
     store = _external_store(site, request.run_name)
@@ -443,6 +451,8 @@ def score(msg: Message, context: Context) -> Message:
 
 def external(msg: Message, context: Context) -> Message:
     """Statistics over every scored model, at the thresholds sent: aggregate values only."""
+    from common.evaluation.external import EvaluationOptions, evaluate_stored
+
     run, site = _setup(context)
     request = wire.ExternalRequest.decode(msg.content)
     cache = site.cache(run.image_size)

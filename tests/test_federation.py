@@ -1010,9 +1010,11 @@ ctx = Context(run_id=1, node_id=5, node_config={"partition-id": partition,
 reply = app(Message(RecordDict(), dst_node_id=5, message_type="query"), ctx)
 assert not reply.has_error(), reply.error.reason
 started = handlers._WARM_UP is not None
+statistics = [m for m in ("scipy.stats", "sklearn", "statsmodels") if m in sys.modules]
 handlers._setup(ctx)  # what every later handler does first
 print(json.dumps({"started": started, "imported": "torch._dynamo" in sys.modules,
-                  "finished": started and not handlers._WARM_UP.is_alive()}))
+                  "finished": started and not handlers._WARM_UP.is_alive(),
+                  "statistics": statistics}))
 """
 
 
@@ -1024,8 +1026,10 @@ def test_a_simulated_training_node_imports_torch_dynamo_after_its_query(small_co
     """A training node's query starts importing torch._dynamo in a thread (its first train
     message would import it: torch.optim's Optimizer), and the next handler waits for it
     to finish before its own work. A held-out node starts nothing (it never trains), nor
-    does a DP run (its query reads the privacy ledger: no import beside it). A fresh
-    interpreter each: this one has imported everything already; a copy of the cohort (a DP
+    does a DP run (its query reads the privacy ledger: no import beside it). Without DP the
+    query imports none of validation's statistics libraries, which a train message never
+    needs either (a deployment runs each message in its own process). A fresh interpreter
+    each: this one has imported everything already; a copy of the cohort (a DP
     query releases label counts into the site's ledger)."""
     import shutil
 
@@ -1042,3 +1046,5 @@ def test_a_simulated_training_node_imports_torch_dynamo_after_its_query(small_co
     assert seen["finished"] is started
     if started:
         assert seen["imported"]
+    if not dp:  # a query (a train message neither) imports no statistics library
+        assert seen["statistics"] == []

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from common.evaluation.delong import NotEstimable, auc_ci, delong_components, paired_test
+from common.evaluation.delong import (
+    NotEstimable,
+    auc_ci,
+    delong_components,
+    midranks,
+    paired_test,
+)
 from common.evaluation.metrics import (
     at_threshold,
     benjamini_hochberg,
@@ -60,6 +68,41 @@ def test_auc_equals_sklearn_on_random_data_with_ties():
             continue
         s = np.round(rng.normal(y * rng.uniform(0, 2), 1), int(rng.integers(0, 3)))
         assert auc_ci(y, s).auc == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_midranks_are_scipys_average_ranks():
+    """The numpy ranks behind every AUC (``midranks``) equal scipy.stats.rankdata's average
+    ranks row by row: heavy ties, no ties, one value, a NaN row."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(7)
+    for shape in [(1, 1), (3, 40), (2, 500), (4, 7)]:
+        tied = rng.integers(0, 5, size=shape).astype(float)  # many ties
+        distinct = rng.normal(size=shape)
+        for values in (tied, distinct):
+            np.testing.assert_array_equal(midranks(values), rankdata(values, axis=1))
+    row = np.array([[0.3, np.nan, 0.1], [0.2, 0.2, 0.1]])
+    ranks = midranks(row)
+    assert np.isnan(ranks[0]).all() and np.isnan(rankdata(row[:1], axis=1)).all()
+    np.testing.assert_array_equal(ranks[1], [2.5, 2.5, 1.0])
+
+
+def test_a_training_sites_validation_auc_does_not_import_scipy_stats():
+    """A training message's validation AUC (``delong_components``) runs without scipy.stats,
+    whose import cost every training message's process 0.8 s; a CI still imports it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "from common.evaluation.delong import auc_ci, delong_components\n"
+            "y = np.array([0, 1, 0, 1, 1, 0]); s = np.array([[.1, .9, .3, .6, .4, .5]])\n"
+            "aucs, cov, m, n = delong_components(y, s)\n"
+            "print(round(float(aucs[0]), 4), 'scipy.stats' in sys.modules)\n"
+            "auc_ci(y, s[0]); print('scipy.stats' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout.split()
+    assert out == [str(round(roc_auc_score([0, 1, 0, 1, 1, 0], [.1, .9, .3, .6, .4, .5]), 4)),
+                   "False", "True"]
 
 
 def test_delong_variance_agrees_with_bootstrap():

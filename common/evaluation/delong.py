@@ -6,6 +6,10 @@ one with every image its own cluster.
 Higher scores mean "more positive". Matches R's pROC (``ci.auc`` and ``roc.test`` with
 ``method="delong"``): the CI is AUC +/- z * sd clipped to [0, 1]; the paired test's Z is the
 AUC difference over the sd of the difference from the joint covariance.
+
+scipy.stats (0.8 s to import) is imported by the functions that need its normal quantiles:
+a training node's process imports this module for its validation AUC (``midranks``, the
+ranks in numpy) and for age bands (``common.site``), and never needs a CI.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.stats import norm, rankdata
 
 
 class NotEstimable(ValueError):
@@ -51,6 +54,8 @@ def delong_components(y_true, scores) -> tuple[np.ndarray, np.ndarray, int, int]
 
 def auc_ci(y_true, y_score, level: float = 0.95) -> AucCI:
     """AUC with its DeLong variance and CI (pROC's ``ci.auc`` default)."""
+    from scipy.stats import norm
+
     aucs, cov, m, n = delong_components(y_true, y_score)
     auc, var = float(aucs[0]), float(cov[0, 0])
     half = norm.ppf(0.5 + level / 2) * np.sqrt(max(var, 0.0))
@@ -175,10 +180,10 @@ def cluster_components(y_true, scores, codes: np.ndarray, n_clusters: int
     if m == 0 or n == 0:
         raise NotEstimable(f"{m} positives and {n} negatives: AUC is not estimable")
     x, yneg = s[:, pos], s[:, ~pos]
-    tz = rankdata(np.concatenate([x, yneg], axis=1), axis=1)
+    tz = midranks(np.concatenate([x, yneg], axis=1))
     aucs = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
-    v10 = (tz[:, :m] - rankdata(x, axis=1)) / n
-    v01 = 1.0 - (tz[:, m:] - rankdata(yneg, axis=1)) / m
+    v10 = (tz[:, :m] - midranks(x)) / n
+    v01 = 1.0 - (tz[:, m:] - midranks(yneg)) / m
     cpos, cneg = codes[pos], codes[~pos]
     m_i = np.bincount(cpos, minlength=n_clusters)
     n_i = np.bincount(cneg, minlength=n_clusters)
@@ -187,6 +192,30 @@ def cluster_components(y_true, scores, codes: np.ndarray, n_clusters: int
     present = (m_i + n_i) > 0
     return ClusterComponents(aucs, a, b, m, n, int((m_i > 0).sum()), int((n_i > 0).sum()),
                              int(present.sum()), present)
+
+
+def midranks(values) -> np.ndarray:
+    """Average ranks along the last axis (1-based; tied values share the mean of their
+    positions; a row with a NaN is all NaN): ``scipy.stats.rankdata(values, axis=-1)``, in
+    numpy. A training site's validation AUC needs only this, and importing scipy.stats for
+    it cost every training message's process 0.8 s (``tests/test_statistics.py`` checks it
+    against scipy's)."""
+    values = np.asarray(values, dtype=float)
+    out = np.empty(values.shape, dtype=float)
+    for index in np.ndindex(values.shape[:-1]):
+        row = values[index]
+        if np.isnan(row).any():
+            out[index] = np.nan
+            continue
+        order = np.argsort(row, kind="mergesort")
+        ordered = row[order]
+        first = np.concatenate(([True], ordered[1:] != ordered[:-1]))
+        starts = np.flatnonzero(first)  # each run of equal values: [start, end)
+        ends = np.append(starts[1:], len(row))
+        ranks = np.empty(len(row))
+        ranks[order] = ((starts + 1 + ends) / 2.0)[np.cumsum(first) - 1]
+        out[index] = ranks
+    return out
 
 
 def _cluster_sums(values: np.ndarray, codes: np.ndarray, n_clusters: int) -> np.ndarray:
@@ -205,6 +234,8 @@ def _clustered(y_true, scores, clusters) -> ClusterComponents:
 
 def clustered_auc(y_true, scores, clusters, level: float = 0.95) -> ClusteredAuc:
     """AUC with its patient-clustered (Obuchowski 1997) variance and normal CI."""
+    from scipy.stats import norm
+
     comp = _clustered(y_true, scores, clusters)
     auc, var = float(comp.aucs[0]), float(comp.covariance()[0, 0])
     half = norm.ppf(0.5 + level / 2) * np.sqrt(max(var, 0.0))
@@ -214,6 +245,8 @@ def clustered_auc(y_true, scores, clusters, level: float = 0.95) -> ClusteredAuc
 
 def paired_from(est_a: float, est_b: float, var_diff: float, level: float,
             margin: float = 0.0) -> PairedTest:
+    from scipy.stats import norm
+
     diff = est_a - est_b
     sd = float(np.sqrt(max(var_diff, 0.0))) if np.isfinite(var_diff) else float("nan")
     if not sd > 0:
