@@ -2,12 +2,16 @@
 
     python -m cli.wait_run CONNECTION RUN_ID [--interval 1] [--timeout 3600]
                            [--status-file RUN_DIR/status.json --since EPOCH_SECONDS]
+                           [--stream-log] [--result FILE]
 
-Prints the final status (``finished:completed``, ``finished:failed``, ...) and exits 0, or
-exits 1 on timeout. The connection is read from ``$FLWR_HOME/config.toml`` with the ``flwr``
-CLI's own client code. Why not ``flwr ls`` in a loop: each ``flwr ls`` is a new Python
-process (about 1 s of CPU), and ``flwr log --stream`` makes the SuperLink poll its database
-twice a second; on a 2-core machine shared with five nodes both cost more than the run.
+Prints the final status (``finished:completed``, ``finished:failed``, ...), or writes it to
+``--result`` FILE, and exits 0, or exits 1 on timeout. ``--stream-log`` prints the run's
+log meanwhile, with Flower's own ``flwr log --stream`` code in a thread of this process:
+a second process for it paid Python's and the ``flwr`` CLI's start-up (about 1 s of CPU)
+again, just as the run's simulation starts on the same cores. The connection is read from
+``$FLWR_HOME/config.toml`` with the ``flwr`` CLI's own client code. Why not ``flwr ls`` in
+a loop: each ``flwr ls`` is a new Python process (about 1 s of CPU), and a log stream makes
+the SuperLink poll its database twice a second: not a way to learn the run's end.
 
 ``--status-file``: the run's own ``status.json`` (``common.run_status``), read ten times a
 second. Once the ServerApp has written it as finished (its last act, after results.json,
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -33,9 +38,12 @@ from flwr.common.serde import run_from_proto
 from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
 
 from common.errors import FedcxrError
-from common.run_status import RunStatus
+from common.run_status import LAST_LOG_LINE, RunStatus
 
 FILE_POLL = 0.1  # seconds between reads of the status file (a stat and a small read)
+# Seconds the log stream may take to print the run's last lines once the run has finished
+# (the ServerApp uploads its log at most every 0.2 s; the SuperLink streams it every 0.5 s).
+LOG_GRACE = 3.0
 
 
 def finished_on_disk(status_file: Path, since: float) -> bool:
@@ -73,6 +81,59 @@ def wait(connection: str, run_id: int, *, interval: float, timeout: float,
     return None
 
 
+class MarkedOutput:
+    """A text stream passing everything on to ``out`` and setting ``seen`` once ``marker``
+    has gone through (also when it came in pieces)."""
+
+    def __init__(self, out, marker: str) -> None:
+        self.out, self.marker, self.seen = out, marker, threading.Event()
+        self._tail = ""
+
+    def write(self, text: str) -> int:
+        self._tail = (self._tail + text)[-(len(self.marker) + 4096):]
+        if self.marker in self._tail:
+            self.seen.set()
+        return self.out.write(text)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class LogFollower:
+    """Print the run's log as it comes (``flwr log RUN_ID --stream``'s own function), in a
+    daemon thread with its own Control API client, noting when the ServerApp's last line
+    (``LAST_LOG_LINE``) has been printed."""
+
+    def __init__(self, connection: str, run_id: int) -> None:
+        self._out = sys.stdout
+        self.output = MarkedOutput(self._out, LAST_LOG_LINE)
+        sys.stdout = self.output  # start_stream prints each chunk of the log
+        self._thread = threading.Thread(target=self._follow, args=(connection, run_id),
+                                        name="log-stream", daemon=True)
+        self._thread.start()
+
+    def _follow(self, connection: str, run_id: int) -> None:
+        from flwr.cli.log import start_stream
+
+        client = init_http_client_from_connection(read_superlink_connection(connection))
+        try:
+            start_stream(run_id, client)
+        except Exception as exc:  # noqa: BLE001 - the log is a courtesy; the wait goes on
+            print(f"(the run's log stream stopped: {exc})", file=sys.stderr)
+        finally:
+            client.close()
+
+    def finish(self, completed_on_disk: bool) -> None:
+        """Let the stream print the run's last lines: up to ``LOG_GRACE`` seconds for the
+        ServerApp's last line when the run's status file said finished (Flower has not
+        ended the stream yet), else for the stream to end."""
+        if completed_on_disk:
+            self.output.seen.wait(LOG_GRACE)
+        else:
+            self._thread.join(LOG_GRACE)
+        sys.stdout = self._out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("connection")
@@ -83,13 +144,22 @@ def main() -> int:
                     help="the run's status.json: finished there ends the wait")
     ap.add_argument("--since", type=float, default=0.0,
                     help="ignore a status file whose run started before this (epoch s)")
+    ap.add_argument("--stream-log", action="store_true", help="print the run's log meanwhile")
+    ap.add_argument("--result", type=Path, default=None, help="also write the status here")
     args = ap.parse_args()
+    log = LogFollower(args.connection, args.run_id) if args.stream_log else None
     status = wait(args.connection, args.run_id, interval=args.interval, timeout=args.timeout,
                   status_file=args.status_file, since=args.since)
+    if log is not None:
+        log.finish(completed_on_disk=args.status_file is not None
+                   and finished_on_disk(args.status_file, args.since))
     if status is None:
         print(f"run {args.run_id} did not finish within {args.timeout:.0f} s", file=sys.stderr)
         return 1
-    print(status)
+    if args.result is not None:
+        args.result.write_text(status)
+    else:
+        print(status)
     return 0
 
 

@@ -20,6 +20,9 @@ from common.atomic import atomic_path
 from common.errors import FedcxrError
 
 STATUS_FILE = "status.json"
+# The ServerApp's last log line before it writes status.json as finished: a follower of the
+# run's log stream (cli/wait_run.py) waits for it before the federation is stopped.
+LAST_LOG_LINE = "tracking done"
 
 # The experiment protocol's phases, in order (server/app.py ``main``).
 PHASES = ("discovery", "training", "selection", "validation", "report", "finished")

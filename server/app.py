@@ -49,7 +49,7 @@ from common.labels import LABELS
 from common.privacy import Spend, compose_epsilon, default_delta
 from common.records import pack, record_arrays, to_record, unpack
 from common.releases import release_rows
-from common.run_status import ArmRound, RunStatus
+from common.run_status import LAST_LOG_LINE, ArmRound, RunStatus
 from common.seeds import arm_seed
 from server import checkpoint, model_files
 from server.exchange import Exchange, failure_reason, interleave, send, stream_replies
@@ -919,7 +919,7 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
                      thresholds, role_probe, run_dir, started)
     log.info("results.json and report.html written (%s)", _into(started))
     tracker.finish(results, run_dir, lambda folder: save_selected(selection, run, folder))
-    log.info("tracking done (%s)", _into(started))
+    log.info("%s (%s)", LAST_LOG_LINE, _into(started))
     board.enter("finished")
 
 

@@ -99,3 +99,38 @@ def test_the_simulation_waiter_takes_a_finished_status_file_of_this_run_only(tmp
     with pytest.raises(ValueError), b.tracking():
         raise ValueError("broke")  # a failure after "finished" is a failed run
     assert not finished_on_disk(path, since)
+
+
+def test_simulate_ends_with_the_verdict_and_the_results_paths(tmp_path):
+    """``fedcxr simulate``'s last lines come from results.json, not from the log stream (which
+    can miss the ServerApp's last lines: the federation stops as soon as status.json says
+    finished); an unreadable file is named."""
+    from cli.simulate import outcome
+
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"verdict": {"overall": "H1 supported: the federated model ..."}}))
+    lines = outcome(tmp_path).splitlines()
+    assert lines == ["H1 supported: the federated model ...",
+                     f"results: {tmp_path / 'results.json'} ; report: {tmp_path / 'report.html'}"]
+    (tmp_path / "results.json").write_text("{")
+    assert "results.json unreadable" in outcome(tmp_path)
+
+
+def test_the_log_follower_notes_the_serverapps_last_line_even_in_pieces():
+    """The waiter lets the log stream print until the ServerApp's last line has gone through
+    (``LAST_LOG_LINE``, which the ServerApp logs right before status.json says finished);
+    the stream's chunks can split it."""
+    import io
+
+    from cli.wait_run import MarkedOutput
+    from common.run_status import LAST_LOG_LINE
+
+    out = io.StringIO()
+    marked = MarkedOutput(out, LAST_LOG_LINE)
+    marked.write("INFO: results.json and report.html written (9.1 s)\nINFO: " + LAST_LOG_LINE[:4])
+    assert not marked.seen.is_set()
+    marked.write(LAST_LOG_LINE[4:] + " (9.2 s into the run)\n")
+    assert marked.seen.is_set()
+    assert out.getvalue().endswith(LAST_LOG_LINE + " (9.2 s into the run)\n")
+    source = (ROOT / "server" / "app.py").read_text()
+    assert 'log.info("%s (%s)", LAST_LOG_LINE' in source  # the ServerApp logs it
