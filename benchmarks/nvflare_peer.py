@@ -183,19 +183,25 @@ def direct(python: str, folder: Path, rounds: int, sites: int) -> float:
 
 
 STALL_S = 120  # a simulator whose log has not grown for this long is stuck
+# ... and one still running after this long is stuck too: a 5-round run takes 1-2 minutes
+# here, and a hung simulator can keep logging (session 18: its site reconnected to the
+# server every few seconds, "evicted for exceeding limit 1", for minutes).
+LIMIT_S = 300
 ATTEMPTS = 2
 
 
 def _run_watched(cmd: list[str], log: Path, cwd: Path, workspace: Path) -> int | None:
     """Run ``cmd`` (its output to ``log``); its return code, or None when neither ``log``
-    nor the ``log.txt`` files under its ``workspace`` grew for ``STALL_S`` (its whole
-    process group is then killed). NVFlare 2.9.0's simulator once hung after the server
-    asked the sites to end the run, with nothing in any log for five minutes (session 17's
-    first comparison, at its fourth NVFlare run)."""
+    nor the ``log.txt`` files under its ``workspace`` grew for ``STALL_S`` or it ran past
+    ``LIMIT_S`` (its whole process group is then killed). NVFlare 2.9.0's simulator once
+    hung after the server asked the sites to end the run, with nothing in any log for five
+    minutes (session 17's first comparison, at its fourth NVFlare run), and once with its
+    site reconnecting over and over (session 18's, at its fifth)."""
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(),
                                 cwd=cwd, start_new_session=True)
         size, changed = 0, time.monotonic()
+        started = changed
         while True:
             try:
                 return proc.wait(timeout=1)  # at once when it ends: its wall time is measured
@@ -206,6 +212,10 @@ def _run_watched(cmd: list[str], log: Path, cwd: Path, workspace: Path) -> int |
             if grown != size:
                 size, changed = grown, time.monotonic()
             elif time.monotonic() - changed > STALL_S:
+                os.killpg(proc.pid, 9)
+                proc.wait()
+                return None
+            if time.monotonic() - started > LIMIT_S:
                 os.killpg(proc.pid, 9)
                 proc.wait()
                 return None
@@ -229,8 +239,9 @@ def simulate(python: str, folder: Path, rounds: int, sites: int, threads: int,
             total = time.perf_counter() - start
         if code is not None:
             break
-        print(f"NVFlare's simulator stalled (no log output for {STALL_S} s; attempt "
-              f"{attempt} of {ATTEMPTS}); its process group was killed", flush=True)
+        print(f"NVFlare's simulator stalled (no log output for {STALL_S} s, or still running "
+              f"after {LIMIT_S} s; attempt {attempt} of {ATTEMPTS}); its process group was "
+              "killed", flush=True)
     else:
         raise SystemExit(f"NVFlare's simulator stalled {ATTEMPTS} times; see {log}")
     text = log.read_text()

@@ -882,11 +882,8 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
         nodes, train_nodes, role_probe, primary, extra, extra_norms = protocol_phase(
             grid, run, board, started)
 
-        # 2. Train, interleaved, checkpoint every round. The analysis' libraries load
-        # meanwhile (``load_the_analysis``).
+        # 2. Train, interleaved, checkpoint every round.
         board.enter("training")
-        threading.Thread(target=load_the_analysis, name="load-the-analysis",
-                         daemon=True).start()
         files = checkpoint.weight_files(run_dir)
         strategy = prepare_arms(run, st, train_nodes, initial, files, tracker)
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
@@ -896,7 +893,9 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     log.info("training done: %d round(s) (%s)", st.round, _into(started))
 
     # 3. Select every arm by one rule; operating points from training-site validation only.
+    # The analysis' libraries load meanwhile (``load_the_analysis``).
     board.enter("selection")
+    threading.Thread(target=load_the_analysis, name="load-the-analysis", daemon=True).start()
     selection = select_arms(grid, run, st, train_nodes, run_dir)
     follow(board, st)
     tracker.rounds(st.history, st.epsilon)  # the last global model is validated now
@@ -925,12 +924,13 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
 
 def load_the_analysis() -> None:
     """Import the verdict's and the report's libraries (scipy.stats, statsmodels, pandas,
-    matplotlib: about 1.4 s of CPU), in a thread started as training begins. Imported with
-    this module they delayed the ServerApp's main, while Flower's simulation starts Ray on
-    the same cores; loaded in the validation phase they competed with the sites validating.
-    A training round leaves a core idle while the last site trains (three sites, two
-    simulated nodes at a time), and a deployment's ServerApp just waits. ``report`` imports
-    them again, which waits for this thread if it is still importing."""
+    matplotlib: about 1.4 s of CPU and 0.1-0.15 GiB), in a thread started as the arms are
+    selected, while the training sites validate the last global model and then every site
+    validates the selected ones. Imported with this module they delayed the ServerApp's
+    main, while Flower's simulation starts Ray on the same cores; loaded as training began
+    they raised the ServerApp's peak (it holds the arms' weights then: 1.28 against 1.14
+    GiB in ``benchmarks/peers.py``). ``report`` imports them again, which waits for this
+    thread if it is still importing."""
     from common.evaluation.report import load_report_libraries
 
     load_report_libraries()

@@ -625,7 +625,8 @@ def load_report_libraries() -> None:
     """Import what the report phase needs and a run would otherwise pay for at its very end:
     matplotlib (its file backend) and pyplot, and statsmodels' multiple-testing module (with
     pandas under it). The ServerApp calls this ahead, in a thread, while it waits for the
-    sites' validation replies (``benchmarks/peers.py`` prints the report phase's time)."""
+    sites' validation replies (``server.app.load_the_analysis``; ``benchmarks/peers.py``
+    prints the report phase's time)."""
     import matplotlib
 
     matplotlib.use("Agg")
