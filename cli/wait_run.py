@@ -123,11 +123,11 @@ class LogFollower:
         finally:
             client.close()
 
-    def finish(self, completed_on_disk: bool) -> None:
+    def finish(self, completed: bool) -> None:
         """Let the stream print the run's last lines: up to ``LOG_GRACE`` seconds for the
-        ServerApp's last line when the run's status file said finished (Flower has not
-        ended the stream yet), else for the stream to end."""
-        if completed_on_disk:
+        ServerApp's last line when the run completed (its status file can say so before
+        Flower ends the stream), else for the stream to end."""
+        if completed:
             self.output.seen.wait(LOG_GRACE)
         else:
             self._thread.join(LOG_GRACE)
@@ -151,8 +151,7 @@ def main() -> int:
     status = wait(args.connection, args.run_id, interval=args.interval, timeout=args.timeout,
                   status_file=args.status_file, since=args.since)
     if log is not None:
-        log.finish(completed_on_disk=args.status_file is not None
-                   and finished_on_disk(args.status_file, args.since))
+        log.finish(completed=status == f"{Status.FINISHED}:{SubStatus.COMPLETED}")
     if status is None:
         print(f"run {args.run_id} did not finish within {args.timeout:.0f} s", file=sys.stderr)
         return 1

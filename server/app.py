@@ -924,13 +924,13 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
 
 def load_the_analysis() -> None:
     """Import the verdict's and the report's libraries (scipy.stats, statsmodels, pandas,
-    matplotlib: about 1.4 s of CPU and 0.1-0.15 GiB), in a thread started as the arms are
-    selected, while the training sites validate the last global model and then every site
-    validates the selected ones. Imported with this module they delayed the ServerApp's
-    main, while Flower's simulation starts Ray on the same cores; loaded as training began
-    they raised the ServerApp's peak (it holds the arms' weights then: 1.28 against 1.14
-    GiB in ``benchmarks/peers.py``). ``report`` imports them again, which waits for this
-    thread if it is still importing."""
+    matplotlib: about 1.4 s of CPU), in a thread started as the arms are selected, while
+    the training sites validate the last global model and then every site validates the
+    selected ones. Imported with this module they delayed the ServerApp's main, while
+    Flower's simulation starts Ray on the same cores; loaded as training began they raised
+    the peak of the process hosting the ServerApp, which holds the arms' weights then (1.28
+    against 1.17 GiB in two ``benchmarks/peers.py`` runs of session 18). ``report`` imports
+    them again, which waits for this thread if it is still importing."""
     from common.evaluation.report import load_report_libraries
 
     load_report_libraries()
