@@ -209,13 +209,10 @@ def _run_watched(cmd: list[str], log: Path, cwd: Path, workspace: Path) -> int |
                 pass
             grown = sum(f.stat().st_size for f in workspace.rglob("log.txt")) + \
                 log.stat().st_size
+            now = time.monotonic()
             if grown != size:
-                size, changed = grown, time.monotonic()
-            elif time.monotonic() - changed > STALL_S:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-                return None
-            if time.monotonic() - started > LIMIT_S:
+                size, changed = grown, now
+            if now - changed > STALL_S or now - started > LIMIT_S:
                 os.killpg(proc.pid, 9)
                 proc.wait()
                 return None

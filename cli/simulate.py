@@ -215,7 +215,9 @@ def submit_and_wait(project: Path, connection: str, run_config_file: Path, env: 
     # (cli/wait_run.py), which also prints the run's log: cheaper than a `flwr ls` process
     # per poll, and one process starting beside the run's simulation instead of two.
     on_disk = ["--status-file", str(status_file), "--since", repr(since)] if status_file else []
-    result = Path(tempfile.mkstemp(prefix="fedcxr-run-status-")[1])
+    handle, name = tempfile.mkstemp(prefix="fedcxr-run-status-")
+    os.close(handle)  # the waiter writes it; one open descriptor per run was left behind
+    result = Path(name)
     waiter = subprocess.Popen(
         [sys.executable, "-m", "cli.wait_run", connection, run_id, "--timeout", str(timeout),
          "--result", str(result), *on_disk, *(["--stream-log"] if show_log else [])],
