@@ -64,15 +64,25 @@ def _columns(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, layer.kernel_size, padding=layer.padding, stride=layer.stride)
 
 
+# Up to this many output positions, a larger kernel's per-sample gradients are a batched
+# matmul with the unfolded input (small there) rather than a grouped weight-gradient kernel.
+_UNFOLD_POSITIONS = 16
+
+
 def _per_sample(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> torch.Tensor:
     """(n, O, D) per-sample weight gradients of a ``groups=1`` convolution. 1x1: one
     batched matmul. Larger kernels: one weight-gradient kernel of the same convolution
     with the batch folded into groups, which avoids materialising the unfolded input
-    (``F.unfold`` was the largest single cost of a DP step in the torch profiler)."""
+    (``F.unfold`` was the largest single cost of a DP step in the torch profiler), except
+    at a few output positions (``_UNFOLD_POSITIONS``: DenseNet-121's 3x3 convolutions at
+    4x4, 64-px input), where the unfolded input is small and the grouped kernel slow: 670 vs
+    780-870 us a layer (scratch profile of a DP step)."""
     n = x.shape[0]
     g = backprops.reshape(n, layer.out_channels, -1)
     if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0):
         return torch.bmm(g, x.reshape(n, layer.in_channels, -1).transpose(1, 2))
+    if g.shape[2] <= _UNFOLD_POSITIONS:
+        return torch.bmm(g, _columns(layer, x).transpose(1, 2))
     w = torch.nn.grad.conv2d_weight(
         x.reshape(1, n * layer.in_channels, *x.shape[2:]),
         (n * layer.out_channels, layer.in_channels, *layer.kernel_size),
@@ -155,6 +165,24 @@ def _group_norm_stats(layer: nn.GroupNorm, output: torch.Tensor
     return node._saved_result1, node._saved_result2
 
 
+# At this many positions per channel or fewer, GroupNorm's per-sample gradients are formed
+# with tensor ops: the native kernel, run with a group per (image, group) pair, is slowest
+# there (DenseNet-121's last block at 64 px: 392 against 127 us at 1024 channels, 2x2).
+_FEW_POSITIONS = 4
+
+
+def _group_norm_per_sample(layer: nn.GroupNorm, x: torch.Tensor, out_grad: torch.Tensor,
+                           mean: torch.Tensor, rstd: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, C) weight and bias gradients, one row per image, from the normalised input:
+    ``x`` and ``out_grad`` are (n, C, positions), ``mean`` and ``rstd`` one per (image,
+    group)."""
+    n, c, _ = x.shape
+    g = layer.num_groups
+    normalised = ((x.reshape(n, g, -1) - mean.reshape(n, g, 1)) * rstd.reshape(n, g, 1))
+    return (out_grad * normalised.reshape(n, c, -1)).sum(dim=2), out_grad.sum(dim=2)
+
+
 def group_norm_norm_sample(layer: nn.GroupNorm, activations: list[torch.Tensor],
                            backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     """GroupNorm's per-sample gradients are (n, C): formed by the native GroupNorm backward
@@ -173,9 +201,13 @@ def group_norm_norm_sample(layer: nn.GroupNorm, activations: list[torch.Tensor],
     else:
         _, mean, rstd = torch.ops.aten.native_group_norm(flat, None, None, 1, n * c, hw,
                                                          groups, layer.eps)
-    _, weight, bias = torch.ops.aten.native_group_norm_backward(
-        backprops.reshape(1, n * c, hw).to(x.dtype), flat, mean, rstd, None, 1, n * c, hw,
-        groups, [False, True, True])
+    out_grad = backprops.reshape(n, c, hw).to(x.dtype)
+    if hw <= _FEW_POSITIONS:
+        weight, bias = _group_norm_per_sample(layer, x.reshape(n, c, hw), out_grad, mean, rstd)
+    else:
+        _, weight, bias = torch.ops.aten.native_group_norm_backward(
+            out_grad.reshape(1, n * c, hw), flat, mean, rstd, None, 1, n * c, hw, groups,
+            [False, True, True])
     per_sample = {}
     if layer.weight is not None and layer.weight.requires_grad:
         per_sample[layer.weight] = weight.view(n, c)
@@ -469,14 +501,30 @@ def clipped_sum(gsm: BookkeepingGradSampleModule) -> torch.Tensor:
             for p, per_sample in parts.get("per_sample", {}).items():
                 p.grad = torch.tensordot(c, per_sample, dims=1).view_as(p)
             if "io" in parts:
-                x, out_grad = parts["io"]
-                layer.weight.grad = torch.nn.grad.conv2d_weight(
-                    x, layer.weight.shape, out_grad * c.view(-1, 1, 1, 1), layer.stride,
-                    layer.padding, layer.dilation, layer.groups)
+                layer.weight.grad = _clipped_weight_gradient(layer, *parts["io"], c)
     if missing:
         raise RuntimeError(f"book-keeping clipping left no gradient for {len(missing)} "
                            f"layer(s), e.g. {missing[0]}")
     return coef
+
+
+def _clipped_weight_gradient(layer: nn.Conv2d, x: torch.Tensor, out_grad: torch.Tensor,
+                             c: torch.Tensor) -> torch.Tensor:
+    """``sum_i c_i G_i A_i^T``: the convolution's weight gradient with each image's output
+    gradient scaled by its coefficient. A 1x1 stride-1 convolution's is one matrix product
+    over every image's positions (measured faster than ``conv2d_weight``, which takes the
+    general convolution path, at the 4x4 and 2x2 resolutions where the ghost norm is taken)."""
+    n = x.shape[0]
+    scaled = out_grad * c.view(-1, 1, 1, 1)
+    if (layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
+            and layer.groups == 1):
+        g = scaled.reshape(n, layer.out_channels, -1).transpose(0, 1).reshape(
+            layer.out_channels, -1)  # (O, n T)
+        a = x.reshape(n, layer.in_channels, -1).transpose(0, 1).reshape(
+            layer.in_channels, -1)  # (D, n T)
+        return torch.mm(g, a.t()).view(layer.weight.shape)
+    return torch.nn.grad.conv2d_weight(x, layer.weight.shape, scaled, layer.stride,
+                                       layer.padding, layer.dilation, layer.groups)
 
 
 def register() -> None:

@@ -275,10 +275,20 @@ def test_bookkeeping_gradient_is_the_sum_of_clipped_per_image_gradients():
     """One step of bk mode leaves p.grad = sum_i min(1, C / |g_i|) g_i, with g_i each image's
     own gradient taken by a plain backward of that image alone -- for every layer kind it
     covers (1x1, 3x3 and strided 7x7 convolutions with and without bias, GroupNorm, Linear)
-    and both ways it forms a convolution's part (kept per-image gradients, or the input and
-    output gradient when the Gram norm was cheaper). Opacus' DP optimizer, handed that sum
-    without a copy, then steps by it over the batch size (no noise here)."""
-    from common.dp_grad_sample import BookkeepingPrivacyEngine, clipped_backward, register
+    and every way it forms a layer's part: a convolution's kept per-image gradients (a
+    grouped weight-gradient kernel; a batched matmul, with the unfolded input at few
+    positions) or its input and output gradient when the Gram norm was cheaper (the clipped
+    sum a convolution's weight gradient, a matrix product for 1x1), and GroupNorm's per-image
+    gradients from its native kernel or, at few positions, from tensor ops. Opacus' DP
+    optimizer, handed that sum without a copy, then steps by it over the batch size (no
+    noise here)."""
+    from common.dp_grad_sample import (
+        _BK_PARTS,
+        BookkeepingPrivacyEngine,
+        clipped_sum,
+        norms_backward,
+        register,
+    )
 
     register()
     torch.manual_seed(0)
@@ -289,7 +299,12 @@ def test_bookkeeping_gradient_is_the_sum_of_clipped_per_image_gradients():
             torch.nn.ReLU(), torch.nn.Conv2d(8, 12, 3, padding=1, bias=False),
             torch.nn.GroupNorm(3, 12), torch.nn.ReLU(),
             torch.nn.Conv2d(12, 40, 1, bias=False),  # 1x1 at 8x8: explicit per-image grads
-            torch.nn.AvgPool2d(4), torch.nn.Conv2d(40, 40, 1, bias=True),  # 2x2: Gram norm
+            torch.nn.AvgPool2d(2),
+            torch.nn.Conv2d(40, 8, 3, padding=1, bias=False),  # 3x3 at 4x4: unfolded input
+            torch.nn.GroupNorm(2, 8), torch.nn.ReLU(), torch.nn.AvgPool2d(2),
+            torch.nn.Conv2d(8, 40, 1, bias=True),  # 1x1 at 2x2: Gram norm, clipped sum a matmul
+            torch.nn.GroupNorm(4, 40),  # 2x2: tensor ops
+            torch.nn.Conv2d(40, 40, 1, bias=False),  # the same, without a bias
             torch.nn.Flatten(), torch.nn.Linear(160, 3))
 
     model = net()
@@ -312,7 +327,12 @@ def test_bookkeeping_gradient_is_the_sum_of_clipped_per_image_gradients():
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=0.0,
         max_grad_norm=clip, poisson_sampling=False, grad_sample_mode="ghost")
     xb = x.clone().requires_grad_(True)
-    coef = clipped_backward(gsm, ((gsm(xb) - y) ** 2).sum(dim=1), xb)
+    norms_backward(((gsm(xb) - y) ** 2).sum(dim=1), xb)
+    kept = {name: set(getattr(layer, _BK_PARTS)) for name, layer in model.named_children()
+            if hasattr(layer, _BK_PARTS)}
+    assert (kept.pop("12"), kept.pop("14")) == ({"io", "per_sample"}, {"io"})  # + a bias
+    assert all(parts == {"per_sample"} for parts in kept.values()), sorted(kept.items())
+    coef = clipped_sum(gsm)
     assert int((coef < 1).sum()) in range(1, 6)
     for (name, p), want in zip(model.named_parameters(), expected, strict=True):
         torch.testing.assert_close(p.grad, want, rtol=1e-4, atol=1e-5, msg=name)
