@@ -268,6 +268,7 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         self.autograd_grad_sample_hooks.append(
             self._module.register_forward_pre_hook(lambda *_: self._seen.clear()))
         self._scale_mean = loss_reduction == "mean"
+        self._norm_scale = 1  # the batch size of the pass captured last, for a mean loss
         self.enable_hooks()
 
     def _capture(self, layer: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
@@ -288,15 +289,20 @@ class BookkeepingGradSampleModule(GradSampleModuleFastGradientClipping):
         if isinstance(layer, nn.GroupNorm) and (stats := _group_norm_stats(layer, output)):
             activations += [s.detach() for s in stats]
         # The norm functions see the gradient of the batch-*mean* loss, each image's 1/n
-        # share; the norms are scaled back here and the coefficients in clipped_backward,
-        # instead of copying every output gradient times n.
-        scale = x.shape[0] if self._scale_mean else 1
+        # share; the norms are scaled back in get_norm_sample (all at once) and the
+        # coefficients in clipped_backward, instead of copying every output gradient times n.
+        self._norm_scale = x.shape[0] if self._scale_mean else 1
 
         def on_output_grad(grad: torch.Tensor) -> None:
             for p, norms in norm_fn(layer, activations, grad.detach()).items():
-                p._norm_sample = norms * scale
+                p._norm_sample = norms
 
         output.register_hook(on_output_grad)
+
+    def get_norm_sample(self) -> torch.Tensor:
+        """Opacus' per-image gradient norms, scaled back from the batch-mean loss's once
+        here rather than each parameter's in its hook."""
+        return super().get_norm_sample() * self._norm_scale
 
     def remove_hooks(self) -> None:
         super().remove_hooks()
@@ -490,6 +496,7 @@ def clipped_sum(gsm: BookkeepingGradSampleModule) -> torch.Tensor:
     # The kept parts are the batch-mean loss's (1/n of each image's gradient; see _capture).
     scale = len(coef) if gsm._scale_mean else 1
     missing = []
+    scaled = {}  # the coefficients in each dtype met
     with torch.no_grad():
         for layer in gsm.bk_layers:
             parts = getattr(layer, _BK_PARTS, None)
@@ -497,9 +504,11 @@ def clipped_sum(gsm: BookkeepingGradSampleModule) -> torch.Tensor:
                 missing.append(type(layer).__name__)
                 continue
             delattr(layer, _BK_PARTS)
-            c = (coef * scale).to(layer.weight.dtype)
+            c = scaled.get(layer.weight.dtype)
+            if c is None:
+                c = scaled[layer.weight.dtype] = (coef * scale).to(layer.weight.dtype)
             for p, per_sample in parts.get("per_sample", {}).items():
-                p.grad = torch.tensordot(c, per_sample, dims=1).view_as(p)
+                p.grad = torch.matmul(c, per_sample.reshape(len(c), -1)).view_as(p)
             if "io" in parts:
                 layer.weight.grad = _clipped_weight_gradient(layer, *parts["io"], c)
     if missing:
