@@ -496,7 +496,7 @@ def clipped_sum(gsm: BookkeepingGradSampleModule) -> torch.Tensor:
     # The kept parts are the batch-mean loss's (1/n of each image's gradient; see _capture).
     scale = len(coef) if gsm._scale_mean else 1
     missing = []
-    scaled = {}  # the coefficients in each dtype met
+    by_dtype = {}  # the scaled coefficients in each parameter dtype met
     with torch.no_grad():
         for layer in gsm.bk_layers:
             parts = getattr(layer, _BK_PARTS, None)
@@ -504,9 +504,9 @@ def clipped_sum(gsm: BookkeepingGradSampleModule) -> torch.Tensor:
                 missing.append(type(layer).__name__)
                 continue
             delattr(layer, _BK_PARTS)
-            c = scaled.get(layer.weight.dtype)
+            c = by_dtype.get(layer.weight.dtype)
             if c is None:
-                c = scaled[layer.weight.dtype] = (coef * scale).to(layer.weight.dtype)
+                c = by_dtype[layer.weight.dtype] = (coef * scale).to(layer.weight.dtype)
             for p, per_sample in parts.get("per_sample", {}).items():
                 p.grad = torch.matmul(c, per_sample.reshape(len(c), -1)).view_as(p)
             if "io" in parts:
