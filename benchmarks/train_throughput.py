@@ -102,9 +102,10 @@ def step_breakdown(size: int, batch: int, steps: int, device: str = "cpu"
     per-layer norm functions it calls (timed by wrapping them), and the clipped sum formed
     after it. The loops take turns, a few steps each (the noise drawn ahead is waited for at
     each turn, so no loop pays for another's thread): the machine's drift hits all alike and
-    medians drop the outliers, so their ratio holds still where the img/s of whole
-    ``local_train`` calls, timed minutes apart, do not (on this shared host fedcxr's non-DP
-    loop ran at 47-62 img/s within an hour)."""
+    medians drop the outliers, so their ratio moves far less than that of the img/s of whole
+    ``local_train`` calls timed minutes apart (on this shared host fedcxr's non-DP loop ran
+    at 47-62 img/s within an hour; two runs in a row: 0.67x and 0.72x against 0.70x and
+    0.52x)."""
     import statistics
     from contextlib import contextmanager
 
