@@ -57,9 +57,14 @@ def _simple(layer: nn.Conv2d, n: int) -> bool:
             and isinstance(layer.padding, tuple))
 
 
+def _pointwise(layer: nn.Conv2d) -> bool:
+    """A 1x1, stride-1, unpadded convolution: a matrix product at every position."""
+    return layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
+
+
 def _columns(layer: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     n = x.shape[0]
-    if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0):
+    if _pointwise(layer):
         return x.reshape(n, layer.in_channels, -1)  # (n, D, T): no unfolding needed
     return F.unfold(x, layer.kernel_size, padding=layer.padding, stride=layer.stride)
 
@@ -79,9 +84,7 @@ def _per_sample(layer: nn.Conv2d, x: torch.Tensor, backprops: torch.Tensor) -> t
     780-870 us a layer (scratch profile of a DP step)."""
     n = x.shape[0]
     g = backprops.reshape(n, layer.out_channels, -1)
-    if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0):
-        return torch.bmm(g, x.reshape(n, layer.in_channels, -1).transpose(1, 2))
-    if g.shape[2] <= _UNFOLD_POSITIONS:
+    if _pointwise(layer) or g.shape[2] <= _UNFOLD_POSITIONS:
         return torch.bmm(g, _columns(layer, x).transpose(1, 2))
     w = torch.nn.grad.conv2d_weight(
         x.reshape(1, n * layer.in_channels, *x.shape[2:]),
@@ -167,7 +170,8 @@ def _group_norm_stats(layer: nn.GroupNorm, output: torch.Tensor
 
 # At this many positions per channel or fewer, GroupNorm's per-sample gradients are formed
 # with tensor ops: the native kernel, run with a group per (image, group) pair, is slowest
-# there (DenseNet-121's last block at 64 px: 392 against 127 us at 1024 channels, 2x2).
+# there (DenseNet-121's last block at 64 px: 392 against 127 us at 1024 channels, 2x2, in a
+# scratch microbenchmark).
 _FEW_POSITIONS = 4
 
 
@@ -189,7 +193,8 @@ def group_norm_norm_sample(layer: nn.GroupNorm, activations: list[torch.Tensor],
     kernel itself, run as one "image" whose groups are every (image, group) pair, so its
     weight and bias gradients come out per image and channel, in one fused pass over the
     input and the output gradient (no normalised copy of the input, no product tensor:
-    half the time of forming them with tensor ops). ``activations`` is ``[x]`` or, from
+    half the time of forming them with tensor ops), except at ``_FEW_POSITIONS`` or fewer,
+    where tensor ops are faster (``_group_norm_per_sample``). ``activations`` is ``[x]`` or, from
     ``BookkeepingGradSampleModule``, ``[x, mean, rstd]`` as the forward pass saved them;
     bk mode keeps the gradients for the clipped sum."""
     x = activations[0]
@@ -496,7 +501,7 @@ def clipped_sum(gsm: BookkeepingGradSampleModule) -> torch.Tensor:
     # The kept parts are the batch-mean loss's (1/n of each image's gradient; see _capture).
     scale = len(coef) if gsm._scale_mean else 1
     missing = []
-    by_dtype = {}  # the scaled coefficients in each parameter dtype met
+    scaled = coef * scale
     with torch.no_grad():
         for layer in gsm.bk_layers:
             parts = getattr(layer, _BK_PARTS, None)
@@ -504,9 +509,7 @@ def clipped_sum(gsm: BookkeepingGradSampleModule) -> torch.Tensor:
                 missing.append(type(layer).__name__)
                 continue
             delattr(layer, _BK_PARTS)
-            c = by_dtype.get(layer.weight.dtype)
-            if c is None:
-                c = by_dtype[layer.weight.dtype] = (coef * scale).to(layer.weight.dtype)
+            c = scaled.to(layer.weight.dtype)  # itself when the dtype is the same
             for p, per_sample in parts.get("per_sample", {}).items():
                 p.grad = torch.matmul(c, per_sample.reshape(len(c), -1)).view_as(p)
             if "io" in parts:
@@ -525,12 +528,10 @@ def _clipped_weight_gradient(layer: nn.Conv2d, x: torch.Tensor, out_grad: torch.
     general convolution path, at the 4x4 and 2x2 resolutions where the ghost norm is taken)."""
     n = x.shape[0]
     scaled = out_grad * c.view(-1, 1, 1, 1)
-    if (layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding == (0, 0)
-            and layer.groups == 1):
+    if _pointwise(layer):  # kept only for groups=1 layers (conv2d_norm_sample)
         g = scaled.reshape(n, layer.out_channels, -1).transpose(0, 1).reshape(
             layer.out_channels, -1)  # (O, n T)
-        a = x.reshape(n, layer.in_channels, -1).transpose(0, 1).reshape(
-            layer.in_channels, -1)  # (D, n T)
+        a = _columns(layer, x).transpose(0, 1).reshape(layer.in_channels, -1)  # (D, n T)
         return torch.mm(g, a.t()).view(layer.weight.shape)
     return torch.nn.grad.conv2d_weight(x, layer.weight.shape, scaled, layer.stride,
                                        layer.padding, layer.dilation, layer.groups)
