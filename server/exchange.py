@@ -64,12 +64,13 @@ class Exchange:
         self._push(window or None)
 
     def _push(self, count: int | None) -> None:
-        batch = list(itertools.islice(self._queue, count))
-        if batch:
-            ids = list(self.grid.push_messages(batch))
-            first = len(self.order)
-            self.order.update((mid, first + k) for k, mid in enumerate(ids))
-            self.pending += ids
+        """Push the next ``count`` messages (all: None), each as soon as it is built: a
+        message may carry a model built from its file for it, and its node need not wait
+        for the window's other models to be built too."""
+        for message in itertools.islice(self._queue, count):
+            for mid in self.grid.push_messages([message]):
+                self.order[mid] = len(self.order)
+                self.pending.append(mid)
 
     @property
     def answered(self) -> bool:

@@ -88,6 +88,23 @@ def test_a_window_sends_the_next_message_as_each_reply_comes():
     assert {mid: exchange.order[mid] for mid in got} == {f"m{k}": k for k in range(5)}
 
 
+def test_each_message_of_a_window_goes_out_as_soon_as_it_is_built():
+    """A window's messages each carry a model built from its file for them: the first is
+    pushed before the second is built, so its node need not wait for the others' models."""
+    grid = Grid()
+    pushed_when_built = []
+
+    def messages():
+        for n in (1, 2, 3):
+            pushed_when_built.append(len(grid.sent))
+            yield Message(RecordDict(), dst_node_id=n, message_type="train", group_id="1")
+
+    exchange = Exchange(grid, messages(), timeout=30, window=3)
+    assert pushed_when_built == [0, 1, 2]
+    assert exchange.order == {"m0": 0, "m1": 1, "m2": 2} and exchange.pending == ["m0", "m1",
+                                                                                   "m2"]
+
+
 def test_a_window_still_full_at_the_timeout_leaves_the_rest_unsent():
     grid = Grid()
     exchange = Exchange(grid, _messages([1, 2, 3]), timeout=0.01, window=1)
