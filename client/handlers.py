@@ -3,10 +3,11 @@ routes each message here; ``client.mods`` guards every message first).
 
 Replies carry model weights and aggregate numbers only; see ``tests/test_federation.py``.
 
-Validation's statistics (``common.evaluation.external``: scipy.stats, scikit-learn,
-statsmodels, 1.2 s to import) are imported by the handlers that compute them, not with this
-module: a deployment runs each message in a process of its own, and a train message or a
-query needs none of them.
+Validation (``common.evaluation.external``) is imported by the handlers that compute it, not
+with this module: a deployment runs each message in a process of its own, and a train
+message or a query needs none of it. The statistics libraries (scipy.stats, scikit-learn,
+statsmodels: 1.2 s to import) load only with the held-out site's statistics message;
+internal validation and scoring need none of them.
 """
 
 from __future__ import annotations

@@ -80,8 +80,8 @@ log = logging.getLogger("flwr")
 app = ServerApp()
 # Message group ids of the phases after training (rounds are 1..num-rounds).
 PHASE_AFTER_TRAINING = {"select": 1, "internal": 2, "external": 3}
-# The validation phase's exchanges, in the order they start (see validate_everywhere).
-_INTERNAL, _SCORING, _EXTERNAL = range(3)
+# The validation phase's exchanges (see validate_everywhere).
+_INTERNAL, _SCORING, _EXTERNAL = "internal", "scoring", "external"
 
 
 @dataclass(frozen=True)
@@ -710,39 +710,63 @@ def validate_everywhere(grid: Grid, run: RunConfig, run_name: str, selection: Se
                         extra: dict[str, dict], extra_norms: dict[str, str],
                         nodes: tuple[dict[int, Node], dict[int, Node]], primary: list[str]
                         ) -> tuple[list[dict], dict, dict]:
-    """Phases 4 and 5 at once (disjoint sites): internal validation of every selected model
-    (and a centralised reference) at every training site, and scoring of every model at
-    every held-out site, then the held-out sites' statistics as soon as their scoring is
-    done, the phases' messages interleaved. Extra models (not trained here) come after the
-    arms: secondary analysis only. Returns the held-out sites' results, the internal tables
-    and the thresholds used."""
+    """Phases 4 and 5 (disjoint sites): internal validation of every selected model (and a
+    centralised reference) at every training site, and scoring of every model at every
+    held-out site, then the held-out sites' statistics as soon as their scoring is done,
+    the phases' messages interleaved. Extra models (not trained here) come after the arms:
+    secondary analysis only. Returns the held-out sites' results, the internal tables and
+    the thresholds used.
+
+    Deployed nodes (``max-in-flight`` 0) work side by side: both phases start at once. Nodes
+    that share a few processes (``max-in-flight`` > 0: ``fedcxr simulate``) serve whichever
+    messages come first, and the held-out side is the phase's one chain: every model
+    scored, then the statistics (the longest message, which loads the statistics
+    libraries). Started beside internal validation, its scoring is served one message in
+    as many as there are nodes (Flower's simulation takes one message per node in turn)
+    and the statistics come last, alone; there scoring goes first, and internal validation
+    starts with the statistics."""
     train_nodes, held_out = nodes
     reference = {n: w for n, w in extra.items() if n == CENTRALISED}
     internal_models = {**selection.weights, **reference}
     models = {**selection.weights, **extra}
     norms = {**{a: run.norm for a in selection.weights}, **extra_norms}
     thresholds = {**{name: {} for name in extra}, **selection.thresholds}
-    phases = [start_internal_validation(grid, run, internal_models, train_nodes, primary,
-                                        run_name),
-              start_scoring(grid, run, run_name, models, norms, held_out)]
-    replies: tuple[list[Message], ...] = ([], [], [])
+    exchanges: list[Exchange] = []
+    kinds: list[str] = []  # which phase each exchange is
+    replies: dict[str, list[Message]] = {_INTERNAL: [], _SCORING: [], _EXTERNAL: []}
 
-    def external_statistics() -> Exchange:
-        scored = scored_models(replies[_SCORING], phases[_SCORING], list(models), held_out)
-        return start_external_statistics(grid, run, run_name, list(models), thresholds,
-                                         scored, primary,
-                                         primary_pairs(list(selection.weights), reference))
+    def begin(name: str) -> None:
+        kinds.append(name)
+        if name == _INTERNAL:
+            exchanges.append(start_internal_validation(grid, run, internal_models, train_nodes,
+                                                       primary, run_name))
+        elif name == _SCORING:
+            exchanges.append(start_scoring(grid, run, run_name, models, norms, held_out))
+        else:
+            scored = scored_models(replies[_SCORING], exchanges[kinds.index(_SCORING)],
+                                   list(models), held_out)
+            exchanges.append(start_external_statistics(
+                grid, run, run_name, list(models), thresholds, scored, primary,
+                primary_pairs(list(selection.weights), reference)))
 
-    for which, reply in interleave(phases):
-        replies[which].append(reply)  # small: statistics, or a count of scored images
-        if which == _SCORING and phases[_SCORING].answered and models:
-            phases.append(external_statistics())  # served in this same loop
-    if len(phases) == _EXTERNAL and models:  # scoring ran out of time: the nodes that finished
-        phases.append(external_statistics())
-        replies[_EXTERNAL].extend(phases[_EXTERNAL].replies())
+    held_out_first = run.max_in_flight > 0 and bool(held_out) and bool(models)
+    begin(_SCORING)
+    if not held_out_first:
+        begin(_INTERNAL)
+    for which, reply in interleave(exchanges):  # served in this same loop as they begin
+        replies[kinds[which]].append(reply)  # small: statistics, or a count of scored images
+        if kinds[which] == _SCORING and exchanges[which].answered:
+            if models:
+                begin(_EXTERNAL)
+            if _INTERNAL not in kinds:
+                begin(_INTERNAL)
+    for name in (_EXTERNAL, _INTERNAL):  # scoring ran out of time: what is left, after it
+        if name not in kinds and (models or name == _INTERNAL):
+            begin(name)
+            replies[name].extend(exchanges[-1].replies())
     return (external_results(replies[_EXTERNAL]),
-            internal_results(replies[_INTERNAL], phases[_INTERNAL], list(internal_models),
-                             train_nodes),
+            internal_results(replies[_INTERNAL], exchanges[kinds.index(_INTERNAL)],
+                             list(internal_models), train_nodes),
             thresholds)
 
 

@@ -231,6 +231,58 @@ def test_every_message_a_site_handles_is_in_its_audit_log(run_a, small_cohort, c
     assert "refused (ROLE)" in out and "evaluate.external" in out
 
 
+def test_a_simulation_scores_at_the_held_out_site_before_internal_validation(run_a,
+                                                                           small_cohort):
+    """``fedcxr simulate`` runs the sites on a few shared processes (it sets max-in-flight):
+    the held-out side of validation (every model scored, then the statistics) is the
+    phase's one chain, so its scoring goes first and every internal validation is handled
+    after the last score (each site's audit log: when each message was handled)."""
+    from common.run_status import RunStatus
+
+    run_dir, _ = run_a
+    status = RunStatus.read(run_dir)
+    root = small_cohort.parent
+
+    def handled(site: str, kind: str) -> list[float]:
+        entries = [json.loads(x) for x in (root / site / ".fedcxr" / "audit.jsonl")
+                   .read_text().splitlines()]
+        return [e["time"] for e in entries
+                if e["node"] == status.node_ids[site] and e["type"] == kind]
+
+    scored = handled("site3", "evaluate.score")
+    internal = handled("site1", "evaluate.internal") + handled("site2", "evaluate.internal")
+    assert len(scored) == 4 and len(internal) == 6  # 3 arms and the outside model; 3 arms x 2
+    assert max(scored) < min(internal)
+    assert handled("site3", "evaluate.external")[0] > max(scored)
+
+
+_LIGHT_VALIDATION_PROBE = """
+import sys
+import numpy as np
+import pandas as pd
+from common.evaluation.external import internal_validation
+rng = np.random.default_rng(0)
+labels = (rng.random((60, 14)) < 0.3).astype(float)
+scores = {"m": rng.random((60, 14))}
+meta = pd.DataFrame({"patient_id": [f"p{i // 2}" for i in range(60)]})
+result = internal_validation(labels, scores, meta, site="s", primary=["Effusion"])
+assert result["internal"], result
+print([m for m in ("scipy.stats", "sklearn", "statsmodels") if m in sys.modules])
+"""
+
+
+def test_internal_validation_loads_no_statistics_library():
+    """A training site's internal validation (clustered AUCs with their CIs) and a held-out
+    site's scoring import neither scipy.stats, scikit-learn nor statsmodels (1.2 s, which
+    the first validation message in each simulated site process paid): the normal
+    quantile is scipy.special's ``ndtri``, what ``scipy.stats.norm.ppf`` computes with.
+    A fresh interpreter: this one has imported them all."""
+    done = subprocess.run([sys.executable, "-c", _LIGHT_VALIDATION_PROBE], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
 def test_a_run_whose_arms_never_train_gives_no_verdict(small_cohort, tmp_path):
     """Every train message refused (a budget too small for one round): no round is
     aggregated, no arm is evaluated as if trained, and results.json says why instead of a

@@ -27,8 +27,6 @@ from collections import Counter
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import cohen_kappa_score
-from statsmodels.stats.inter_rater import fleiss_kappa as statsmodels_fleiss_kappa
 
 from common.evaluation.metrics import at_threshold
 
@@ -84,6 +82,8 @@ def cohen_kappa(a, b) -> float:
     a, b = a[ok], b[ok]
     if len(a) == 0 or (len(np.unique(a)) == 1 and np.array_equal(a, b)):
         return float("nan")
+    from sklearn.metrics import cohen_kappa_score
+
     return float(cohen_kappa_score(a, b))
 
 
@@ -97,7 +97,9 @@ def fleiss_kappa(counts) -> float:
     p_j = counts.sum(axis=0) / counts.sum()
     if np.sum(p_j**2) >= 1:
         return float("nan")
-    return float(statsmodels_fleiss_kappa(counts, method="fleiss"))
+    from statsmodels.stats.inter_rater import fleiss_kappa
+
+    return float(fleiss_kappa(counts, method="fleiss"))
 
 
 def fleiss_table(votes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
