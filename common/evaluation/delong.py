@@ -8,12 +8,11 @@ Higher scores mean "more positive". Matches R's pROC (``ci.auc`` and ``roc.test`
 AUC difference over the sd of the difference from the joint covariance.
 
 The normal quantiles and tail probabilities are scipy.special's ``ndtri`` and ``ndtr``, the
-functions scipy.stats' ``norm.ppf`` and ``norm.sf`` compute with (the same floats), without
-scipy.stats (1.2 s to import): a site computes its CIs with the statistics libraries not yet
-loaded, and the first validation message a simulated site's process handles paid for them.
-scipy.special (0.16 s) is imported by the functions that need it: a training node's process
-imports this module for its validation AUC (``midranks``, the ranks in numpy) and for age
-bands (``common.site``), and never needs a CI.
+functions scipy.stats' ``norm.ppf`` and ``norm.sf`` compute with (the same floats), so that
+a CI does not import scipy.stats (1.2 s, which the first validation message of every
+simulated site process paid). scipy.special (0.16 s) is imported by the functions that need
+it: a training node's process imports this module for its validation AUC (``midranks``, the
+ranks in numpy) and for age bands (``common.site``), and never needs a CI.
 """
 
 from __future__ import annotations
