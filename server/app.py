@@ -736,18 +736,19 @@ def validate_everywhere(grid: Grid, run: RunConfig, run_name: str, selection: Se
     replies: dict[str, list[Message]] = {_INTERNAL: [], _SCORING: [], _EXTERNAL: []}
 
     def begin(name: str) -> None:
-        kinds.append(name)
         if name == _INTERNAL:
-            exchanges.append(start_internal_validation(grid, run, internal_models, train_nodes,
-                                                       primary, run_name))
+            exchange = start_internal_validation(grid, run, internal_models, train_nodes,
+                                                 primary, run_name)
         elif name == _SCORING:
-            exchanges.append(start_scoring(grid, run, run_name, models, norms, held_out))
+            exchange = start_scoring(grid, run, run_name, models, norms, held_out)
         else:
             scored = scored_models(replies[_SCORING], exchanges[kinds.index(_SCORING)],
                                    list(models), held_out)
-            exchanges.append(start_external_statistics(
+            exchange = start_external_statistics(
                 grid, run, run_name, list(models), thresholds, scored, primary,
-                primary_pairs(list(selection.weights), reference)))
+                primary_pairs(list(selection.weights), reference))
+        exchanges.append(exchange)  # the two lists stay in step, whatever a start raises
+        kinds.append(name)
 
     held_out_first = run.max_in_flight > 0 and bool(held_out) and bool(models)
     begin(_SCORING)
