@@ -265,3 +265,45 @@ def test_a_models_internal_statistics_are_its_own():
             for a, b in zip(alone[key], mine, strict=True):  # equal to rounding
                 assert a == {k: pytest.approx(v, rel=1e-12) if isinstance(v, float) else v
                              for k, v in b.items()}, (name, key)
+
+
+def test_report_figures_laid_out_in_advance_keep_their_text_inside(monkeypatch):
+    """The ROC and calibration figures are drawn once, at fixed margins, not cropped to what
+    they draw: with the longest label names in every panel, each text they draw (panel
+    titles, axis and tick labels, the legend) lies inside the figure and no two panel
+    titles overlap."""
+    import matplotlib.text
+
+    import common.evaluation.report as report
+
+    report.load_report_libraries()
+    import matplotlib.pyplot as plt
+
+    drawn = []
+    monkeypatch.setattr(report, "_figure_tag",
+                        lambda fig, tight=True: drawn.append((fig, tight)) or "")
+    labels = sorted(LABELS, key=len, reverse=True)[:report.FIGURE_LABELS]
+    models = ["federated", "single:a-site-with-a-long-name"]
+    results = {
+        "roc": [{"site": "s", "label": lb, "model": m, "fpr": [0, 0.5, 1], "tpr": [0, 0.7, 1]}
+                for lb in labels for m in models],
+        "readers": [],
+        "calibration": [{"site": "s", "model": models[0], "label": lb, "ece": 0.123,
+                         "reliability": {"mean_predicted": [0.1, 0.9], "observed": [0.2, 0.8],
+                                         "count": [5, 5]}} for lb in labels]}
+    report._roc_figure(results, "s", labels)
+    report._calibration_figure(results, "s", models[0], labels)
+    assert [tight for _, tight in drawn] == [False, False]
+    for fig, _ in drawn:
+        fig.canvas.draw()
+        box = fig.bbox
+        texts = [t for t in fig.findobj(matplotlib.text.Text)
+                 if t.get_visible() and t.get_text()]
+        assert len(texts) > 2 * len(labels)  # titles, tick labels, legend entries
+        for t in texts:
+            e = t.get_window_extent()
+            assert box.x0 <= e.x0 and e.x1 <= box.x1 and box.y0 <= e.y0 and e.y1 <= box.y1, \
+                (t.get_text(), e, box)
+        titles = sorted((ax.title.get_window_extent() for ax in fig.axes), key=lambda e: e.x0)
+        assert all(a.x1 < b.x0 for a, b in zip(titles, titles[1:], strict=False))
+        plt.close(fig)
