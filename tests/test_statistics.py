@@ -25,6 +25,7 @@ from common.evaluation.metrics import (
     holm,
     roc_counts,
     wilson,
+    wilson_intervals,
 )
 from common.evaluation.readers import (
     cohen_kappa,
@@ -145,6 +146,23 @@ def test_wilson_interval_known_value():
     assert lo == pytest.approx(0.2553, abs=1e-4) and hi == pytest.approx(0.3662, abs=1e-4)
 
 
+def test_wilson_intervals_at_once_equal_one_call_each():
+    """``at_threshold``'s four intervals come from one ``proportion_confint`` call: each is
+    statsmodels' own interval for that proportion alone, bit for bit (NaN where n is 0)."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    ks, ns = [0, 3, 7, 7, 81, 0, 1], [5, 10, 7, 0, 263, 0, 1]
+    got = wilson_intervals(ks, ns, 0.9)
+    assert len(got) == len(ks)
+    for k, n, (lo, hi) in zip(ks, ns, got, strict=True):
+        if n == 0:
+            assert np.isnan(lo) and np.isnan(hi)
+            continue
+        low, high = proportion_confint(k, n, alpha=0.1, method="wilson")
+        assert (lo, hi) == (max(0.0, float(low)), min(1.0, float(high)))
+    assert wilson_intervals([], []) == []
+
+
 def test_operating_point_counts():
     y = np.array([1, 1, 1, 0, 0, 0, 0, np.nan])
     s = np.array([0.9, 0.6, 0.2, 0.7, 0.1, 0.3, 0.05, 0.99])
@@ -152,6 +170,10 @@ def test_operating_point_counts():
     assert (op.tp, op.fn, op.fp, op.tn) == (2, 1, 1, 3)
     assert op.sensitivity == pytest.approx(2 / 3) and op.specificity == pytest.approx(3 / 4)
     assert op.f1 == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert (op.sensitivity_ci, op.specificity_ci, op.ppv_ci, op.npv_ci) == (
+        wilson(2, 3), wilson(3, 4), wilson(2, 3), wilson(3, 4))
+    none = at_threshold(np.array([0.0, 0.0]), np.array([0.1, 0.2]), 0.5)  # no positives
+    assert np.isnan(none.sensitivity_ci[0]) and none.specificity_ci == wilson(2, 2)
 
 
 def test_threshold_choice_from_summed_counts():

@@ -41,7 +41,7 @@ from common.evaluation.metrics import (
     roc_counts,
 )
 from common.evaluation.shift import SHIFTS, apply_shift
-from common.evaluation.subgroups import subgroup_table
+from common.evaluation.subgroups import subgroup_table, subgroups
 from common.labels import LABELS
 
 ROC_POINTS = 101
@@ -248,6 +248,7 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
            "reference_standard": [{"site": site, "label": lb, "source": src}
                                   for lb, src in sources.items()]}
     components = {}
+    groups = subgroups(meta) if meta is not None else None
     for k, label in enumerate(LABELS):
         y = labels[:, k]
         n_pos = int(np.nansum(y == 1))
@@ -275,8 +276,8 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
                                "threshold": GRID[pick].tolist(),
                                "tpr": (pos_ge[pick] / max(n_pos, 1)).tolist(),
                                "fpr": (neg_ge[pick] / max(n_neg, 1)).tolist()})
-            if meta is not None:
-                for row in subgroup_table(meta, y, score, thresholds[name].get(label, 0.5),
+            if groups is not None:
+                for row in subgroup_table(groups, y, score, thresholds[name].get(label, 0.5),
                                           min_size=options.min_subgroup,
                                           min_cell=options.min_cell):
                     out["subgroups"].append({"site": site, "model": name, "label": label,

@@ -28,12 +28,25 @@ class ThresholdsRequired(ValueError):
 
 def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for k successes out of n (statsmodels' ``proportion_confint``)."""
-    if n == 0:
-        return (float("nan"), float("nan"))
-    from statsmodels.stats.proportion import proportion_confint
+    return wilson_intervals([k], [n], level)[0]
 
-    low, high = proportion_confint(k, n, alpha=1 - level, method="wilson")
-    return float(max(0.0, low)), float(min(1.0, high))
+
+def wilson_intervals(ks, ns, level: float = 0.95) -> list[tuple[float, float]]:
+    """Wilson score intervals of several proportions (k out of n each; NaN where n is 0) in
+    one call of statsmodels' ``proportion_confint``, which computes the same elementwise: its
+    normal quantile (scipy.stats' ``norm.isf``, most of a call's time) is then found once
+    for all of them, not once each."""
+    ks, ns = np.asarray(ks), np.asarray(ns)
+    out = [(float("nan"), float("nan"))] * len(ns)
+    some = ns > 0
+    if some.any():
+        from statsmodels.stats.proportion import proportion_confint
+
+        low, high = proportion_confint(ks[some], ns[some], alpha=1 - level, method="wilson")
+        for i, lo, hi in zip(np.flatnonzero(some), np.atleast_1d(low), np.atleast_1d(high),
+                             strict=True):
+            out[i] = (float(max(0.0, lo)), float(min(1.0, hi)))
+    return out
 
 
 @dataclass(frozen=True)
@@ -70,11 +83,12 @@ def at_threshold(y_true, y_score, threshold: float, level: float = 0.95) -> Oper
     tp, fp = int((y & s).sum()), int((~y & s).sum())
     fn, tn = int((y & ~s).sum()), int((~y & ~s).sum())
     f1 = _ratio(2 * tp, 2 * tp + fp + fn)
+    sensitivity, specificity, ppv, npv = wilson_intervals(
+        [tp, tn, tp, tn], [tp + fn, tn + fp, tp + fp, tn + fn], level)
     return OperatingPoint(
         float(threshold), tp, fp, tn, fn,
         _ratio(tp, tp + fn), _ratio(tn, tn + fp), _ratio(tp, tp + fp), _ratio(tn, tn + fn), f1,
-        wilson(tp, tp + fn, level), wilson(tn, tn + fp, level),
-        wilson(tp, tp + fp, level), wilson(tn, tn + fn, level),
+        sensitivity, specificity, ppv, npv,
     )
 
 

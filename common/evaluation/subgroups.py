@@ -28,18 +28,29 @@ def age_band(age: float) -> str:
     return "unknown"
 
 
-def subgroup_table(meta: pd.DataFrame, y: np.ndarray, score: np.ndarray, threshold: float,
-                   *, min_size: int = 30, min_cell: int = 10) -> list[dict]:
-    """Rows of attribute, group, n, prevalence, auc, ci, sensitivity, specificity, gap. A
-    group of fewer than ``min_cell`` images releases neither its size nor its prevalence
-    (a cell of 4 is four patients' data in disguise)."""
+def subgroups(meta: pd.DataFrame) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """Each attribute's groups (sorted) and which images are in each: the same for every
+    model and label of a site, so found once (pandas' per-column work was most of the
+    held-out statistics' time when it was repeated for each)."""
     frame = meta.assign(age_band=[age_band(a) for a in meta["age"]])
-    rows = []
+    out = {}
     for attr in ATTRIBUTES:
         values = frame[attr].fillna("").astype(str).replace("", "unknown").to_numpy()
+        out[attr] = [(group, values == group) for group in sorted(set(values))]
+    return out
+
+
+def subgroup_table(meta: pd.DataFrame | dict, y: np.ndarray, score: np.ndarray,
+                   threshold: float, *, min_size: int = 30, min_cell: int = 10) -> list[dict]:
+    """Rows of attribute, group, n, prevalence, auc, ci, sensitivity, specificity, gap. A
+    group of fewer than ``min_cell`` images releases neither its size nor its prevalence
+    (a cell of 4 is four patients' data in disguise). ``meta``: the images' metadata, or
+    its ``subgroups`` found once for many calls."""
+    groups = meta if isinstance(meta, dict) else subgroups(meta)
+    rows = []
+    for attr in ATTRIBUTES:
         attr_rows = []
-        for group in sorted(set(values)):
-            idx = values == group
+        for group, idx in groups[attr]:
             yk, sk = y[idx], score[idx]
             known = ~np.isnan(yk)
             row = {"attribute": attr, "group": group, "n": int(known.sum()),
