@@ -316,11 +316,13 @@ def prepare_arms(run: RunConfig, st: RunState, train_nodes: dict[int, Node],
 
 def train_rounds(grid: Grid, run: RunConfig, st: RunState, strategy,
                  train_nodes: dict[int, Node], run_name: str, run_dir: Path,
-                 board: RunStatus, tracker: Tracker, files: WeightFiles) -> None:
+                 board: RunStatus, tracker: Tracker, files: WeightFiles,
+                 analysis: AnalysisLoad) -> None:
     """Every remaining round, each followed by a checkpoint and metrics.csv."""
     for rnd in range(st.round + 1, run.num_rounds + 1):
         began = time.monotonic()
-        train_round(grid, run, rnd, train_nodes, st, strategy, run_name, run_dir, files)
+        train_round(grid, run, rnd, train_nodes, st, strategy, run_name, run_dir, files,
+                    analysis if rnd == run.num_rounds else None)
         st.round = rnd
         st.strategy = strategy_state(strategy)
         saving = time.monotonic()
@@ -372,9 +374,20 @@ def train_requests(run: RunConfig, rnd: int, st: RunState, strategy, grid: Grid,
         yield _msg(request.encode(), node, wire.TRAIN, rnd)
 
 
+def a_core_idles(run: RunConfig, sites: int, replied: int) -> bool:
+    """Whether fewer of a round's ``sites`` are still training, ``replied`` having replied,
+    than the simulation runs at once (``max-in-flight``, one per core): from then on a
+    core is idle until the round ends. Deployed nodes (``max-in-flight`` 0) share no
+    cores with the ServerApp."""
+    return 0 < sites - replied < run.max_in_flight
+
+
 def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Node],
                 st: RunState, strategy, run_name: str, run_dir: Path,
-                files: WeightFiles) -> None:
+                files: WeightFiles, analysis: AnalysisLoad | None = None) -> None:
+    """One round. ``analysis`` (given in the last round) starts loading as soon as a core
+    idles (``a_core_idles``): the ServerApp's next phases, selection and validation, keep
+    both cores busy, and the import (2.3 s of CPU) took its share of them there."""
     started = time.monotonic()
     train_ids = sorted(train_nodes)
     sites = {n: train_nodes[n].site for n in train_ids}
@@ -424,10 +437,18 @@ def train_round(grid: Grid, run: RunConfig, rnd: int, train_nodes: dict[int, Nod
         if reply.single is not None:
             take_arm(r, reply.single)
 
+    def spare_a_core(replies: int) -> None:
+        if analysis is not None and a_core_idles(run, len(train_ids), replies):
+            analysis.start()
+
     try:
+        replies = 0
+        spare_a_core(replies)  # fewer sites than cores: one is idle from the start
         for reply in stream_replies(grid, msgs, run.round_timeout, window=_train_window(run)):
             take(reply)
             del reply
+            replies += 1
+            spare_a_core(replies)
         replied = time.monotonic()
         if rnd - 1 in st.trained.get(FEDERATED, []):
             # Before aggregation replaces it: st.arms[FEDERATED] is round rnd - 1's aggregate.
@@ -913,14 +934,15 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
         strategy = prepare_arms(run, st, train_nodes, initial, files, tracker)
     held_out = {n: v for n, v in nodes.items() if v.role == "evaluate"}
     nodes = {n: v for n, v in nodes.items() if v.role != "train" or n in train_nodes}
+    analysis = AnalysisLoad()
     train_rounds(grid, run, st, strategy, train_nodes, run_name, run_dir, board, tracker,
-                 files)
+                 files, analysis)
     log.info("training done: %d round(s) (%s)", st.round, _into(started))
 
     # 3. Select every arm by one rule; operating points from training-site validation only.
-    # The analysis' libraries load meanwhile (``load_the_analysis``).
+    # The analysis' libraries load meanwhile (``AnalysisLoad``), unless they already are.
     board.enter("selection")
-    threading.Thread(target=load_the_analysis, name="load-the-analysis", daemon=True).start()
+    analysis.start()
     selection = select_arms(grid, run, st, train_nodes, run_dir)
     follow(board, st)
     tracker.rounds(st.history, st.epsilon)  # the last global model is validated now
@@ -947,15 +969,32 @@ def experiment(grid: Grid, run: RunConfig, st: RunState, run_name: str, run_dir:
     board.enter("finished")
 
 
+class AnalysisLoad:
+    """``load_the_analysis`` in a thread, started once: in the last round as soon as a core
+    idles (simulation), else as the arms are selected."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            log.info("loading the analysis' libraries")
+            self._thread = threading.Thread(target=load_the_analysis, name="load-the-analysis",
+                                            daemon=True)
+            self._thread.start()
+
+
 def load_the_analysis() -> None:
     """Import the verdict's and the report's libraries (scipy.stats, statsmodels, pandas,
-    matplotlib: about 1.4 s of CPU), in a thread started as the arms are selected, while
+    matplotlib: 2.3 s of CPU on this session's host), in a thread (``AnalysisLoad``): in a
+    simulation from the last round's first idle core, else as the arms are selected, while
     the training sites validate the last global model and then every site validates the
     selected ones. Imported with this module they delayed the ServerApp's main, while
     Flower's simulation starts Ray on the same cores; loaded as training began they raised
     the peak of the process hosting the ServerApp, which holds the arms' weights then (1.28
-    against 1.17 GiB in two ``benchmarks/peers.py`` runs of session 18). ``report`` imports
-    them again, which waits for this thread if it is still importing."""
+    against 1.17 GiB in two ``benchmarks/peers.py`` runs of session 18); from the last
+    round's idle core, about 0.1 GiB (its log's peak, session 21). ``report`` imports them
+    again, which waits for this thread if it is still importing."""
     from common.evaluation.report import load_report_libraries
 
     load_report_libraries()

@@ -256,6 +256,21 @@ def test_a_simulation_scores_at_the_held_out_site_before_internal_validation(run
     assert handled("site3", "evaluate.external")[0] > max(scored)
 
 
+def test_the_analysis_loads_from_the_last_rounds_first_idle_core():
+    """In a simulation (one site at a time per core: max-in-flight) the ServerApp starts
+    importing the analysis' libraries in the last round once fewer sites are still training
+    than cores, not at selection, where every core is busy; deployed nodes (max-in-flight
+    0) share no cores with it, and nothing starts before selection."""
+    from common.config import parse
+    from server.app import a_core_idles
+
+    simulated = parse(RunConfig, {"max-in-flight": 2}, what="run config")
+    assert [a_core_idles(simulated, 3, k) for k in range(4)] == [False, False, True, False]
+    assert [a_core_idles(simulated, 1, k) for k in range(2)] == [True, False]
+    deployed = parse(RunConfig, {"max-in-flight": 0}, what="run config")
+    assert not any(a_core_idles(deployed, 3, k) for k in range(4))
+
+
 _LIGHT_VALIDATION_PROBE = """
 import sys
 import numpy as np
