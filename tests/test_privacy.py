@@ -442,10 +442,7 @@ def test_subgroup_cells_under_min_cell_release_no_count():
     meta = pd.DataFrame({"sex": ["F"] * 4 + ["M"] * 60, "age": [50.0] * 64,
                          "view": ["PA"] * 64, "manufacturer": ["x"] * 64})
     y = rng.integers(0, 2, 64).astype(float)
-    score = rng.random(64)
-    rows = subgroup_table(meta, y, score, 0.5, min_size=30, min_cell=10)
-    # The held-out statistics find a site's groups once for every model and label.
-    assert subgroup_table(subgroups(meta), y, score, 0.5, min_size=30, min_cell=10) == rows
+    rows = subgroup_table(subgroups(meta), y, rng.random(64), 0.5, min_size=30, min_cell=10)
     women = next(r for r in rows if r["attribute"] == "sex" and r["group"] == "F")
     men = next(r for r in rows if r["attribute"] == "sex" and r["group"] == "M")
     assert women["n"] is None and women["prevalence"] is None and "suppressed" in \

@@ -40,13 +40,12 @@ def subgroups(meta: pd.DataFrame) -> dict[str, list[tuple[str, np.ndarray]]]:
     return out
 
 
-def subgroup_table(meta: pd.DataFrame | dict, y: np.ndarray, score: np.ndarray,
-                   threshold: float, *, min_size: int = 30, min_cell: int = 10) -> list[dict]:
-    """Rows of attribute, group, n, prevalence, auc, ci, sensitivity, specificity, gap. A
-    group of fewer than ``min_cell`` images releases neither its size nor its prevalence
-    (a cell of 4 is four patients' data in disguise). ``meta``: the images' metadata, or
-    its ``subgroups`` found once for many calls."""
-    groups = meta if isinstance(meta, dict) else subgroups(meta)
+def subgroup_table(groups: dict[str, list[tuple[str, np.ndarray]]], y: np.ndarray,
+                   score: np.ndarray, threshold: float, *, min_size: int = 30,
+                   min_cell: int = 10) -> list[dict]:
+    """Rows of attribute, group, n, prevalence, auc, ci, sensitivity, specificity, gap, over
+    the site's ``subgroups``. A group of fewer than ``min_cell`` images releases neither its
+    size nor its prevalence (a cell of 4 is four patients' data in disguise)."""
     rows = []
     for attr in ATTRIBUTES:
         attr_rows = []
