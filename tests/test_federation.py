@@ -257,10 +257,10 @@ def test_a_simulation_scores_at_the_held_out_site_before_internal_validation(run
 
 
 def test_the_analysis_loads_from_the_last_rounds_first_idle_core():
-    """In a simulation (one site at a time per core: max-in-flight) the ServerApp starts
-    importing the analysis' libraries in the last round once fewer sites are still training
-    than cores, not at selection, where every core is busy; deployed nodes (max-in-flight
-    0) share no cores with it, and nothing starts before selection."""
+    """The rule ``train_round`` starts the analysis' import by in its last round: in a
+    simulation (one site at a time per core: max-in-flight) once fewer sites are still
+    training than cores; deployed nodes (max-in-flight 0) share no cores with the
+    ServerApp, and never trigger it (it then starts at selection)."""
     from common.config import parse
     from server.app import a_core_idles
 

@@ -7,7 +7,7 @@ Higher scores mean "more positive". Matches R's pROC (``ci.auc`` and ``roc.test`
 ``method="delong"``): the CI is AUC +/- z * sd clipped to [0, 1]; the paired test's Z is the
 AUC difference over the sd of the difference from the joint covariance.
 
-The normal quantiles and tail probabilities are scipy.special's ``ndtri`` and ``ndtr``, the
+The normal quantiles (``critical_z``) and tails are scipy.special's ``ndtri`` and ``ndtr``, the
 functions scipy.stats' ``norm.ppf`` and ``norm.sf`` compute with (the same floats), so that
 a CI does not import scipy.stats (1.2 s, which the first validation message of every
 simulated site process paid). scipy.special (0.16 s) is imported by the functions that need
@@ -20,6 +20,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+
+def critical_z(level: float) -> float:
+    """The two-sided normal critical value of a ``level`` CI: ``norm.ppf(0.5 + level / 2)``
+    as scipy.stats computes it (``ndtri``), without importing scipy.stats."""
+    from scipy.special import ndtri
+
+    return float(ndtri(0.5 + level / 2))
 
 
 class NotEstimable(ValueError):
@@ -57,11 +65,9 @@ def delong_components(y_true, scores) -> tuple[np.ndarray, np.ndarray, int, int]
 
 def auc_ci(y_true, y_score, level: float = 0.95) -> AucCI:
     """AUC with its DeLong variance and CI (pROC's ``ci.auc`` default)."""
-    from scipy.special import ndtri
-
     aucs, cov, m, n = delong_components(y_true, y_score)
     auc, var = float(aucs[0]), float(cov[0, 0])
-    half = ndtri(0.5 + level / 2) * np.sqrt(max(var, 0.0))
+    half = critical_z(level) * np.sqrt(max(var, 0.0))
     return AucCI(auc, float(max(0.0, auc - half)), float(min(1.0, auc + half)), var, int(m),
                  int(n))
 
@@ -237,18 +243,16 @@ def _clustered(y_true, scores, clusters) -> ClusterComponents:
 
 def clustered_auc(y_true, scores, clusters, level: float = 0.95) -> ClusteredAuc:
     """AUC with its patient-clustered (Obuchowski 1997) variance and normal CI."""
-    from scipy.special import ndtri
-
     comp = _clustered(y_true, scores, clusters)
     auc, var = float(comp.aucs[0]), float(comp.covariance()[0, 0])
-    half = ndtri(0.5 + level / 2) * np.sqrt(max(var, 0.0))
+    half = critical_z(level) * np.sqrt(max(var, 0.0))
     return ClusteredAuc(auc, var, float(max(0.0, auc - half)), float(min(1.0, auc + half)),
                         comp.m, comp.n, comp.i_all)
 
 
 def paired_from(est_a: float, est_b: float, var_diff: float, level: float,
             margin: float = 0.0) -> PairedTest:
-    from scipy.special import ndtr, ndtri
+    from scipy.special import ndtr
 
     diff = est_a - est_b
     sd = float(np.sqrt(max(var_diff, 0.0))) if np.isfinite(var_diff) else float("nan")
@@ -257,7 +261,7 @@ def paired_from(est_a: float, est_b: float, var_diff: float, level: float,
     else:
         z = float((diff - margin) / sd)
         p = float(2 * ndtr(-abs(z)))  # norm.sf(|z|)
-    half = ndtri(0.5 + level / 2) * sd
+    half = critical_z(level) * sd
     return PairedTest(float(est_a), float(est_b), z, p, float(diff - half), float(diff + half))
 
 

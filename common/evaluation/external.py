@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.special import ndtri  # scipy.stats.norm.ppf's own function, without scipy.stats
 
 from common.atomic import atomic_path, write_text
 from common.cache import SiteCache
@@ -25,6 +24,7 @@ from common.evaluation.delong import (
     NotEstimable,
     cluster_codes,
     cluster_components,
+    critical_z,
     delong_components,
     macro_auc,
     paired_from,
@@ -122,7 +122,7 @@ def primary_endpoint(labels: np.ndarray, scores: dict[str, np.ndarray], clusters
                       clusters, cols, components)
     except NotEstimable:
         return {"primary_auc": [], "primary": []}
-    zcrit = ndtri(0.5 + level / 2)
+    zcrit = critical_z(level)
     used = [LABELS[c] for c in m.labels]
     aucs = []
     for i, name in enumerate(names):
@@ -150,7 +150,7 @@ def internal_validation(labels: np.ndarray, scores: dict[str, np.ndarray], meta,
     clusters, clustered_by = clusters_of(meta)
     codes = cluster_codes(clusters, len(labels))
     names = list(scores)
-    zcrit = ndtri(0.5 + level / 2)
+    zcrit = critical_z(level)
     rows, components = [], {}
     for k, label in enumerate(LABELS):
         y = labels[:, k]
@@ -237,7 +237,7 @@ def evaluate_scores(labels: np.ndarray, scores: dict[str, np.ndarray],
     names = list(scores)
     _check_thresholds(names, thresholds)
     pairs = options.comparisons or [(names[0], b) for b in names[1:]]
-    zcrit = ndtri(0.5 + options.level / 2)
+    zcrit = critical_z(options.level)
     clusters, clustered_by = clusters_of(meta)
     codes = cluster_codes(clusters, len(labels))
     site_labels = labels

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from scipy.special import ndtri  # scipy.stats.norm.ppf's own function, without scipy.stats
 
+from common.evaluation.delong import critical_z
 from common.evaluation.gradcam import gradcam_labels, overlay
 from common.labels import LABELS, MARKER_LABEL
 
@@ -88,7 +88,7 @@ def clustered_mean(values: np.ndarray, clusters: np.ndarray, level: float = 0.95
     resid = pd.Series(values - mean).groupby(np.asarray(clusters)).sum().to_numpy()
     g = len(resid)
     se = float(np.sqrt(np.sum(resid**2) * g / max(g - 1, 1))) / n if g > 1 else float("nan")
-    z = ndtri(0.5 + level / 2)
+    z = critical_z(level)
     if not np.isfinite(se):
         return mean, float("nan"), float("nan")
     return mean, mean - z * se, mean + z * se
