@@ -13,6 +13,13 @@ other's thread). Printed: median ms per part of a step (forward, backward with t
 functions, clipped sum, optimizer with noise), the totals' ratio, and the largest difference
 between the two models' weights afterwards (same steps, so it should be rounding only).
 
+One process is also its limit: a version that starts threads of its own slows the other's
+steps too. Session 22 ran the norm functions on a worker thread; here the worker's OpenMP
+team beside the training thread's (more spinning threads than cores) made the base's step
+1448 ms (about 700 alone) and printed the change 0.70x, while whole ``local_train`` calls
+timed in separate processes showed it slower. Judge such a change by separate processes
+(``train_throughput.py``) as well.
+
     .venv/bin/python benchmarks/dp_step_ab.py --base 3452565 --size 64 --turns 10
 """
 
@@ -31,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from host import describe  # noqa: E402  (benchmarks/, beside this script)
 
 from common import cpu_runtime  # noqa: E402,F401  (the project's CPU thread settings)
 from common.model import build_model  # noqa: E402
@@ -112,7 +120,7 @@ def main() -> None:
                 if noise is not None and noise._thread is not None:
                     noise._thread.join()
     print(f"DP bk step, DenseNet-121 (GroupNorm), {args.size} px, batch {args.batch}, "
-          f"{len(rows[names[0]])} steps each, taking turns; median ms")
+          f"{len(rows[names[0]])} steps each, taking turns; median ms ({describe()})")
     totals = {}
     for name, steps in rows.items():
         medians = [statistics.median(s[i] for s in steps) for i in range(len(PARTS))]

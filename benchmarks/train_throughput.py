@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision
+from host import describe  # benchmarks/, beside this script
 
 from common.cache import prepare
 from common.data import CachedImages
@@ -238,8 +239,9 @@ def main() -> None:
     except FedcxrError as exc:
         raise SystemExit(f"error: {exc}") from None
     card = torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
-    print(f"device {device} ({card}), torch threads: {torch.get_num_threads()}, batch "
-          f"{args.batch}, {args.steps} steps, best of {args.repeats} interleaved tries")
+    print(f"{describe()}; device {device} ({card}), torch threads: "
+          f"{torch.get_num_threads()}, batch {args.batch}, {args.steps} steps, best of "
+          f"{args.repeats} interleaved tries")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for size in args.sizes:

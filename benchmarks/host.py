@@ -1,0 +1,35 @@
+"""The machine a benchmark ran on, in one line: CPU model, cores and load.
+
+Why: kernel timings on this shared host differ from session to session. The per-image
+gradients of DenseNet-121's 3x3 convolutions at 4x4 positions took 670 us unfolded against
+780-870 us with a grouped weight-gradient kernel in one session's profile (noted in
+``common.dp_grad_sample``) and 1412 against 527 us in session 22's microbenchmark, on an
+AMD EPYC without AVX-512. Which CPU a README figure came from was not recorded before; each
+benchmark's header line now names it, so a figure is compared with one from the same CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpu_model(cpuinfo: Path = CPUINFO) -> str:
+    """The first ``model name`` of ``cpuinfo`` (Linux), else what ``platform`` reports."""
+    try:
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def describe(cpuinfo: Path = CPUINFO) -> str:
+    """``<CPU model>, <n> cores, load <1-min load average>``."""
+    load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
+    return f"{cpu_model(cpuinfo)}, {os.cpu_count()} cores{load}"
