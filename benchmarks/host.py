@@ -4,8 +4,9 @@ Why: kernel timings on this shared host differ from session to session. The per-
 gradients of DenseNet-121's 3x3 convolutions at 4x4 positions took 670 us unfolded against
 780-870 us with a grouped weight-gradient kernel in one session's profile (noted in
 ``common.dp_grad_sample``) and 1412 against 527 us in session 22's microbenchmark, on an
-AMD EPYC without AVX-512. Which CPU a README figure came from was not recorded before; each
-benchmark's header line now names it, so a figure is compared with one from the same CPU.
+AMD EPYC without AVX-512. Which CPU a README figure came from was not recorded before; the issue
+#20 benchmarks (``train_throughput.py``, ``dp_step_ab.py``, ``peers.py``) now name it, so a
+figure is compared with one from the same CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ def cpu_model(cpuinfo: Path = CPUINFO) -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def machine(cpuinfo: Path = CPUINFO) -> str:
+    """``<CPU model>, <n> cores``."""
+    return f"{cpu_model(cpuinfo)}, {os.cpu_count()} cores"
+
+
 def describe(cpuinfo: Path = CPUINFO) -> str:
-    """``<CPU model>, <n> cores, load <1-min load average>``."""
+    """``machine()``, then ``load <1-min load average>`` (a script that samples the load
+    through its run prints its range instead)."""
     load = f", load {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    return f"{cpu_model(cpuinfo)}, {os.cpu_count()} cores{load}"
+    return machine(cpuinfo) + load

@@ -46,7 +46,7 @@ from pathlib import Path
 
 import nvflare_peer  # benchmarks/, beside this script
 import torch
-from host import cpu_model
+from host import machine
 
 from common.data import split_datasets
 from common.model import build_model
@@ -443,8 +443,7 @@ def main() -> None:
            "NVFlare": "direct (NVFlare loop)"}
     print(f"\n{args.sites} training sites (+1 held out) x {args.images} images at {args.size} px, "
           f"DenseNet-121, {args.rounds} and {args.more_rounds} rounds, best of {args.tries} "
-          f"interleaved tries; {cpu_model()}, {os.cpu_count()} cores, load average "
-          f"{min(loads):.2f}-{max(loads):.2f}")
+          f"interleaved tries; {machine()}, load average {min(loads):.2f}-{max(loads):.2f}")
 
     def row(figure: str, cells: list[str]) -> None:
         print(f"{figure:<52}" + "".join(f"{c:>16}" for c in cells))
