@@ -3,10 +3,11 @@
 Why: kernel timings on this shared host differ from session to session. The per-image
 gradients of DenseNet-121's 3x3 convolutions at 4x4 positions took 670 us unfolded against
 780-870 us with a grouped weight-gradient kernel in one session's profile (noted in
-``common.dp_grad_sample``) and 1412 against 527 us in session 22's microbenchmark, on an
-AMD EPYC without AVX-512. Which CPU a README figure came from was not recorded before; the issue
-#20 benchmarks (``train_throughput.py``, ``dp_step_ab.py``, ``peers.py``) now name it, so a
-figure is compared with one from the same CPU.
+``common.dp_grad_sample``) and 1412 against 527 us in a scratch microbenchmark of session 22,
+on an AMD EPYC without AVX-512 (no script here prints either). Which CPU a README figure
+came from was not recorded before; the issue #20 benchmarks (``train_throughput.py``,
+``dp_step_ab.py``, ``peers.py``) now name it, so a figure is compared with one from the
+same CPU.
 """
 
 from __future__ import annotations
