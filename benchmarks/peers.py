@@ -13,7 +13,13 @@ DenseNet-121, 1 local epoch. Three systems, interleaved try by try (best of N):
 - **fedcxr**: ``fedcxr simulate`` on the same cohort.
 
 Each system runs R and R' rounds. Per-round cost is the totals' difference over R' - R;
-fixed cost is T(R) - R x per-round, and the part of it outside each ServerApp's main (the
+fixed cost is T(R) - R x per-round. Both are printed a second way, from each system's own
+clock, which needs no second run: per round, the median of the middle rounds (neither the
+first, whose site processes start cold, nor the last) of every R'-round run, fedcxr's from
+its log and the plain app's from ``FedAvg``'s ``evaluate_fn``, called after every round;
+fixed cost, T(R) - R x that. On a host whose speed moves between two runs the totals'
+difference moves with it (in session 23's run it made fedcxr's round 5.2 s, its log 8.1-8.4
+s). The part of the fixed cost outside each ServerApp's main (the
 wall time before the main began and after it returned; fedcxr's from its status.json) with,
 for fedcxr, discovery's first reply (it waits for Ray and the site processes) is Flower's
 start-up and teardown. A sampler thread records the peak RSS of every process a
@@ -27,6 +33,9 @@ tracks nothing). The ServerApp builds its initial model in a short-lived child
   otherwise): its PyTorch FedAvg recipe and a Client API site script in its simulator, two
   sites at a time, and that script's own direct loop, on the same sites' splits and model
   (``benchmarks/nvflare_peer.py``).
+
+Scratch (the cohort, every run's folder: about 1 GB a call) goes to one temporary folder,
+removed at the end unless ``--keep``.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ import argparse
 import json
 import os
 import re
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,10 +161,17 @@ def main(grid: Grid, context: Context) -> None:
         "SC_CLK_TCK")
     n = int(context.run_config["sites"])
     strategy = FedAvg(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n)
+    ends = []  # FedAvg calls evaluate_fn before round 1 and after each round
+
+    def round_ended(server_round, arrays):
+        ends.append(time.time())
+
     strategy.start(grid=grid, initial_arrays=ArrayRecord(build_model().state_dict()),
-                   num_rounds=int(context.run_config["num-rounds"]))
+                   num_rounds=int(context.run_config["num-rounds"]), evaluate_fn=round_ended)
+    rounds = [round(b - a, 3) for a, b in zip(ends, ends[1:])]
     Path(context.run_config["timing"]).write_text(
-        f'{{"age": {age:.2f}, "main_at": {main_at:.3f}, "end_at": {time.time():.3f}}}')
+        f'{{"age": {age:.2f}, "main_at": {main_at:.3f}, "end_at": {time.time():.3f}, '
+        f'"rounds": {rounds}}}')
     print(f"peer: ServerApp main returned after {time.perf_counter() - began:.1f} s", flush=True)
 '''
 
@@ -241,17 +259,18 @@ def _flower_env(home: Path) -> dict:
     return env
 
 
-def plain_flower(cohort: Path, rounds: int, size: int, sites: int
-                 ) -> tuple[float, Peaks, dict[str, float]]:
+def plain_flower(cohort: Path, rounds: int, size: int, sites: int, work: Path
+                 ) -> tuple[float, Peaks, dict]:
     """The minimal Flower app, through the same SuperLink machinery as fedcxr simulate. Wall
     time, peaks, and its timing: how long after its process started the ServerApp's main
-    ran (``age``), wall seconds before that main began and after it returned."""
+    ran (``age``), wall seconds before that main began and after it returned, and each
+    round's wall seconds (its own clock). Its project and Flower home live under ``work``."""
     from cli.simulate import free_port, submit_and_wait
 
-    project = Path(tempfile.mkdtemp(prefix="peerapp-"))
+    project = Path(tempfile.mkdtemp(prefix="peerapp-", dir=work))
     (project / "pyproject.toml").write_text(PEER_PYPROJECT)
     (project / "peerapp.py").write_text(PEER_APP)
-    home = Path(tempfile.mkdtemp(prefix="peer-flwr-home-"))
+    home = Path(tempfile.mkdtemp(prefix="peer-flwr-home-", dir=work))
     port, health = free_port(), free_port()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = "127.0.0.1:{port}"\n'
@@ -285,8 +304,10 @@ def plain_flower(cohort: Path, rounds: int, size: int, sites: int
     if status != "finished:completed":
         raise SystemExit(f"plain Flower run ended {status}; see {log}")
     timing = json.loads((home / "main-timing.json").read_text())
+    shutil.rmtree(project, ignore_errors=True)
+    shutil.rmtree(home, ignore_errors=True)
     return total, peaks, {"age": timing["age"], "before main": timing["main_at"] - began,
-                          "after main": ended - timing["end_at"]}
+                          "after main": ended - timing["end_at"], "rounds": timing["rounds"]}
 
 
 def _wait(port: int, timeout: float = 60) -> None:
@@ -341,8 +362,6 @@ def fedcxr(cohort: Path, rounds: int, size: int, out: Path, extra: str = ""
     # Its own per-round wall time (first message to checkpoint written), round 1 included.
     rounds = [float(x) for x in re.findall(r"round \d+: federated .*?; ([\d.]+) s \(replies",
                                            text)]
-    if rounds:
-        marks["mean round (its log)"] = sum(rounds) / len(rounds)
     for name, pattern in PHASES:
         found = re.search(pattern, text)
         if found:
@@ -350,7 +369,13 @@ def fedcxr(cohort: Path, rounds: int, size: int, out: Path, extra: str = ""
             if found.group(2):
                 memory[name] = (float(found.group(2)), float(found.group(3) or 0),
                                 float(found.group(4)))
-    return total, peaks, marks, memory
+    return total, peaks, marks, memory, rounds
+
+
+def middle(rounds: list[float]) -> list[float]:
+    """A run's rounds without its first (cold site processes) and its last (fedcxr loads its
+    analysis there): the rounds a longer run adds."""
+    return rounds[1:-1] if len(rounds) > 2 else rounds[1:]
 
 
 def gib(n: int) -> str:
@@ -368,12 +393,25 @@ def main() -> None:
     p.add_argument("--unwindowed", action="store_true",
                    help="also one fedcxr run of --rounds with max-in-flight=0 (every message "
                         "out at once, fedcxr simulate's default before issue #20): its peaks")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the scratch folder (cohort, runs); it is removed by default")
     p.add_argument("--nvflare-python", default=os.environ.get("FEDCXR_NVFLARE_PYTHON"),
                    help="a Python with nvflare and torch (a side venv): adds NVFlare's "
                         "simulator to the comparison (default: $FEDCXR_NVFLARE_PYTHON)")
     args = p.parse_args()
     torch.set_num_threads(2)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
+    try:
+        compare(args, work)
+    finally:
+        if args.keep:
+            print(f"kept: {work} (the cohort, each run's folder)")
+        else:  # each fedcxr run's models and checkpoints: about 1 GB a call
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def compare(args: argparse.Namespace, work: Path) -> None:
+    """The runs, interleaved try by try, and the table (scratch files under ``work``)."""
     cohort = work / "cohort"
     generate(cohort, SynthOptions(sites=args.sites + 1, held_out=1, images_per_site=args.images,
                                   size=64, seed=1))
@@ -389,7 +427,9 @@ def main() -> None:
     peaks: dict[str, dict[str, int]] = {name: {} for name in systems}
     marks: dict[str, float] = {}
     memory: dict[str, tuple[float, float, float]] = {}  # phase -> (RSS, shared, peak) GiB
-    logged = 0.0  # fedcxr's own mean round time in its best R'-round run
+    # Each system's own round times (its log or its ServerApp's clock): the middle rounds of
+    # every R'-round run, whose median is the per-round cost that needs no second run.
+    logged: dict[str, list[float]] = {}
     ages: dict[str, list[float]] = {}  # ServerApp main, s after the simulation process began
     # Wall seconds of a run before its ServerApp's main began / after it returned, by system.
     outside: dict[tuple[str, str], list[float]] = {}
@@ -403,7 +443,9 @@ def main() -> None:
             loads.append(os.getloadavg()[0])
             keep(("direct (2 arms)", r), direct(cohort, r, args.size, arms=2))
             keep(("direct (1 arm)", r), direct(cohort, r, args.size, arms=1))
-            total, pk, timing = plain_flower(cohort, r, args.size, args.sites)
+            total, pk, timing = plain_flower(cohort, r, args.size, args.sites, work)
+            if r == args.more_rounds:
+                logged.setdefault("plain Flower", []).extend(middle(timing["rounds"]))
             ages.setdefault("plain Flower", []).append(timing["age"])
             for k in ("before main", "after main"):
                 outside.setdefault(("plain Flower", k), []).append(timing[k])
@@ -418,7 +460,9 @@ def main() -> None:
                 keep(("NVFlare", r), total)
                 for k, v in pk.by_role.items():
                     peaks["NVFlare"][k] = max(peaks["NVFlare"].get(k, 0), v)
-            total, pk, mk, mem = fedcxr(cohort, r, args.size, work / "runs")
+            total, pk, mk, mem, own_rounds = fedcxr(cohort, r, args.size, work / "runs")
+            if r == args.more_rounds:
+                logged.setdefault("fedcxr", []).extend(middle(own_rounds))
             if "main after process start" in mk:
                 ages.setdefault("fedcxr", []).append(mk["main after process start"])
             for k in ("before main", "after main"):
@@ -428,8 +472,6 @@ def main() -> None:
                 peaks["fedcxr"][k] = max(peaks["fedcxr"].get(k, 0), v)
             if r == args.rounds and (not marks or total <= best[("fedcxr", r)]):
                 marks, memory = mk, mem
-            if r == args.more_rounds and total <= best[("fedcxr", r)]:
-                logged = mk.get("mean round (its log)", 0.0)
             print(f"try {t + 1}/{args.tries}, {r} rounds done (load {loads[-1]:.2f})",
                   flush=True)
     span = args.more_rounds - args.rounds
@@ -470,8 +512,14 @@ def main() -> None:
         [f"{min(outside[(n, 'after main')]):.1f}s" if (n, "after main") in outside else "-"
          for n in systems])
     if logged:
-        row(f"per round, fedcxr log (mean of {args.more_rounds} rounds)",
-            [f"{logged:.1f}s"] + ["-"] * (len(systems) - 1))
+        def own_round(n: str) -> float | None:
+            return statistics.median(logged[n]) if logged.get(n) else None
+
+        row("per round, its own clock (median, middle rounds)",
+            [f"{own_round(n):.1f}s" if own_round(n) else "-" for n in systems])
+        row("fixed cost of a run, from its own rounds",
+            [f"{best[(n, args.rounds)] - args.rounds * own_round(n):.1f}s" if own_round(n)
+             else "-" for n in systems])
     if skipped is not None:
         print(f"NVFlare: skipped ({skipped})")
     if marks:
@@ -483,8 +531,7 @@ def main() -> None:
               "install, simulation process start)")
         last = 0.0
         for name, at in marks.items():
-            if name in ("mean round (its log)", "main after process start", "before main",
-                        "after main"):
+            if name in ("main after process start", "before main", "after main"):
                 continue
             if name == "first reply to discovery":
                 name += " (Ray and the site processes start)"

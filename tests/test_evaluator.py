@@ -206,7 +206,7 @@ def test_cli_evaluate_writes_schema_and_keeps_heatmaps_local(evaluated):
 def test_report_renders_in_chromium_without_console_errors(evaluated):
     assert main(["report", str(evaluated)]) == 0
     html = (evaluated / "report.html").read_text()
-    assert "H1" in html and "data:image/png;base64" in html and "<script" not in html
+    assert "H1" in html and "data:image/svg+xml;base64" in html and "<script" not in html
     shot = ARTIFACTS / "report.png"
     console = render_in_chromium(evaluated / "report.html", shot)
     assert console == []
