@@ -114,17 +114,25 @@ def test_group_norm_node_saves_mean_and_rstd_and_its_kernel_takes_images_as_grou
     """``common.dp_grad_sample`` reads GroupNorm's per-(image, group) mean and 1/std from the
     autograd node (``_saved_result1`` / ``_saved_result2``) and runs the native backward
     kernel with every (image, group) pair as a group of one "image": both must keep meaning
-    what they mean here, checked against per-image gradients taken one image at a time."""
+    what they mean here, checked against per-image gradients taken one image at a time; at
+    2x2 positions (``_FEW_POSITIONS``) the per-image gradients come from sums instead, the
+    input's mean (1) large beside its spread (3) as after a ReLU."""
+    for size in (5, 2):
+        _check_group_norm_per_image_norms(size)
+
+
+def _check_group_norm_per_image_norms(size: int) -> None:
     import torch
 
-    from common.dp_grad_sample import group_norm_norm_sample
+    from common.dp_grad_sample import _FEW_POSITIONS, group_norm_norm_sample
 
+    assert (size * size <= _FEW_POSITIONS) == (size == 2)
     torch.manual_seed(0)
     layer = torch.nn.GroupNorm(3, 6)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 2.0)
         layer.bias.uniform_(-1.0, 1.0)
-    x = torch.randn(4, 6, 5, 5) * 3 + 1
+    x = torch.randn(4, 6, size, size) * 3 + 1
     out = layer(x)
     node = out.grad_fn
     assert node.name() == "NativeGroupNormBackward0"
