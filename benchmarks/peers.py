@@ -374,7 +374,8 @@ def fedcxr(cohort: Path, rounds: int, size: int, out: Path, extra: str = ""
 
 def middle(rounds: list[float]) -> list[float]:
     """A run's rounds without its first (cold site processes) and its last (fedcxr loads its
-    analysis there): the rounds a longer run adds."""
+    analysis there): the rounds a longer run adds. A 2-round run has none; its second
+    stands in (``--more-rounds 2``, as in the 20-site run)."""
     return rounds[1:-1] if len(rounds) > 2 else rounds[1:]
 
 
@@ -512,14 +513,12 @@ def compare(args: argparse.Namespace, work: Path) -> None:
         [f"{min(outside[(n, 'after main')]):.1f}s" if (n, "after main") in outside else "-"
          for n in systems])
     if logged:
-        def own_round(n: str) -> float | None:
-            return statistics.median(logged[n]) if logged.get(n) else None
-
+        own = {n: statistics.median(logged[n]) for n in systems if logged.get(n)}
         row("per round, its own clock (median, middle rounds)",
-            [f"{own_round(n):.1f}s" if own_round(n) else "-" for n in systems])
+            [f"{own[n]:.1f}s" if n in own else "-" for n in systems])
         row("fixed cost of a run, from its own rounds",
-            [f"{best[(n, args.rounds)] - args.rounds * own_round(n):.1f}s" if own_round(n)
-             else "-" for n in systems])
+            [f"{best[(n, args.rounds)] - args.rounds * own[n]:.1f}s" if n in own else "-"
+             for n in systems])
     if skipped is not None:
         print(f"NVFlare: skipped ({skipped})")
     if marks:
