@@ -141,6 +141,11 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
                   "init-args-num-gpus=0")
     env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_UPDATE_CHECK": "1",
            "RAY_DISABLE_USAGE_STATS": "1", "PYTHONUNBUFFERED": "1",
+           # Ray starts a worker per CPU for the first driver's default environment; Flower
+           # gives its actors an environment of their own (runtime_env, PYTHONPATH), so those
+           # workers were never used. Each one's start (Python and Ray, about 0.7 s of CPU)
+           # competed with the actors' on the two cores while the sites answer discovery.
+           "RAY_prestart_worker_first_driver": "0",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # no GPU: Ray's future default, no warning
            "FEDCXR_SITE_THREADS": str(max(1, cpus_per_site)), **(extra_env or {})}
     # SuperLink spawns flower-superexec by name: the venv's bin must be on PATH.
