@@ -2,9 +2,12 @@
 
 This drives Flower's own machinery: it starts a ``flower-superlink --simulation`` (Ray
 engine, one virtual SuperNode per site) on free loopback ports, with a private ``FLWR_HOME``
-whose connection points at it, then ``flwr run``s this project against it and streams the
-log. The SuperLink and everything it spawned run in their own process session, which is
-killed at the end, pass or fail, so no process or port outlives the command.
+whose connection points at it, its SuperExec (``cli/when_up.py``), and one process that
+``flwr run``s this project against it, streams the log and waits for the run's end
+(``cli/wait_run.py``): all three start at once, so Flower's imports in the last two overlap
+the SuperLink's start. Each runs in a process session of its own, killed at the end, pass
+or fail, and every process still carrying the private ``FLWR_HOME`` is killed after them,
+so no process or port outlives the command.
 """
 
 from __future__ import annotations
@@ -148,21 +151,18 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
            "RAY_prestart_worker_first_driver": "0",
            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # no GPU: Ray's future default, no warning
            "FEDCXR_SITE_THREADS": str(max(1, cpus_per_site)), **(extra_env or {})}
-    # SuperLink spawns flower-superexec by name: the venv's bin must be on PATH.
+    # The SuperExec spawns flwr-simulation by name: the venv's bin must be on PATH.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     log = home / "superlink.log"
     completed = False
-    superlink = subprocess.Popen(
-        [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-         "--disable-runtime-dependency-installation",  # the app runs in this environment
-         "--host", "127.0.0.1", "--port", str(ports["http"]),
-         "--health-server-address", f"127.0.0.1:{ports['health']}"],
-        env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
-        cwd=home)
+    with open(log, "w") as out:
+        superlink = subprocess.Popen(
+            [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "process",
+             "--host", "127.0.0.1", "--port", str(ports["http"]),
+             "--health-server-address", f"127.0.0.1:{ports['health']}"],
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=home)
+    waiter = superexec = None
     try:
-        _wait_port(ports["http"], superlink, 60, log)
-        if after_start:
-            after_start(superlink)
         # The simulation runs total_cpus / cpus_per_site nodes at once: more messages out at
         # once would only wait, model-sized, in the process that hosts the ServerApp.
         config = {"cohort": str(cohort),
@@ -174,75 +174,130 @@ def simulate(cohort: Path, run_config: dict, *, cpus_per_site: int = 1,
         # last word (cli/wait_run.py); a resumed run without a run-name has none to name.
         status_file = (Path(config["out-dir"]) / str(config["run-name"]) / STATUS_FILE
                        if config.get("run-name") else None)
-        _, status = submit_and_wait(stage_app(home / "app"), "fedcxr", overrides, env,
-                                    timeout=timeout, federation_config=federation,
-                                    show_log=not quiet, status_file=status_file)
+        # The waiter submits the run once the SuperLink's port opens (it starts meanwhile).
+        waiter = RunWaiter(stage_app(home / "app"), "fedcxr", overrides, env, timeout=timeout,
+                           federation_config=federation, show_log=not quiet,
+                           status_file=status_file, wait_port=ports["http"])
+        # The SuperExec (the simulation's launcher) starts beside the SuperLink, not after
+        # it, and asks for work once the run is submitted (its next ask would come a second
+        # later): as `--isolation subprocess` would start it (no runtime dependency
+        # installation: the app runs in this environment); it ends with the SuperLink.
+        with open(home / "superexec.log", "w") as out:
+            superexec = subprocess.Popen(
+                [sys.executable, "-m", "cli.when_up", str(ports["http"]), "--file",
+                 str(waiter.submitted), "flwr.supercore.cli:flower_superexec", "--insecure",
+                 "--runtime-api-address", f"127.0.0.1:{ports['http']}",
+                 "--parent-pid", str(superlink.pid)],
+                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=PROJECT)
+        _wait_port(ports["http"], superlink, 60, log)
+        if after_start:
+            after_start(superlink)
+        _, status = waiter.result(watch=((superlink, log, "flower-superlink"),
+                                         (superexec, home / "superexec.log", "the SuperExec")))
+        waiter = None
         completed = status == "finished:completed"
         return 0 if completed else 1
     finally:
+        if waiter is not None:  # the SuperLink did not come up, or this was interrupted
+            waiter.stop()
         # A completed run has everything on disk: Flower's own shutdown (the simulation's
         # log flush, Ray's) has nothing left to save, so it is not waited for.
         _kill_session(superlink, grace=0 if completed else 10)
+        if superexec is not None:
+            _kill_session(superexec, grace=0)
         _sweep_until_none(home)
         shutil.rmtree(home, ignore_errors=True)
+
+
+class RunWaiter:
+    """``flwr run`` the app, follow its log, and wait until the SuperLink says it finished:
+    one waiter process (``cli/wait_run.py --submit``) started at once, which submits the
+    run with Flower's own ``flwr run`` command as soon as ``wait_port`` (the SuperLink's, when
+    given) accepts connections, then prints the run's log and asks for its end. Started
+    beside a SuperLink that is still starting, it imports Flower's CLI while that happens.
+    ``result()`` waits for it.
+
+    ``flwr run --stream`` can return while the run is still going (when its log stream
+    ends), so completion is read from the SuperLink's run status, or sooner from
+    ``status_file`` (the run's status.json) once its ServerApp, started after this call,
+    wrote it as finished: only for a caller that stops the federation next (Flower is then
+    still shutting its simulation down)."""
+
+    def __init__(self, project: Path, connection: str, run_config_file: Path, env: dict, *,
+                 timeout: float, federation_config: str | None = None,
+                 show_log: bool = True, status_file: Path | None = None,
+                 wait_port: int | None = None) -> None:
+        self._timeout = timeout
+        since = time.time()  # a status file written before this is an earlier run's
+        on_disk = ["--status-file", str(status_file), "--since", repr(since)] if status_file \
+            else []
+        handle, name = tempfile.mkstemp(prefix="fedcxr-run-status-")
+        os.close(handle)  # the waiter writes it; one open descriptor per run was left behind
+        self._result = Path(name)
+        self.submitted = self._result  # non-empty once the run is submitted ("run ID")
+        cmd = [sys.executable, "-m", "cli.wait_run", connection, "--submit", str(project),
+               "--run-config", str(run_config_file), "--timeout", str(timeout),
+               "--result", str(self._result), *on_disk]
+        if federation_config:
+            cmd += ["--federation-config", federation_config]
+        if wait_port is not None:
+            cmd += ["--wait-port", str(wait_port)]
+        if show_log:
+            cmd.append("--stream-log")
+        self._proc = subprocess.Popen(
+            cmd, env=env, cwd=project, start_new_session=True, text=True,
+            stdout=None if show_log else subprocess.DEVNULL,
+            stderr=None if show_log else subprocess.PIPE)
+
+    def stop(self) -> None:
+        """Stop the waiter (its run goes on; stopping that is the caller's)."""
+        _kill_session(self._proc, grace=0)
+        self._result.unlink(missing_ok=True)
+
+    def result(self, watch: tuple[tuple[subprocess.Popen, Path, str], ...] = ()
+               ) -> tuple[str, str]:
+        """(run id, final status such as ``finished:completed``); FedcxrError when no run
+        started, it did not finish within the timeout, or a process in ``watch`` (process,
+        its log, its name: the SuperLink and SuperExec this run needs) exited first."""
+        import re
+
+        deadline = time.monotonic() + self._timeout + 60
+        err = None
+        try:
+            while err is None:
+                try:
+                    _, err = self._proc.communicate(timeout=1.0)
+                    err = err or ""
+                except subprocess.TimeoutExpired:
+                    for proc, log, name in watch:
+                        if proc.poll() is not None:
+                            raise FedcxrError(f"{name} exited with code {proc.returncode} "
+                                              f"before the run ended: {_tail(log)}") from None
+                    if time.monotonic() > deadline:
+                        err = "the waiter did not return"
+        finally:
+            _kill_session(self._proc)
+            out = self._result.read_text() if self._result.exists() else ""
+            self._result.unlink(missing_ok=True)
+        why = (err or "see the messages above").strip()[-500:]
+        if self._proc.returncode == 2:
+            raise FedcxrError(f"the run was not started: {why}")
+        run_id = re.search(r"^run (\d+)$", out, re.M)
+        found = re.search(r"finished:[a-z]+", out)
+        if not found or not run_id:
+            raise FedcxrError(f"the run did not finish within {self._timeout:.0f} s ({why})")
+        return run_id.group(1), found.group(0)
 
 
 def submit_and_wait(project: Path, connection: str, run_config_file: Path, env: dict, *,
                     timeout: float, federation_config: str | None = None,
                     show_log: bool = True, status_file: Path | None = None
                     ) -> tuple[str, str]:
-    """``flwr run`` the app, follow its log, and wait until the SuperLink says it finished.
-
-    ``flwr run --stream`` can return while the run is still going (when its log stream
-    ends), so completion is read from the SuperLink's run status, or sooner from
-    ``status_file`` (the run's status.json) once its ServerApp, started after this call,
-    wrote it as finished: only for a caller that stops the federation next (Flower is then
-    still shutting its simulation down). Returns (run id, final status such as
-    ``finished:completed``).
-    """
-    import json as _json
-    import re
-
-    since = time.time()  # a status file written before this is an earlier run's
-    cmd = [_bin("flwr"), "run", str(project), connection, "--run-config", str(run_config_file),
-           "--format", "json"]
-    if federation_config:
-        cmd += ["--federation-config", federation_config]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=project)
-    text = out.stdout
-    try:
-        payload = _json.loads(text[text.index("{"): text.rindex("}") + 1])
-        run_id = str(payload["run-id"])
-    except (ValueError, KeyError, TypeError):
-        raise FedcxrError(f"flwr run did not start a run: {(text + out.stderr).strip()[-500:]}"
-                          ) from None
-    # Completion is asked of the SuperLink's Control API by one waiter process
-    # (cli/wait_run.py), which also prints the run's log: cheaper than a `flwr ls` process
-    # per poll, and one process starting beside the run's simulation instead of two.
-    on_disk = ["--status-file", str(status_file), "--since", repr(since)] if status_file else []
-    handle, name = tempfile.mkstemp(prefix="fedcxr-run-status-")
-    os.close(handle)  # the waiter writes it; one open descriptor per run was left behind
-    result = Path(name)
-    waiter = subprocess.Popen(
-        [sys.executable, "-m", "cli.wait_run", connection, run_id, "--timeout", str(timeout),
-         "--result", str(result), *on_disk, *(["--stream-log"] if show_log else [])],
-        env=env, cwd=project, start_new_session=True, text=True,
-        stdout=None if show_log else subprocess.DEVNULL,
-        stderr=None if show_log else subprocess.PIPE)
-    try:
-        _, err = waiter.communicate(timeout=timeout + 60)
-    except subprocess.TimeoutExpired:
-        err = "the waiter did not return"
-    finally:
-        _kill_session(waiter)
-        out = result.read_text() if result.exists() else ""
-        result.unlink(missing_ok=True)
-    found = re.search(r"finished:[a-z]+", out)
-    if not found:
-        raise FedcxrError(f"run {run_id} did not finish within {timeout:.0f} s "
-                          f"({(err or out or 'see the log above').strip()[-300:]})")
-    status = found.group(0)
-    return run_id, status
+    """``RunWaiter``'s run against a SuperLink that is already up: (run id, final status)."""
+    return RunWaiter(project, connection, run_config_file, env, timeout=timeout,
+                     federation_config=federation_config, show_log=show_log,
+                     status_file=status_file).result()
 
 
 def parse_overrides(items: list[str]) -> dict:

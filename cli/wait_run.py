@@ -3,9 +3,19 @@
     python -m cli.wait_run CONNECTION RUN_ID [--interval 1] [--timeout 3600]
                            [--status-file RUN_DIR/status.json --since EPOCH_SECONDS]
                            [--stream-log] [--result FILE]
+    python -m cli.wait_run CONNECTION --submit APP --run-config FILE
+                           [--federation-config "K=V ..."] [--wait-port PORT] [...]
 
 Prints the final status (``finished:completed``, ``finished:failed``, ...), or writes it to
-``--result`` FILE, and exits 0, or exits 1 on timeout. ``--stream-log`` prints the run's
+``--result`` FILE (after a ``run RUN_ID`` line), and exits 0, or exits 1 on timeout.
+
+``--submit``: start the run first, with Flower's own ``flwr run`` command called in this
+process (``--format json``), once the SuperLink's ``--wait-port`` accepts connections. A
+``flwr run`` process of its own imported Flower's CLI (about 1.5 s of CPU) only after the
+SuperLink was up, beside the SuperExec's start that the run waits for, and this waiter then
+imported it again beside the simulation's; started with the SuperLink, this process does
+both imports once, while the SuperLink starts on one core and the other idles. Exits 2 when
+the run could not be started (the reason on stderr). ``--stream-log`` prints the run's
 log meanwhile, with Flower's own ``flwr log --stream`` code in a thread of this process:
 a second process for it paid Python's and the ``flwr`` CLI's start-up (about 1 s of CPU)
 again, just as the run's simulation starts on the same cores. The connection is read from
@@ -26,7 +36,12 @@ is not this run's; a failed run is still read from the SuperLink.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
+import os
+import socket
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -79,6 +94,49 @@ def wait(connection: str, run_id: int, *, interval: float, timeout: float,
     finally:
         client.close()
     return None
+
+
+def wait_port(port: int, timeout: float) -> None:
+    """Return once 127.0.0.1:``port`` accepts a connection; FedcxrError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise FedcxrError(f"the SuperLink did not open port {port} in {timeout:.0f} s")
+
+
+def submit(app: Path, connection: str, run_config: Path,
+           federation_config: str | None = None) -> int:
+    """Start a run with Flower's own ``flwr run APP CONNECTION --run-config FILE --format
+    json`` in this process; its run id. FedcxrError with the CLI's message when no run
+    started. The JSON answer goes to the process's standard output itself (``rich``, past
+    any ``sys.stdout`` redirection), so it is read from a file put under descriptor 1."""
+    from flwr.cli.app import app as flwr_cli
+
+    args = ["run", str(app), connection, "--run-config", str(run_config), "--format", "json"]
+    if federation_config:
+        args += ["--federation-config", federation_config]
+    with tempfile.TemporaryFile(mode="w+b") as answer:
+        for stream in (sys.stdout, sys.__stdout__):
+            stream.flush()
+        saved = os.dup(1)
+        os.dup2(answer.fileno(), 1)
+        try:
+            flwr_cli(args, standalone_mode=False)
+        except (Exception, SystemExit):  # noqa: BLE001 - its JSON answer says what went wrong
+            pass
+        finally:
+            for stream in (sys.stdout, sys.__stdout__):
+                stream.flush()
+            os.dup2(saved, 1)
+            os.close(saved)
+        answer.seek(0)
+        text = answer.read().decode(errors="replace")
+    try:
+        return int(json.loads(text[text.index("{"): text.rindex("}") + 1])["run-id"])
+    except (ValueError, KeyError, TypeError):
+        raise FedcxrError(f"flwr run did not start a run: {text.strip()[-500:]}") from None
 
 
 class MarkedOutput:
@@ -137,7 +195,13 @@ class LogFollower:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("connection")
-    ap.add_argument("run_id", type=int)
+    ap.add_argument("run_id", type=int, nargs="?", help="the run to wait for (or --submit)")
+    ap.add_argument("--submit", type=Path, default=None, metavar="APP",
+                    help="start a run of this app first (flwr run), then wait for it")
+    ap.add_argument("--run-config", type=Path, default=None, help="with --submit")
+    ap.add_argument("--federation-config", default=None, help="with --submit")
+    ap.add_argument("--wait-port", type=int, default=None,
+                    help="with --submit: first wait until the SuperLink opens this port")
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--status-file", type=Path, default=None,
@@ -147,6 +211,21 @@ def main() -> int:
     ap.add_argument("--stream-log", action="store_true", help="print the run's log meanwhile")
     ap.add_argument("--result", type=Path, default=None, help="also write the status here")
     args = ap.parse_args()
+    if (args.run_id is None) == (args.submit is None):
+        ap.error("give either RUN_ID or --submit APP")
+    if args.submit is not None:
+        if args.run_config is None:
+            ap.error("--submit needs --run-config")
+        try:
+            if args.wait_port is not None:
+                wait_port(args.wait_port, min(args.timeout, 120.0))
+            args.run_id = submit(args.submit, args.connection, args.run_config,
+                                 args.federation_config)
+            if args.result is not None:  # the run's id first (cli/when_up.py waits for it)
+                args.result.write_text(f"run {args.run_id}\n")
+        except FedcxrError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     log = LogFollower(args.connection, args.run_id) if args.stream_log else None
     status = wait(args.connection, args.run_id, interval=args.interval, timeout=args.timeout,
                   status_file=args.status_file, since=args.since)
@@ -156,7 +235,7 @@ def main() -> int:
         print(f"run {args.run_id} did not finish within {args.timeout:.0f} s", file=sys.stderr)
         return 1
     if args.result is not None:
-        args.result.write_text(status)
+        args.result.write_text(f"run {args.run_id}\n{status}\n")
     else:
         print(status)
     return 0
