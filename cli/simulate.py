@@ -17,7 +17,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ import time
 import tomllib
 from pathlib import Path
 
+from cli.ports import free_port, wait_port
 from common.config import toml_value
 from common.errors import FedcxrError
 from common.run_status import STATUS_FILE
@@ -50,12 +50,6 @@ def stage_app(folder: Path) -> Path:
     return folder
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _bin(name: str) -> str:
     local = Path(sys.executable).parent / name
     return str(local) if local.exists() else name
@@ -69,16 +63,16 @@ def _tail(log: Path, lines: int = 8) -> str:
 
 
 def _wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    """The SuperLink's port open; FedcxrError with its log's last lines when the SuperLink
+    exits first or does not open it in ``timeout`` seconds."""
+    def alive() -> None:
         if proc.poll() is not None:
-            raise FedcxrError(f"flower-superlink exited with code {proc.returncode}: "
-                              f"{_tail(log)}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)  # a refused connection costs nothing; the port opens in 1-2 s
-    raise FedcxrError(f"flower-superlink did not open port {port} in {timeout:.0f} s: "
-                      f"{_tail(log)}")
+            raise FedcxrError(f"flower-superlink exited with code {proc.returncode}")
+
+    try:
+        wait_port(port, timeout, what="flower-superlink", check=alive)
+    except FedcxrError as exc:
+        raise FedcxrError(f"{exc}: {_tail(log)}") from None
 
 
 def _kill_session(proc: subprocess.Popen, *, grace: float = 10) -> None:

@@ -36,10 +36,8 @@ is not this run's; a failed run is still read from the SuperLink.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import socket
 import sys
 import tempfile
 import threading
@@ -52,6 +50,7 @@ from flwr.common.constant import Status, SubStatus
 from flwr.common.serde import run_from_proto
 from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
 
+from cli.ports import wait_port
 from common.errors import FedcxrError
 from common.run_status import LAST_LOG_LINE, RunStatus
 
@@ -94,16 +93,6 @@ def wait(connection: str, run_id: int, *, interval: float, timeout: float,
     finally:
         client.close()
     return None
-
-
-def wait_port(port: int, timeout: float) -> None:
-    """Return once 127.0.0.1:``port`` accepts a connection; FedcxrError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
-            return
-        time.sleep(0.05)
-    raise FedcxrError(f"the SuperLink did not open port {port} in {timeout:.0f} s")
 
 
 def submit(app: Path, connection: str, run_config: Path,

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from cli.wait_run import wait_port
+from cli.ports import wait_port
 from common.errors import FedcxrError
 
 
