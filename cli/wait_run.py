@@ -44,6 +44,9 @@ import threading
 import time
 from pathlib import Path
 
+# Flower's CLI app (the `flwr run` that --submit calls) is imported with the module, before
+# the wait for the SuperLink's port, not after it, where the run's start waited 0.3 s for it.
+from flwr.cli.app import app as flwr_cli
 from flwr.cli.flower_config import read_superlink_connection
 from flwr.cli.utils import init_http_client_from_connection
 from flwr.common.constant import Status, SubStatus
@@ -101,8 +104,6 @@ def submit(app: Path, connection: str, run_config: Path,
     json`` in this process; its run id. FedcxrError with the CLI's message when no run
     started. The JSON answer goes to the process's standard output itself (``rich``, past
     any ``sys.stdout`` redirection), so it is read from a file put under descriptor 1."""
-    from flwr.cli.app import app as flwr_cli
-
     args = ["run", str(app), connection, "--run-config", str(run_config), "--format", "json"]
     if federation_config:
         args += ["--federation-config", federation_config]
