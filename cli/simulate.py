@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -254,8 +255,6 @@ class RunWaiter:
         """(run id, final status such as ``finished:completed``); FedcxrError when no run
         started, it did not finish within the timeout, or a process in ``watch`` (process,
         its log, its name: the SuperLink and SuperExec this run needs) exited first."""
-        import re
-
         deadline = time.monotonic() + self._timeout + 60
         err = None
         try:

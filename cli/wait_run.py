@@ -112,10 +112,11 @@ def submit(app: Path, connection: str, run_config: Path,
             stream.flush()
         saved = os.dup(1)
         os.dup2(answer.fileno(), 1)
+        failure = ""
         try:
             flwr_cli(args, standalone_mode=False)
-        except (Exception, SystemExit):  # noqa: BLE001 - its JSON answer says what went wrong
-            pass
+        except (Exception, SystemExit) as exc:  # noqa: BLE001 - named below if no JSON came
+            failure = f" ({type(exc).__name__}: {exc})"
         finally:
             for stream in (sys.stdout, sys.__stdout__):
                 stream.flush()
@@ -126,7 +127,8 @@ def submit(app: Path, connection: str, run_config: Path,
     try:
         return int(json.loads(text[text.index("{"): text.rindex("}") + 1])["run-id"])
     except (ValueError, KeyError, TypeError):
-        raise FedcxrError(f"flwr run did not start a run: {text.strip()[-500:]}") from None
+        raise FedcxrError(f"flwr run did not start a run: {text.strip()[-500:]}{failure}"
+                          ) from None
 
 
 class MarkedOutput:

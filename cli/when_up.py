@@ -22,18 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from cli.ports import wait_port
+from cli.ports import wait_file, wait_port
 from common.errors import FedcxrError
-
-
-def wait_file(path: Path, timeout: float) -> None:
-    """Return once ``path`` is a non-empty file; FedcxrError after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file() and path.stat().st_size > 0:
-            return
-        time.sleep(0.02)
-    raise FedcxrError(f"{path} was not written in {timeout:.0f} s")
 
 
 def main(argv: list[str]) -> int:
